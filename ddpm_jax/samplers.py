@@ -1,0 +1,221 @@
+"""Reverse-process samplers, each a single `jax.lax.scan` over its steps.
+
+Every sampler takes a plain `eps_fn(x_t, t) -> eps` with x_t [B, H, W, C] and
+t [B] int32, so research code can wrap a model, add guidance or swap networks
+without touching the sampler. The scan body is traced once, so compiling a
+1000-step sampler costs the same as a 10-step one.
+
+Randomness: with `rng_init, rng_steps = jax.random.split(rng)`, x_T is drawn
+from `rng_init` and the noise added at the step leaving timestep t from
+`fold_in(rng_steps, t)`. Two samplers visiting the same timesteps therefore
+draw identical noise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax.diffusion import extract, predict_eps_from_x0, predict_x0_from_eps
+from ddpm_jax.schedules import Schedule
+
+EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+VARIANCES = ("beta_tilde", "beta")
+SPACINGS = ("trailing", "linspace", "quadratic")
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
+  """The decreasing timesteps a `num_steps` sampler visits, [num_steps] int32.
+
+  "trailing" ends each of num_steps equal intervals (always starts at T-1 and,
+  with num_steps == T, visits every timestep); "linspace" spreads them evenly
+  over [0, T-1]; "quadratic" packs them near t = 0.
+  """
+  if spacing not in SPACINGS:
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}] (T), got {num_steps!r}")
+  n, T = int(num_steps), int(num_timesteps)
+  if spacing == "trailing":
+    ts = np.round(np.arange(1, n + 1) * (T / n)).astype(np.int64) - 1
+  elif spacing == "linspace":
+    ts = np.round(np.linspace(0, T - 1, n)).astype(np.int64)
+  else:
+    ts = np.round(np.linspace(0, math.sqrt(T - 1), n) ** 2).astype(np.int64)
+  if len(np.unique(ts)) != n:
+    raise ValueError(f"{spacing!r} spacing gives repeated timesteps for num_steps={n}, T={T}; "
+                     "use fewer steps or 'trailing' spacing")
+  return ts[::-1].astype(np.int32)
+
+
+def _check_shape(shape: Sequence[int]):
+  if len(shape) < 2 or any(int(s) < 1 for s in shape):
+    raise ValueError(f"shape must be (B, ...) with positive sizes, got {tuple(shape)}")
+
+
+def _frame_index(j: jnp.ndarray, n: int, every: int):
+  """Whether step j (0-based, of n) is recorded, and into which frame slot."""
+  write = ((j + 1) % every == 0) | (j == n - 1)
+  return write, (j + every) // every  # ceil((j + 1) / every)
+
+
+def trajectory_timesteps(step_timesteps: Sequence[int], every: int) -> list:
+  """Labels for the frames a sampler returns with `trajectory_every=every`.
+
+  Frame 0 is x_T (labelled T, the pure-noise input); frame i > 0 is the state
+  after the step leaving timestep `step_timesteps[j]`, i.e. an estimate of
+  x_{t_j - 1}; the label is t_j - 1 (so the last frame is -1 -> "x0").
+  """
+  n = len(step_timesteps)
+  labels = [int(step_timesteps[0]) + 1]
+  for j in range(n):
+    if (j + 1) % every == 0 or j == n - 1:
+      labels.append(int(step_timesteps[j]) - 1)
+  return labels
+
+
+def _run(step_fn, x_T, ts, ts_prev, trajectory_every):
+  """Scans step_fn over (t, t_prev); optionally keeps every k-th state."""
+  n = len(ts)
+  xs = (jnp.arange(n), jnp.asarray(ts), jnp.asarray(ts_prev))
+  if trajectory_every is None:
+    x, _ = jax.lax.scan(lambda x, s: (step_fn(x, s[1], s[2]), None), x_T, xs)
+    return x
+  every = int(trajectory_every)
+  if every < 1:
+    raise ValueError(f"trajectory_every must be >= 1, got {trajectory_every!r}")
+  num_frames = 1 + -(-n // every)
+  frames = jnp.zeros((num_frames,) + x_T.shape, x_T.dtype).at[0].set(x_T)
+
+  def body(carry, s):
+    x, frames = carry
+    j, t, t_prev = s
+    x = step_fn(x, t, t_prev)
+    write, idx = _frame_index(j, n, every)
+    frames = jax.lax.cond(write, lambda f: jax.lax.dynamic_update_index_in_dim(f, x, idx, 0),
+                          lambda f: f, frames)
+    return (x, frames), None
+
+  (x, frames), _ = jax.lax.scan(body, (x_T, frames), xs)
+  return x, frames
+
+
+def _maybe_clip(x0, clip_x0):
+  if clip_x0 is None or clip_x0 is False:
+    return x0
+  bound = 1.0 if clip_x0 is True else float(clip_x0)
+  return jnp.clip(x0, -bound, bound)
+
+
+def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int], *,
+                variance: str = "beta", clip_x0=False, temperature: float = 1.0,
+                trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
+                dtype=jnp.float32):
+  """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) over all T steps.
+
+  Args:
+    eps_fn: (x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C].
+    schedule: the noise schedule.
+    rng: PRNG key.
+    shape: (B, H, W, C) of the samples.
+    variance: "beta" (sigma_t^2 = beta_t, the seed notebook's choice) or
+      "beta_tilde" (the true posterior variance).
+    clip_x0: False; True to clip the predicted x0 to [-1, 1]; or a float bound.
+      With clipping, the step uses the posterior mean of the clipped x0.
+    temperature: scales the noise added at each step (1.0 = standard).
+    trajectory_every: if set to k, also return frames [1 + ceil(T/k), *shape]:
+      x_T and every k-th state (the last state always included).
+    x_T: optional starting noise [*shape] (default: drawn from rng).
+    dtype: sample dtype.
+
+  Returns:
+    x0 [*shape], or (x0, frames) when trajectory_every is set. The final step
+    adds no noise.
+  """
+  if variance not in VARIANCES:
+    raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+  _check_shape(shape)
+  T = schedule.num_timesteps
+  ts = np.arange(T - 1, -1, -1, dtype=np.int32)
+  return ddim_like_sample(eps_fn, schedule, rng, shape, ts, eta=None, variance=variance,
+                          clip_x0=clip_x0, temperature=temperature,
+                          trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
+
+
+def ddim_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
+                num_steps: int, eta: float = 0.0, *, spacing: str = "trailing", clip_x0=False,
+                temperature: float = 1.0, trajectory_every: Optional[int] = None,
+                x_T: Optional[jnp.ndarray] = None, dtype=jnp.float32):
+  """DDIM sampling (Song et al. 2021) with any number of steps from 1 to T.
+
+  x_{s} = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, with
+  sigma = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s), s the
+  next timestep visited (ab_s = 1 after the last one). eta = 0 is
+  deterministic; eta = 1 with all T steps is the ancestral sampler with the
+  beta-tilde variance.
+
+  Args:
+    eps_fn, schedule, rng, shape, clip_x0, temperature, trajectory_every, x_T,
+      dtype: as in `ddpm_sample`.
+    num_steps: steps in [1, T].
+    eta: stochasticity in [0, 1].
+    spacing: timestep spacing, see `ddim_timesteps`.
+
+  Returns:
+    x0 [*shape], or (x0, frames) when trajectory_every is set.
+  """
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta must lie in [0, 1], got {eta!r}")
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+  _check_shape(shape)
+  ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+  return ddim_like_sample(eps_fn, schedule, rng, shape, ts, eta=float(eta), variance=None,
+                          clip_x0=clip_x0, temperature=temperature,
+                          trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
+
+
+def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0, temperature,
+                     trajectory_every, x_T, dtype):
+  """Shared scan for the ancestral (eta None) and DDIM samplers over timesteps ts."""
+  shape = tuple(int(s) for s in shape)
+  rng_init, rng_steps = jax.random.split(rng)
+  if x_T is None:
+    x_T = jax.random.normal(rng_init, shape, dtype)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  ts = np.asarray(ts, np.int32)
+  ts_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  B = shape[0]
+  ab_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])
+
+  def step(x, t, t_prev):
+    tb = jnp.full((B,), t, jnp.int32)
+    eps = eps_fn(x, tb).astype(jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x0 = predict_x0_from_eps(schedule, x32, tb, eps)
+    if clip_x0 is not None and clip_x0 is not False:
+      x0 = _maybe_clip(x0, clip_x0)
+      eps = predict_eps_from_x0(schedule, x32, tb, x0)
+    z = jax.random.normal(jax.random.fold_in(rng_steps, t), shape, jnp.float32) * temperature
+    if eta is None:  # ancestral: posterior mean of x0_hat plus sigma_t z
+      mean = (extract(schedule.posterior_mean_coef1, tb, shape) * x0
+              + extract(schedule.posterior_mean_coef2, tb, shape) * x32)
+      var = schedule.posterior_variance if variance == "beta_tilde" else schedule.betas
+      sigma = jnp.where(t > 0, jnp.sqrt(var[t]), 0.0)
+      x_new = mean + sigma * z
+    else:
+      ab_t = ab_ext[t]
+      ab_s = ab_ext[t_prev]  # index -1 -> the appended 1.0
+      sigma = eta * jnp.sqrt((1 - ab_s) / (1 - ab_t)) * jnp.sqrt(1 - ab_t / ab_s)
+      dir_coef = jnp.sqrt(jnp.maximum(1 - ab_s - sigma**2, 0.0))
+      x_new = jnp.sqrt(ab_s) * x0 + dir_coef * eps + sigma * z
+    return x_new.astype(dtype)
+
+  return _run(step, x_T, ts, ts_prev, trajectory_every)

@@ -1,0 +1,141 @@
+"""Train state, optimiser and a factory for the jittable DDPM train step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddpm_jax.losses import LOSS_TYPES, eps_loss
+from ddpm_jax.schedules import Schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue; no PRNG key (keys come from `step`).
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: model parameters.
+    opt_state: optax state.
+    ema_params: exponential moving average of params.
+  """
+
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+  ema_params: Any
+
+
+def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int = 0,
+                   grad_clip: Optional[float] = 1.0, end_lr_fraction: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.0
+                   ) -> optax.GradientTransformation:
+  """Adam(W) under linear warmup then cosine decay, after global-norm clipping.
+
+  Args:
+    learning_rate: peak learning rate, > 0.
+    total_steps: length of the schedule (warmup included), >= 1.
+    warmup_steps: linear warmup steps from 0, in [0, total_steps].
+    grad_clip: global-norm bound, or None for no clipping.
+    end_lr_fraction: final learning rate as a fraction of the peak.
+  """
+  if not learning_rate > 0:
+    raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
+  if not 0 <= warmup_steps <= total_steps:
+    raise ValueError(f"warmup_steps must lie in [0, {total_steps}], got {warmup_steps!r}")
+  lr = learning_rate_schedule(learning_rate, total_steps, warmup_steps, end_lr_fraction)
+  parts = []
+  if grad_clip is not None:
+    if not grad_clip > 0:
+      raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+  return optax.chain(*parts)
+
+
+def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, end_lr_fraction=0.0):
+  """Linear warmup to `learning_rate`, cosine decay to the end fraction."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
+      warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
+      end_value=learning_rate * end_lr_fraction)
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                       image_shape) -> TrainState:
+  """Initialises params (and EMA = params) for images of shape [H, W, C]."""
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  params = model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
+  # The EMA gets its own buffers so the state can be donated to the step.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=jax.tree.map(jnp.copy, params))
+
+
+def ema_update(ema, params, decay):
+  """ema <- decay * ema + (1 - decay) * params, leafwise."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def ema_decay_at(step, decay: float, warmup: bool = True):
+  """EMA decay, optionally warmed up as min(decay, (1 + step) / (10 + step))."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def model_eps_fn(model: nn.Module, params, *, train: bool = False, rng=None) -> Callable:
+  """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers."""
+  rngs = {"dropout": rng} if (train and rng is not None) else None
+  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=train, rngs=rngs)
+
+
+def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation, *,
+                    base_rng: jax.Array, ema_decay: float = 0.999, ema_warmup: bool = True,
+                    loss_type: str = "mse", axis_name: Optional[str] = None) -> Callable:
+  """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
+
+  The step's key is `fold_in(base_rng, state.step)`; it draws t, the noise
+  and the dropout masks.
+
+  Args:
+    model: the U-Net.
+    schedule: noise schedule.
+    tx: optax optimiser.
+    base_rng: the run's base key.
+    ema_decay: EMA decay in [0, 1).
+    ema_warmup: warm the decay up over the first steps.
+    loss_type: "mse" or "l1".
+    axis_name: if set, gradients and metrics are averaged over this axis.
+
+  `batch` is [B, H, W, C] float images in [-1, 1]. Metrics: loss, grad_norm.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+
+  def apply(params, x_t, t, rng):
+    return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng})
+
+  def train_step(state: TrainState, batch: jnp.ndarray):
+    rng = jax.random.fold_in(base_rng, state.step)
+    loss_fn = lambda p: eps_loss(apply, p, schedule, rng, batch, loss_type)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    if axis_name is not None:
+      loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema_update(state.ema_params, params, decay))
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return train_step

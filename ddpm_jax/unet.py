@@ -1,0 +1,232 @@
+"""U-Nets that predict eps from (x_t, t). Images are NHWC: [B, H, W, C].
+
+* `SimpleUNet`: the seed notebook's network (3x3 convs 64/128/256, ReLU,
+  stride-2 downsampling, ConvTranspose upsampling, skip connections, per-level
+  time projections); 2,755,201 parameters for one channel, as in PyTorch.
+* `UNet`: the tutorial's residual U-Net (GroupNorm, SiLU, dropout, time
+  projection per block, self-attention at chosen levels), configurable width,
+  channel multipliers and blocks per level.
+
+Presets are `functools.partial`s; `make_model(name)` looks them up.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ddpm_jax.layers import Conv, ConvTranspose2x, timestep_embedding
+
+
+def check_image_shape(shape, factor: int):
+  """Raises ValueError unless H and W of an NHWC shape are divisible by factor."""
+  if len(shape) != 4:
+    raise ValueError(f"expected images [B, H, W, C], got shape {tuple(shape)}")
+  _, h, w, _ = shape
+  if h % factor or w % factor:
+    raise ValueError(f"image size {h}x{w} is not divisible by {factor}, the U-Net's total "
+                     "downsampling factor; choose another size or a model with fewer levels")
+
+
+class SimpleUNet(nn.Module):
+  """The seed notebook's SimpleUNet.
+
+  Attributes:
+    channels: widths of the three levels (seed: 64, 128, 256).
+    time_dim: sinusoidal embedding and time-MLP width (seed: 256).
+    out_channels: output channels; None means the input's.
+    gemm_weight_grad: use the fast weight-gradient convolution (same maths).
+    dtype: computation dtype; parameters stay float32.
+  """
+
+  channels: Sequence[int] = (64, 128, 256)
+  time_dim: int = 256
+  out_channels: Optional[int] = None
+  gemm_weight_grad: bool = True
+  dtype: Any = jnp.float32
+
+  downsample_factor = 4
+
+  @nn.compact
+  def __call__(self, x, t, train: bool = False):
+    """x: [B, H, W, C], t: [B] int or float -> eps [B, H, W, out_channels]."""
+    check_image_shape(x.shape, self.downsample_factor)
+    c1, c2, c3 = self.channels
+    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    down = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2),
+                             padding=((1, 1), (1, 1)), dtype=self.dtype)
+    up = functools.partial(ConvTranspose2x, gemm_weight_grad=self.gemm_weight_grad,
+                           dtype=self.dtype)
+    out_ch = self.out_channels or x.shape[-1]
+    x = x.astype(self.dtype)
+
+    emb = nn.relu(dense(self.time_dim, name="time_mlp")(
+        timestep_embedding(t, self.time_dim).astype(self.dtype)))
+    proj = lambda c, name: dense(c, name=name)(emb)[:, None, None, :]
+
+    h1 = nn.relu(conv(c1, name="conv1")(x) + proj(c1, "time_proj1"))
+    h2 = nn.relu(down(c2, name="conv2")(h1) + proj(c2, "time_proj2"))
+    h3 = nn.relu(down(c3, name="conv3")(h2) + proj(c3, "time_proj3"))
+    h = nn.relu(conv(c3, name="bottleneck1")(h3))
+    h = nn.relu(conv(c3, name="bottleneck2")(h))
+    h = up(c2, name="up1")(h)
+    h = nn.relu(conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1)))
+    h = up(c1, name="up2")(h)
+    h = nn.relu(conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1)))
+    return Conv(out_ch, (1, 1), gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype,
+                name="out")(h)
+
+
+class ResBlock(nn.Module):
+  """conv-GN-SiLU, + time projection, conv-GN-SiLU-dropout, + shortcut (tutorial 3.6.1)."""
+
+  features: int
+  dropout: float = 0.1
+  num_groups: int = 8
+  gemm_weight_grad: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, emb, train: bool):
+    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    norm = functools.partial(nn.GroupNorm, num_groups=self.num_groups, dtype=self.dtype)
+    h = nn.silu(norm()(conv(self.features)(x)))
+    h = h + nn.Dense(self.features, dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(norm()(conv(self.features)(h)))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    if x.shape[-1] != self.features:
+      x = conv(self.features, (1, 1), name="shortcut")(x)
+    return h + x
+
+
+class AttnBlock(nn.Module):
+  """Multi-head self-attention over the H*W positions, with a residual."""
+
+  num_heads: int = 4
+  num_groups: int = 8
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, hh, ww, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"attention channels {c} not divisible by num_heads {self.num_heads}")
+    h = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x).reshape(b, hh * ww, c)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(h, h)
+    return x + h.reshape(b, hh, ww, c)
+
+
+class UNet(nn.Module):
+  """Residual U-Net of the tutorial (seed 004, 3.6.1).
+
+  Attributes:
+    base_channels: width of the first level.
+    channel_mults: width multiplier per level; len - 1 downsamplings by 2.
+    num_res_blocks: residual blocks per level on the way down (one more up).
+    attention_levels: levels (0 = full resolution) that get self-attention
+      after each residual block; the middle always has one.
+    dropout: dropout rate inside residual blocks (active when train=True).
+    num_groups: GroupNorm groups.
+    num_heads: attention heads.
+    upsample: "nearest" (nearest-neighbour then 3x3 conv) or
+      "conv_transpose" (4x4 stride-2 transposed conv, as in the tutorial).
+    out_channels: output channels; None means the input's.
+    gemm_weight_grad: fast weight-gradient convolutions (same maths).
+    dtype: computation dtype; parameters stay float32.
+  """
+
+  base_channels: int = 32
+  channel_mults: Sequence[int] = (1, 2, 2)
+  num_res_blocks: int = 2
+  attention_levels: Sequence[int] = ()
+  dropout: float = 0.1
+  num_groups: int = 8
+  num_heads: int = 4
+  upsample: str = "nearest"
+  out_channels: Optional[int] = None
+  gemm_weight_grad: bool = True
+  dtype: Any = jnp.float32
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.channel_mults) - 1)
+
+  @nn.compact
+  def __call__(self, x, t, train: bool = False):
+    """x: [B, H, W, C], t: [B] -> eps [B, H, W, out_channels]."""
+    check_image_shape(x.shape, self.downsample_factor)
+    if self.upsample not in ("nearest", "conv_transpose"):
+      raise ValueError(f"upsample must be 'nearest' or 'conv_transpose', got {self.upsample!r}")
+    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    block = functools.partial(ResBlock, dropout=self.dropout, num_groups=self.num_groups,
+                              gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    attn = functools.partial(AttnBlock, num_heads=self.num_heads, num_groups=self.num_groups,
+                             dtype=self.dtype)
+    out_ch = self.out_channels or x.shape[-1]
+    ch = self.base_channels
+    emb_dim = 4 * ch
+    emb = timestep_embedding(t, ch).astype(self.dtype)
+    emb = nn.Dense(emb_dim, dtype=self.dtype)(nn.gelu(nn.Dense(emb_dim, dtype=self.dtype)(emb)))
+
+    h = conv(ch)(x.astype(self.dtype))
+    skips = [h]
+    levels = len(self.channel_mults)
+    for level, mult in enumerate(self.channel_mults):
+      for _ in range(self.num_res_blocks):
+        h = block(ch * mult)(h, emb, train)
+        if level in self.attention_levels:
+          h = attn()(h)
+        skips.append(h)
+      if level < levels - 1:
+        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                    dtype=self.dtype)(h)
+        skips.append(h)
+
+    h = block(h.shape[-1])(h, emb, train)
+    h = attn()(h)
+    h = block(h.shape[-1])(h, emb, train)
+
+    for level, mult in reversed(list(enumerate(self.channel_mults))):
+      for _ in range(self.num_res_blocks + 1):
+        h = block(ch * mult)(jnp.concatenate([h, skips.pop()], axis=-1), emb, train)
+        if level in self.attention_levels:
+          h = attn()(h)
+      if level > 0:
+        c = h.shape[-1]
+        if self.upsample == "nearest":
+          b, hh, ww, _ = h.shape
+          h = conv(c)(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+        else:
+          h = ConvTranspose2x(c, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)(h)
+
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
+    return conv(out_ch)(h)
+
+
+PRESETS = {
+    # The seed notebook's network (001): 2,755,201 parameters for 1 channel.
+    "simple": functools.partial(SimpleUNet),
+    # Half-width SimpleUNet, for CPU runs.
+    "simple_half": functools.partial(SimpleUNet, channels=(32, 64, 128), time_dim=128),
+    # The tutorial's residual sizes (seed 004, 3.6.1).
+    "tiny": functools.partial(UNet, base_channels=16, channel_mults=(1, 2, 2),
+                              attention_levels=(2,)),
+    "small": functools.partial(UNet, base_channels=32, channel_mults=(1, 2, 2, 4),
+                               attention_levels=(2,)),
+    "base": functools.partial(UNet, base_channels=64, channel_mults=(1, 2, 4, 8),
+                              attention_levels=(2,)),
+    # A very small residual net for unit tests and the smoke job.
+    "test": functools.partial(UNet, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                              attention_levels=(1,), num_groups=4, num_heads=2, dropout=0.0),
+}
+
+
+def make_model(preset: str, **overrides) -> nn.Module:
+  """Returns the U-Net preset `preset` with field overrides (e.g. dtype)."""
+  if preset not in PRESETS:
+    raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
+  return PRESETS[preset](**overrides)

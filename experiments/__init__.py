@@ -1,0 +1,1 @@
+"""Runnable jobs that compose the ddpm_jax and vae_jax libraries (files, flags, plots)."""

@@ -1,0 +1,185 @@
+"""Flags, presets, config.json and metrics.jsonl shared by the jobs.
+
+A job declares a `dataclass` config (field docs in `metadata["help"]`) and a
+dict of presets (field overrides). Every field becomes a `--flag`; flags left
+out keep the preset's value. A workdir remembers its config in
+`config.json`: running again resumes with it, and explicit flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import typing
+from typing import Any, Optional
+
+
+class UsageError(ValueError):
+  """Bad flags or configuration; the job prints the message and exits 2."""
+
+
+def _parse_bool(s: str) -> bool:
+  v = s.strip().lower()
+  if v in ("1", "true", "yes", "on"):
+    return True
+  if v in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _field_parser(tp):
+  """Converter for a field annotation (str, int, float, bool or Optional of them)."""
+  origin = typing.get_origin(tp)
+  if origin is typing.Union:
+    inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    conv = _field_parser(inner)
+    return lambda s: None if s.strip().lower() == "none" else conv(s)
+  if tp is bool:
+    return _parse_bool
+  return tp
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):
+    raise UsageError(message)
+
+
+def build_parser(config_cls, presets: dict, description: str) -> argparse.ArgumentParser:
+  hints = typing.get_type_hints(config_cls)
+  defaults = config_cls()
+  p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--workdir", required=True,
+                 help="output folder: checkpoints, config.json, metrics.jsonl, PNGs; "
+                      "running again with the same workdir resumes")
+  p.add_argument("--preset", choices=sorted(presets), default=None,
+                 help="a named set of defaults: " + "; ".join(
+                     f"{k}: {v.get('_doc', '')}" for k, v in presets.items()))
+  for f in dataclasses.fields(config_cls):
+    helptext = f.metadata.get("help", "")
+    p.add_argument(f"--{f.name}", type=_field_parser(hints[f.name]), default=None,
+                   metavar=hints[f.name].__name__ if isinstance(hints[f.name], type) else "VALUE",
+                   help=f"{helptext} (default: {getattr(defaults, f.name)!r})")
+  return p
+
+
+def preset_config(config_cls, presets: dict, preset: Optional[str]):
+  overrides = {k: v for k, v in presets.get(preset or "default", {}).items() if k != "_doc"}
+  return dataclasses.replace(config_cls(), **overrides)
+
+
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def resolve_config(config_cls, presets: dict, argv=None, description: str = ""):
+  """Parses argv into (config, workdir, resumed).
+
+  New workdir: defaults <- preset <- explicit flags. Existing workdir with a
+  config.json: stored config <- explicit flags; an explicit --preset that
+  disagrees with the stored config is refused, naming the differing fields.
+  """
+  args = build_parser(config_cls, presets, description).parse_args(argv)
+  workdir = os.path.abspath(args.workdir)
+  explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+              if getattr(args, f.name) is not None}
+  stored_path = os.path.join(workdir, "config.json")
+  if os.path.exists(stored_path):
+    try:
+      stored = read_json(stored_path)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"{stored_path} is unreadable ({e}); move it away or use a new workdir")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(stored) - known - {"preset"}
+    if unknown:
+      raise UsageError(f"{stored_path} has unknown fields {sorted(unknown)}; "
+                       "it was written by another job or version")
+    base = dataclasses.replace(config_cls(), **{k: v for k, v in stored.items() if k in known})
+    if args.preset is not None and args.preset != stored.get("preset"):
+      wanted = preset_config(config_cls, presets, args.preset)
+      diff = [f"{k}: {getattr(base, k)!r} (stored) vs {getattr(wanted, k)!r}"
+              for k in known if getattr(base, k) != getattr(wanted, k) and k not in explicit]
+      if diff:
+        raise UsageError(f"workdir {workdir} holds a run with preset {stored.get('preset')!r}; "
+                         f"--preset {args.preset} differs in " + "; ".join(sorted(diff))
+                         + ". Pass those fields explicitly to override, or use a new workdir")
+    changed = {k: (getattr(base, k), v) for k, v in explicit.items() if getattr(base, k) != v}
+    for k, (old, new) in changed.items():
+      print(f"note: overriding {k} = {old!r} from {stored_path} with {new!r}", file=sys.stderr)
+    preset = stored.get("preset", args.preset)
+    config = dataclasses.replace(base, **explicit)
+  else:
+    preset = args.preset or "default"
+    config = dataclasses.replace(preset_config(config_cls, presets, args.preset), **explicit)
+  return config, preset, workdir
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `path`; flushes each line."""
+
+  def __init__(self, path: str, keep_up_to_step: Optional[int] = None):
+    self.path = path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if keep_up_to_step is not None and os.path.exists(path):
+      # Drop records a crashed run wrote after its last checkpoint.
+      kept = [r for r in self.read(path) if r.get("step", 0) <= keep_up_to_step]
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(path + ".tmp", path)
+    elif keep_up_to_step is None and os.path.exists(path):
+      os.remove(path)
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+
+  @staticmethod
+  def read(path: str) -> list:
+    out = []
+    if not os.path.exists(path):
+      return out
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        line = line.strip()
+        if line:
+          try:
+            out.append(json.loads(line))
+          except ValueError:
+            break  # a torn last line from a crash
+    return out
+
+
+def run_main(fn, argv=None) -> int:
+  """Runs fn(argv); a UsageError or DataError becomes one stderr line and exit 2."""
+  from experiments.data import DataError  # pylint: disable=import-outside-toplevel
+  try:
+    fn(argv)
+  except (UsageError, DataError, ValueError) as e:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+  return 0

@@ -1,0 +1,256 @@
+"""Train a DDPM on MNIST and draw samples: `python -m experiments.mnist_ddpm --workdir W`.
+
+Writes to the workdir: config.json, metrics.jsonl, checkpoints/ (Orbax, the
+latest kept), loss_curve.png, samples_epoch_XXX.png, samples_final.png and
+trajectory.png. Running again with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import ddpm_jax as dj
+from experiments import cli, plotting
+from experiments.checkpoints import Checkpointer
+from experiments.data import load_mnist
+
+
+
+def _f(default, text):
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The DDPM job's configuration; the defaults reproduce the seed notebook."""
+
+  model: str = _f("simple", f"U-Net preset: {sorted(dj.PRESETS)}")
+  schedule: str = _f("linear", "noise schedule: linear, cosine or quadratic")
+  timesteps: int = _f(1000, "diffusion steps T")
+  epochs: int = _f(30, "training epochs (ignored when --steps is set)")
+  steps: Optional[int] = _f(None, "total training steps; overrides --epochs")
+  batch_size: int = _f(128, "global batch size")
+  learning_rate: float = _f(1e-3, "peak Adam learning rate")
+  warmup_steps: int = _f(500, "linear warmup steps before the cosine decay")
+  grad_clip: float = _f(1.0, "global gradient-norm clip")
+  ema_decay: float = _f(0.999, "EMA decay of the parameters used for sampling")
+  loss: str = _f("mse", "eps loss: mse or l1")
+  sampler: str = _f("ddpm", "sampler for the grids: ddpm (ancestral, all T steps) or ddim")
+  sample_steps: Optional[int] = _f(None, "DDIM steps (1..T); ddpm always uses T")
+  eta: float = _f(0.0, "DDIM stochasticity in [0, 1]")
+  variance: str = _f("beta", "ancestral variance: beta (the seed's) or beta_tilde")
+  clip_x0: bool = _f(True, "clip the predicted x0 to [-1, 1] while sampling")
+  num_samples: int = _f(64, "images in each sample grid")
+  sample_every_epochs: int = _f(5, "draw a sample grid every this many epochs")
+  checkpoint_every_steps: int = _f(1000, "save a checkpoint every this many steps")
+  log_every_steps: int = _f(50, "write metrics.jsonl every this many steps")
+  seed: int = _f(0, "random seed")
+
+
+PRESETS = {
+    "default": {"_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); "
+                        "meant for a GPU or TPU"},
+    "quick": {"_doc": "half-width SimpleUNet, ~15 minutes on 2 CPU cores",
+              "model": "simple_half", "batch_size": 64, "steps": 1600, "learning_rate": 2e-3,
+              "warmup_steps": 100, "sampler": "ddim", "sample_steps": 100,
+              "sample_every_epochs": 1, "checkpoint_every_steps": 400, "log_every_steps": 20},
+    "smoke": {"_doc": "tiny model, a few steps, under a minute (tests)",
+              "model": "test", "timesteps": 100, "steps": 6, "batch_size": 16,
+              "warmup_steps": 2, "sampler": "ddim", "sample_steps": 10, "num_samples": 16,
+              "checkpoint_every_steps": 3, "log_every_steps": 2},
+}
+
+
+def validate(config: Config) -> None:
+  """Raises cli.UsageError naming the bad value."""
+  def need(ok, msg):
+    if not ok:
+      raise cli.UsageError(msg)
+  need(config.model in dj.PRESETS, f"--model {config.model!r} unknown; choose from {sorted(dj.PRESETS)}")
+  need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
+  need(config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}")
+  need(config.batch_size <= 60000, f"--batch_size {config.batch_size} exceeds the 60000 training images")
+  need(config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}")
+  need(config.epochs >= 1 or config.steps, f"--epochs must be >= 1, got {config.epochs}")
+  need(config.steps is None or config.steps >= 1, f"--steps must be >= 1, got {config.steps}")
+  need(config.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {config.warmup_steps}")
+  need(0 <= config.ema_decay < 1, f"--ema_decay must lie in [0, 1), got {config.ema_decay}")
+  need(config.loss in ("mse", "l1"), f"--loss must be mse or l1, got {config.loss!r}")
+  need(config.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {config.sampler!r}")
+  need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
+  need(config.variance in ("beta", "beta_tilde"), f"--variance must be beta or beta_tilde, got {config.variance!r}")
+  if config.sample_steps is not None:
+    need(1 <= config.sample_steps <= config.timesteps,
+         f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}")
+    need(config.sampler == "ddim" or config.sample_steps == config.timesteps,
+         "--sample_steps applies to --sampler ddim; the ddpm sampler always takes T steps")
+  need(config.num_samples >= 1, f"--num_samples must be >= 1, got {config.num_samples}")
+  for name in ("sample_every_epochs", "checkpoint_every_steps", "log_every_steps"):
+    need(getattr(config, name) >= 1, f"--{name} must be >= 1, got {getattr(config, name)}")
+  factor = dj.make_model(config.model).downsample_factor
+  need(28 % factor == 0, f"--model {config.model} downsamples by {factor}; MNIST's 28x28 is not "
+       f"divisible by it; choose a model with fewer levels (e.g. simple, tiny)")
+
+
+def to_float(images_u8: jnp.ndarray) -> jnp.ndarray:
+  """uint8 [B, H, W, C] -> float32 in [-1, 1] (the seeds' Normalize(0.5, 0.5))."""
+  return images_u8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
+  """A jitted `sample(params, rng) -> images` (and frames) for the configured sampler."""
+  def sample(params, rng):
+    eps_fn = dj.model_eps_fn(model, params)
+    if config.sampler == "ddpm":
+      return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
+                            clip_x0=config.clip_x0, trajectory_every=trajectory_every)
+    return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or 50,
+                          eta=config.eta, clip_x0=config.clip_x0,
+                          trajectory_every=trajectory_every)
+  return jax.jit(sample)
+
+
+def sampler_timesteps(config: Config) -> np.ndarray:
+  if config.sampler == "ddpm":
+    return np.arange(config.timesteps - 1, -1, -1)
+  return dj.ddim_timesteps(config.timesteps, config.sample_steps or 50)
+
+
+def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainState:
+  """Trains (or resumes) a DDPM in `workdir` and writes samples and plots."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  cli.write_json_atomic(os.path.join(workdir, "config.json"),
+                        {"preset": preset, **dataclasses.asdict(config)})
+
+  mnist = load_mnist()
+  print(f"MNIST: {mnist.train_images.shape[0]} train images from {mnist.source}", file=sys.stderr)
+  images = jax.device_put(mnist.train_images)  # uint8 on device; shuffled there
+  n_train, image_shape = images.shape[0], tuple(images.shape[1:])
+
+  schedule = dj.make_schedule(config.schedule, config.timesteps)
+  model = dj.make_model(config.model)
+  batch = config.batch_size
+  steps_per_epoch = n_train // batch
+  total_steps = config.steps or config.epochs * steps_per_epoch
+  tx = dj.make_optimizer(config.learning_rate, total_steps,
+                         warmup_steps=min(config.warmup_steps, total_steps),
+                         grad_clip=config.grad_clip)
+  init_rng, train_rng, data_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
+  init = functools.partial(dj.create_train_state, init_rng, model, tx, image_shape)
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(jax.eval_shape(init), latest)
+    print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
+  else:
+    state = init()
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "
+        f"({steps_per_epoch} steps per epoch)", file=sys.stderr)
+
+  train_step = dj.make_train_step(model, schedule, tx, base_rng=train_rng,
+                                  ema_decay=config.ema_decay, loss_type=config.loss)
+  lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
+                                    min(config.warmup_steps, total_steps))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step_fn(state, images, perm):
+    i = state.step % steps_per_epoch
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+    return train_step(state, to_float(jnp.take(images, idx, axis=0)))
+
+  @jax.jit
+  def epoch_perm(epoch):
+    return jax.random.permutation(jax.random.fold_in(data_rng, epoch), n_train).astype(jnp.int32)
+
+  grid_shape = (config.num_samples,) + image_shape
+  sample = make_sampler(config, model, schedule, grid_shape)
+
+  def save_samples(step, name, title):
+    imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
+    plotting.save_grid(imgs, os.path.join(workdir, name), nrow=8, title=title)
+
+  metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                           keep_up_to_step=latest if latest is not None else None)
+  step = int(state.step)
+  perm_epoch, perm = -1, None
+  loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+  pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+              mininterval=2.0, file=sys.stderr)
+  try:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      if epoch != perm_epoch:
+        perm, perm_epoch = epoch_perm(epoch), epoch
+      state, m = step_fn(state, images, perm)
+      step += 1
+      loss_sum = loss_sum + m["loss"]
+      window_steps += 1
+      pbar.update(1)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        loss = float(loss_sum) / window_steps
+        now = time.perf_counter()
+        ips = window_steps * batch / (now - window_start)
+        record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                  "grad_norm": float(m["grad_norm"]), "learning_rate": float(lr_fn(step - 1)),
+                  "images_per_sec": ips, "time": time.time()}
+        metrics.write(record)
+        pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+        loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+      if step % config.checkpoint_every_steps == 0 and step < total_steps:
+        ckpt.save(step, jax.device_get(state))
+      if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
+        e = step // steps_per_epoch
+        save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
+        window_start = time.perf_counter()  # keep sampling time out of img/s
+  finally:
+    pbar.close()
+
+  if ckpt.latest_step() != total_steps:
+    ckpt.save(total_steps, jax.device_get(state))
+
+  t0 = time.perf_counter()
+  save_samples(total_steps, "samples_final.png", f"final samples, step {total_steps} (EMA, "
+               f"{config.sampler}{'' if config.sampler == 'ddpm' else ' ' + str(config.sample_steps or 50)} steps)")
+  print(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f} s "
+        "(compile included)", file=sys.stderr)
+  ts = sampler_timesteps(config)
+  every = max(1, len(ts) // 10)
+  traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every)
+  _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
+  labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
+  labels[0] = f"x_T (t={ts[0]})"
+  plotting.save_strip(np.asarray(frames), labels, os.path.join(workdir, "trajectory.png"),
+                      title="Denoising trajectory: from noise to image")
+  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"))
+  if history:
+    plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
+                         os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss",
+                         title="DDPM training loss", logy=True)
+    print(f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
+          f"outputs in {workdir}", file=sys.stderr)
+  ckpt.close()
+  return state
+
+
+def main(argv=None) -> None:
+  config, preset, workdir = cli.resolve_config(Config, PRESETS, argv, description=__doc__)
+  train_and_evaluate(config, preset, workdir)
+
+
+if __name__ == "__main__":
+  sys.exit(cli.run_main(main))

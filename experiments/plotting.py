@@ -1,0 +1,98 @@
+"""Pictures for the jobs: image grids, curves, trajectory strips. Files are
+written atomically (a temporary file renamed into place)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402
+
+
+def atomic_savefig(fig, path: str, **kwargs) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format="png", **kwargs)
+    os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def to_unit(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
+  lo, hi = value_range
+  return np.clip((np.asarray(images, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def tile(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
+  """[N, H, W, C] in [0, 1] -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] mosaic."""
+  n, h, w, c = images.shape
+  rows = -(-n // nrow)
+  out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.float32) * 0.5
+  for i in range(n):
+    r, k = divmod(i, nrow)
+    out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+  return out
+
+
+def _show(ax, mosaic):
+  if mosaic.shape[-1] == 1:
+    ax.imshow(mosaic[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+  else:
+    ax.imshow(mosaic, interpolation="nearest")
+  ax.axis("off")
+
+
+def save_grid(images: np.ndarray, path: str, nrow: int = 8, title: Optional[str] = None,
+              value_range=(-1.0, 1.0)) -> None:
+  """Saves [N, H, W, C] images as a grid PNG (the seed's 8x8 sample grid)."""
+  mosaic = tile(to_unit(images, value_range), nrow)
+  fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 40 + 0.5, mosaic.shape[0] / 40 + 0.8))
+  _show(ax, mosaic)
+  if title:
+    ax.set_title(title)
+  atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
+
+
+def save_strip(frames: np.ndarray, labels: Sequence[str], path: str,
+               title: Optional[str] = None, value_range=(-1.0, 1.0)) -> None:
+  """Saves a trajectory [F, N, H, W, C] as N rows of F frames, columns labelled."""
+  frames = to_unit(frames, value_range)
+  f, n = frames.shape[:2]
+  fig, axes = plt.subplots(n, f, figsize=(1.3 * f, 1.3 * n + 0.6), squeeze=False)
+  for i in range(n):
+    for j in range(f):
+      _show(axes[i, j], frames[j, i])
+      if i == 0:
+        axes[i, j].set_title(labels[j], fontsize=9)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  atomic_savefig(fig, path, dpi=100)
+
+
+def save_curves(curves: dict, path: str, xlabel: str = "step", ylabel: str = "loss",
+                title: Optional[str] = None, logy: bool = False) -> None:
+  """Saves {label: (x, y)} line plots."""
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for label, (x, y) in curves.items():
+    ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
+  ax.grid(True, alpha=0.3)
+  if len(curves) > 1:
+    ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  atomic_savefig(fig, path, dpi=100)
