@@ -129,7 +129,8 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     fn = conv_gemm_grad if self.gemm_weight_grad else _conv
-    return fn(x, kernel) + bias
+    y = fn(x, kernel)
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
 
 def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
@@ -163,4 +164,4 @@ class ConvTranspose2x(nn.Module):
       y = conv_transpose_2x(x, kernel)
     else:
       y = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DN)
-    return y + bias
+    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))

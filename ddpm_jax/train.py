@@ -13,6 +13,9 @@ import optax
 from ddpm_jax.losses import LOSS_TYPES, eps_loss
 from ddpm_jax.schedules import Schedule
 
+# optax >= 0.2.4 has optax.tree.norm; optax.global_norm is its deprecated name.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -136,6 +139,6 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": _tree_norm(grads)}
 
   return train_step

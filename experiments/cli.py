@@ -56,6 +56,9 @@ def build_parser(config_cls, presets: dict, description: str) -> argparse.Argume
   p.add_argument("--workdir", required=True,
                  help="output folder: checkpoints, config.json, metrics.jsonl, PNGs; "
                       "running again with the same workdir resumes")
+  p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
+                 help="leave after N training steps in this invocation, with a checkpoint; "
+                      "run again with the same workdir to continue (not stored in config.json)")
   p.add_argument("--preset", choices=sorted(presets), default=None,
                  help="a named set of defaults: " + "; ".join(
                      f"{k}: {v.get('_doc', '')}" for k, v in presets.items()))
@@ -93,8 +96,15 @@ def write_json_atomic(path: str, obj: Any) -> None:
       os.remove(tmp)
 
 
-def resolve_config(config_cls, presets: dict, argv=None, description: str = ""):
-  """Parses argv into (config, workdir, resumed).
+class RunArgs(typing.NamedTuple):
+  config: Any
+  preset: str
+  workdir: str
+  stop_after_steps: Optional[int]
+
+
+def resolve_config(config_cls, presets: dict, argv=None, description: str = "") -> RunArgs:
+  """Parses argv into RunArgs(config, preset, workdir, stop_after_steps).
 
   New workdir: defaults <- preset <- explicit flags. Existing workdir with a
   config.json: stored config <- explicit flags; an explicit --preset that
@@ -102,6 +112,8 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = ""):
   """
   args = build_parser(config_cls, presets, description).parse_args(argv)
   workdir = os.path.abspath(args.workdir)
+  if args.stop_after_steps is not None and args.stop_after_steps < 1:
+    raise UsageError(f"--stop_after_steps must be >= 1, got {args.stop_after_steps}")
   explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
               if getattr(args, f.name) is not None}
   stored_path = os.path.join(workdir, "config.json")
@@ -132,7 +144,7 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = ""):
   else:
     preset = args.preset or "default"
     config = dataclasses.replace(preset_config(config_cls, presets, args.preset), **explicit)
-  return config, preset, workdir
+  return RunArgs(config, preset, workdir, args.stop_after_steps)
 
 
 class MetricsLog:

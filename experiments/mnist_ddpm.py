@@ -126,8 +126,13 @@ def sampler_timesteps(config: Config) -> np.ndarray:
   return dj.ddim_timesteps(config.timesteps, config.sample_steps or 50)
 
 
-def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainState:
-  """Trains (or resumes) a DDPM in `workdir` and writes samples and plots."""
+def train_and_evaluate(config: Config, preset: str, workdir: str,
+                       stop_after_steps: Optional[int] = None) -> dj.TrainState:
+  """Trains (or resumes) a DDPM in `workdir` and writes samples and plots.
+
+  With `stop_after_steps`, leaves after that many steps with a checkpoint
+  (no final samples); running again continues.
+  """
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   cli.write_json_atomic(os.path.join(workdir, "config.json"),
@@ -185,12 +190,14 @@ def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainSta
   metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
                            keep_up_to_step=latest if latest is not None else None)
   step = int(state.step)
+  last_saved = latest
+  end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
   perm_epoch, perm = -1, None
   loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
   pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
               mininterval=2.0, file=sys.stderr)
   try:
-    while step < total_steps:
+    while step < end_step:
       epoch = step // steps_per_epoch
       if epoch != perm_epoch:
         perm, perm_epoch = epoch_perm(epoch), epoch
@@ -213,6 +220,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainSta
           raise FloatingPointError(f"non-finite loss {loss} at step {step}")
       if step % config.checkpoint_every_steps == 0 and step < total_steps:
         ckpt.save(step, jax.device_get(state))
+        last_saved = step
       if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
         e = step // steps_per_epoch
         save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
@@ -220,7 +228,15 @@ def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainSta
   finally:
     pbar.close()
 
-  if ckpt.latest_step() != total_steps:
+  if end_step < total_steps:
+    if last_saved != step:
+      ckpt.save(step, jax.device_get(state))
+    ckpt.close()
+    print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
+          file=sys.stderr)
+    return state
+
+  if last_saved != total_steps:
     ckpt.save(total_steps, jax.device_get(state))
 
   t0 = time.perf_counter()
@@ -248,8 +264,8 @@ def train_and_evaluate(config: Config, preset: str, workdir: str) -> dj.TrainSta
 
 
 def main(argv=None) -> None:
-  config, preset, workdir = cli.resolve_config(Config, PRESETS, argv, description=__doc__)
-  train_and_evaluate(config, preset, workdir)
+  args = cli.resolve_config(Config, PRESETS, argv, description=__doc__)
+  train_and_evaluate(args.config, args.preset, args.workdir, args.stop_after_steps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+# Quickstart: `make run` trains the quick MNIST DDPM; `make test` runs the tests.
+# Both create .venv and install the project (with pip) when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/mnist_ddpm_quick
+PRESET ?= quick
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.mnist_ddpm --workdir $(WORKDIR) --preset $(PRESET)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,45 @@
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from experiments import data
+
+
+def test_numpy_only_unpickler_refuses_code():
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ("echo pwned",))
+  blob = pickle.dumps(Evil())
+  with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    data._NumpyOnlyUnpickler(io.BytesIO(blob)).load()
+  arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+  out = data._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(arr))).load()
+  np.testing.assert_array_equal(out, arr)
+
+
+def test_pickle_hash_is_checked_before_unpickling():
+  with pytest.raises(data.DataError, match="expected f11bb9e4"):
+    data.parse_pickle_gz(b"not the MNIST pickle")
+
+
+def test_corrupt_cache_is_detected(tmp_path):
+  path = tmp_path / "mnist.npz"
+  np.savez(path, train_images=np.zeros((2, 28, 28, 1), np.uint8), train_labels=np.zeros(2, np.uint8),
+           test_images=np.zeros((1, 28, 28, 1), np.uint8), test_labels=np.zeros(1, np.uint8))
+  with pytest.raises(data.DataError, match="is corrupt"):
+    data._load_npz(str(path))
+  path.write_bytes(b"truncated")
+  with pytest.raises(data.DataError, match="cannot read cached MNIST"):
+    data._load_npz(str(path))
+
+
+def test_mnist_loads_with_canonical_split():
+  ds = data.load_mnist()
+  assert ds.train_images.shape == (60000, 28, 28, 1) and ds.train_images.dtype == np.uint8
+  assert ds.test_images.shape == (10000, 28, 28, 1)
+  assert ds.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+  assert np.bincount(ds.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+  assert ds.train_images.max() == 255

@@ -1,0 +1,90 @@
+"""End-to-end tests of `python -m experiments.mnist_ddpm` with the smoke preset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import cli, mnist_ddpm
+from experiments.checkpoints import Checkpointer
+
+
+def run(workdir, *flags):
+  mnist_ddpm.main(["--workdir", str(workdir), "--preset", "smoke", *flags])
+
+
+def final_params(workdir):
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ckpt.restore(_abstract())
+  ckpt.close()
+  return state
+
+
+def _abstract():
+  import ddpm_jax as dj
+  model = dj.make_model("test")
+  tx = dj.make_optimizer(1e-3, 6, warmup_steps=2)
+  return jax.eval_shape(lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1)))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke")
+  run(workdir)
+  return workdir
+
+
+def test_smoke_job_outputs(smoke_run):
+  for name in ["config.json", "metrics.jsonl", "loss_curve.png", "samples_final.png",
+               "trajectory.png"]:
+    assert os.path.getsize(smoke_run / name) > 0, name
+  config = json.loads((smoke_run / "config.json").read_text())
+  assert config["preset"] == "smoke" and config["model"] == "test" and config["steps"] == 6
+  records = cli.MetricsLog.read(str(smoke_run / "metrics.jsonl"))
+  assert [r["step"] for r in records] == [2, 4, 6]
+  for r in records:
+    assert {"step", "loss", "learning_rate", "images_per_sec"} <= set(r)
+    assert np.isfinite(r["loss"]) and r["images_per_sec"] > 0
+  assert Checkpointer(str(smoke_run / "checkpoints")).latest_step() == 6
+
+
+def test_resume_continues_identically(smoke_run, tmp_path):
+  run(tmp_path, "--stop_after_steps", "4")
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  assert ckpt.latest_step() == 4
+  ckpt.close()
+  assert not (tmp_path / "samples_final.png").exists()
+  run(tmp_path)  # resumes from step 4
+  a, b = final_params(smoke_run), final_params(tmp_path)
+  assert int(b.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+  jax.tree.map(np.testing.assert_array_equal, a.ema_params, b.ema_params)
+  steps = [r["step"] for r in cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))]
+  assert steps == [2, 4, 6]
+
+
+def test_bad_flags_give_one_line_and_exit_2(tmp_path):
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  for flags, expect in [(["--bogus", "1"], "unrecognized arguments: --bogus"),
+                        (["--preset", "nope"], "invalid choice: 'nope'"),
+                        (["--eta", "2"], "--eta must lie in [0, 1], got 2.0"),
+                        (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]")]:
+    p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
+                        str(tmp_path / "w"), *flags], capture_output=True, text=True, env=env)
+    assert p.returncode == 2, p.stderr
+    assert expect in p.stderr and "Traceback" not in p.stderr, p.stderr
+  assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
+
+
+def test_help_lists_flags():
+  p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--help"],
+                     capture_output=True, text=True)
+  assert p.returncode == 0
+  for flag in ["--workdir", "--preset", "--epochs", "--steps", "--batch_size", "--learning_rate",
+               "--schedule", "--timesteps", "--model", "--sampler", "--sample_steps",
+               "--num_samples", "--ema_decay", "--seed"]:
+    assert flag in p.stdout

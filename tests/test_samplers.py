@@ -1,0 +1,117 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddpm_jax as dj
+
+SHAPE = (3, 4, 4, 1)
+
+
+def toy_eps_fn(T):
+  return lambda x, t: 0.3 * x * jnp.tanh(t.astype(jnp.float32) / T)[:, None, None, None]
+
+
+def gaussian_eps_fn(schedule, mu, sd):
+  """Exact E[eps | x_t] when x0 ~ N(mu, sd^2) independently per pixel."""
+  def eps_fn(x, t):
+    ab = dj.extract(schedule.alphas_cumprod, t, x.shape)
+    return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * mu) / (ab * sd**2 + 1 - ab)
+  return eps_fn
+
+
+def test_ddpm_deterministic_for_fixed_key():
+  s = dj.make_schedule("linear", 30)
+  f = jax.jit(lambda rng: dj.ddpm_sample(toy_eps_fn(30), s, rng, SHAPE))
+  a, b = f(jax.random.key(1)), f(jax.random.key(1))
+  c = f(jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert float(jnp.abs(a - c).max()) > 1e-3
+  assert a.shape == SHAPE and np.all(np.isfinite(a))
+
+
+@pytest.mark.parametrize("T,steps", [(1000, None), (10, None), (1000, 7)])
+def test_sampler_traced_once(T, steps):
+  """The scan body is traced once, whatever the number of steps."""
+  s = dj.make_schedule("linear", T)
+  calls = []
+  def eps_fn(x, t):
+    calls.append(1)
+    return 0.1 * x
+  if steps is None:
+    jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE)).lower(jax.random.key(0))
+  else:
+    jax.jit(lambda r: dj.ddim_sample(eps_fn, s, r, SHAPE, steps)).lower(jax.random.key(0))
+  assert len(calls) == 1
+
+
+def test_ddim_eta0_is_deterministic_given_x_T():
+  s = dj.make_schedule("linear", 50)
+  x_T = jax.random.normal(jax.random.key(3), SHAPE)
+  f = jax.jit(lambda r: dj.ddim_sample(toy_eps_fn(50), s, r, SHAPE, 10, eta=0.0, x_T=x_T))
+  np.testing.assert_array_equal(f(jax.random.key(0)), f(jax.random.key(99)))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_full_steps_eta1_equals_ancestral_beta_tilde(clip):
+  T = 40
+  s = dj.make_schedule("linear", T)
+  eps_fn = toy_eps_fn(T)
+  rng = jax.random.key(7)
+  a = jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE, variance="beta_tilde", clip_x0=clip))(rng)
+  b = jax.jit(lambda r: dj.ddim_sample(eps_fn, s, r, SHAPE, T, eta=1.0, clip_x0=clip))(rng)
+  np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+
+
+def test_trajectory_frames():
+  s = dj.make_schedule("linear", 25)
+  x_T = jax.random.normal(jax.random.key(3), SHAPE)
+  final = dj.ddpm_sample(toy_eps_fn(25), s, jax.random.key(0), SHAPE, x_T=x_T)
+  x, frames = jax.jit(lambda r: dj.ddpm_sample(toy_eps_fn(25), s, r, SHAPE, x_T=x_T,
+                                                trajectory_every=10))(jax.random.key(0))
+  assert frames.shape == (1 + 3,) + SHAPE  # x_T, after steps 10, 20, 25
+  np.testing.assert_array_equal(frames[0], x_T)
+  np.testing.assert_allclose(frames[-1], x, atol=1e-6)
+  np.testing.assert_allclose(x, final, atol=1e-6)
+  labels = dj.trajectory_timesteps(np.arange(24, -1, -1), 10)
+  assert labels == [25, 14, 4, -1]
+
+
+def test_ddim_timesteps():
+  np.testing.assert_array_equal(dj.ddim_timesteps(10, 10), np.arange(9, -1, -1))
+  np.testing.assert_array_equal(dj.ddim_timesteps(1000, 1), [999])
+  ts = dj.ddim_timesteps(1000, 50)
+  assert ts[0] == 999 and len(ts) == 50 and np.all(np.diff(ts) < 0)
+  assert dj.ddim_timesteps(1000, 5, "linspace")[-1] == 0
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 11), "num_steps must be an integer in \\[1, 10\\]"),
+    (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 0), "num_steps"),
+    (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 5, eta=1.5), "eta must lie in \\[0, 1\\], got 1.5"),
+    (lambda s: dj.ddpm_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, variance="big"), "unknown variance"),
+])
+def test_sampler_argument_errors(call, match):
+  with pytest.raises(ValueError, match=match):
+    call(dj.make_schedule("linear", 10))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
+def test_samplers_recover_gaussian_data(sampler):
+  """With the exact eps of Gaussian data, samples have the data's mean and variance."""
+  mu, sd = 0.5, 0.3
+  s = dj.make_schedule("cosine", 200)
+  eps_fn = gaussian_eps_fn(s, mu, sd)
+  shape = (4000, 2, 2, 1)
+  rng = jax.random.key(11)
+  if sampler == "ddpm":
+    x = dj.ddpm_sample(eps_fn, s, rng, shape, variance="beta_tilde")
+  elif sampler == "ddim_eta0":  # the probability-flow ODE is accurate with few steps
+    x = dj.ddim_sample(eps_fn, s, rng, shape, 50, eta=0.0)
+  else:  # eta = 1 is exact only with all steps (with few it under-disperses)
+    x = dj.ddim_sample(eps_fn, s, rng, shape, 200, eta=1.0)
+  x = jax.jit(lambda v: v)(x)
+  assert float(x.mean()) == pytest.approx(mu, abs=0.02)
+  assert float(x.std()) == pytest.approx(sd, rel=0.07)

@@ -1,0 +1,94 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ddpm_jax as dj
+from ddpm_jax.layers import Conv, ConvTranspose2x
+
+
+def n_params(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def init_shapes(model, shape):
+  x = jnp.zeros(shape)
+  t = jnp.zeros((shape[0],), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, t))["params"]
+
+
+def test_simple_preset_matches_pytorch_parameter_count():
+  assert n_params(init_shapes(dj.make_model("simple"), (1, 28, 28, 1))) == 2_755_201
+
+
+@pytest.mark.parametrize("preset,count", [("simple_half", 689_473), ("tiny", 408_193),
+                                          ("test", 44_889)])
+def test_preset_parameter_counts(preset, count):
+  assert n_params(init_shapes(dj.make_model(preset), (1, 28, 28, 1))) == count
+
+
+@pytest.mark.parametrize("preset,shape", [("simple", (2, 28, 28, 1)), ("simple", (2, 32, 32, 3)),
+                                          ("test", (2, 28, 28, 1)), ("test", (3, 32, 32, 3)),
+                                          ("small", (1, 32, 32, 3))])
+def test_output_shapes(preset, shape):
+  model = dj.make_model(preset)
+  params = init_shapes(model, shape)
+  out = jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros(shape),
+                                             jnp.zeros((shape[0],), jnp.int32)), params)
+  assert out.shape == shape
+
+
+def test_forward_is_finite_and_depends_on_t(key):
+  model = dj.make_model("test")
+  x = jax.random.normal(key, (2, 8, 8, 1))
+  params = model.init(key, x, jnp.zeros((2,), jnp.int32))["params"]
+  f = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  a, b = f(params, x, jnp.array([0, 0])), f(params, x, jnp.array([500, 500]))
+  assert np.all(np.isfinite(a)) and float(jnp.abs(a - b).max()) > 1e-4
+
+
+def test_bad_image_size_raises():
+  with pytest.raises(ValueError, match="not divisible by 8"):
+    init_shapes(dj.make_model("small"), (1, 28, 28, 1))
+  with pytest.raises(ValueError, match="unknown model preset"):
+    dj.make_model("huge")
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
+def test_fast_conv_matches_flax_conv(key, kernel):
+  x = jax.random.normal(key, (2, 9, 7, 5))
+  ref = nn.Conv(4, kernel, padding="SAME")
+  p = ref.init(key, x)
+  loss = lambda mod: lambda p: jnp.sum(jnp.sin(mod.apply(p, x)))
+  np.testing.assert_allclose(Conv(4, kernel).apply(p, x), ref.apply(p, x), atol=1e-5)
+  g_fast = jax.jit(jax.grad(loss(Conv(4, kernel))))(p)
+  g_ref = jax.grad(loss(ref))(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g_fast, g_ref)
+  gx_fast = jax.grad(lambda x: jnp.sum(jnp.sin(Conv(4, kernel).apply(p, x))))(x)
+  gx_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref.apply(p, x))))(x)
+  np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-4)
+
+
+def test_conv_transpose_2x_matches_flax(key):
+  x = jax.random.normal(key, (2, 7, 5, 6))
+  ref = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding="SAME")
+  p = ref.init(key, x)
+  y = ConvTranspose2x(3).apply(p, x)
+  assert y.shape == (2, 14, 10, 3)
+  np.testing.assert_allclose(y, ref.apply(p, x), atol=1e-5)
+  g = jax.grad(lambda p: jnp.sum(jnp.sin(ConvTranspose2x(3).apply(p, x))))(p)
+  g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g, g_ref)
+  gx = jax.grad(lambda x: jnp.sum(jnp.sin(ConvTranspose2x(3).apply(p, x))))(x)
+  gx_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref.apply(p, x))))(x)
+  np.testing.assert_allclose(gx, gx_ref, atol=1e-4)
+
+
+def test_timestep_embedding_matches_seed_formula():
+  t = jnp.array([0, 7, 999])
+  e = dj.timestep_embedding(t, 8)
+  half = 4
+  freqs = np.exp(-np.log(10000) * np.arange(half) / (half - 1))
+  args = np.array([0, 7, 999])[:, None] * freqs[None]
+  np.testing.assert_allclose(e, np.concatenate([np.sin(args), np.cos(args)], -1), atol=1e-4)
