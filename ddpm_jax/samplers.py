@@ -66,15 +66,16 @@ def _frame_index(j: jnp.ndarray, n: int, every: int):
 def trajectory_timesteps(step_timesteps: Sequence[int], every: int) -> list:
   """Labels for the frames a sampler returns with `trajectory_every=every`.
 
-  Frame 0 is x_T (labelled T, the pure-noise input); frame i > 0 is the state
-  after the step leaving timestep `step_timesteps[j]`, i.e. an estimate of
-  x_{t_j - 1}; the label is t_j - 1 (so the last frame is -1 -> "x0").
+  Each frame is labelled with the timestep at which that state is (or would
+  be) fed to eps_fn: frame 0 is x_T at step_timesteps[0]; the frame after
+  step j is at step_timesteps[j + 1], and after the last step it is the
+  sample itself, labelled -1 (x0).
   """
   n = len(step_timesteps)
-  labels = [int(step_timesteps[0]) + 1]
+  labels = [int(step_timesteps[0])]
   for j in range(n):
     if (j + 1) % every == 0 or j == n - 1:
-      labels.append(int(step_timesteps[j]) - 1)
+      labels.append(int(step_timesteps[j + 1]) if j + 1 < n else -1)
   return labels
 
 

@@ -49,15 +49,17 @@ class _Parser(argparse.ArgumentParser):
     raise UsageError(message)
 
 
-def build_parser(config_cls, presets: dict, description: str) -> argparse.ArgumentParser:
+def build_parser(config_cls, presets: dict, description: str,
+                 stop_unit: str = "steps") -> argparse.ArgumentParser:
   hints = typing.get_type_hints(config_cls)
   defaults = config_cls()
   p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--workdir", required=True,
                  help="output folder: checkpoints, config.json, metrics.jsonl, PNGs; "
                       "running again with the same workdir resumes")
-  p.add_argument("--stop_after_steps", type=int, default=None, metavar="N",
-                 help="leave after N training steps in this invocation, with a checkpoint; "
+  p.add_argument(f"--stop_after_{stop_unit}", dest="stop_after", type=int, default=None,
+                 metavar="N",
+                 help=f"leave after N training {stop_unit} in this invocation, with a checkpoint; "
                       "run again with the same workdir to continue (not stored in config.json)")
   p.add_argument("--preset", choices=sorted(presets), default=None,
                  help="a named set of defaults: " + "; ".join(
@@ -90,6 +92,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -100,20 +103,21 @@ class RunArgs(typing.NamedTuple):
   config: Any
   preset: str
   workdir: str
-  stop_after_steps: Optional[int]
+  stop_after: Optional[int]
 
 
-def resolve_config(config_cls, presets: dict, argv=None, description: str = "") -> RunArgs:
-  """Parses argv into RunArgs(config, preset, workdir, stop_after_steps).
+def resolve_config(config_cls, presets: dict, argv=None, description: str = "",
+                   stop_unit: str = "steps") -> RunArgs:
+  """Parses argv into RunArgs(config, preset, workdir, stop_after).
 
   New workdir: defaults <- preset <- explicit flags. Existing workdir with a
   config.json: stored config <- explicit flags; an explicit --preset that
   disagrees with the stored config is refused, naming the differing fields.
   """
-  args = build_parser(config_cls, presets, description).parse_args(argv)
+  args = build_parser(config_cls, presets, description, stop_unit).parse_args(argv)
   workdir = os.path.abspath(args.workdir)
-  if args.stop_after_steps is not None and args.stop_after_steps < 1:
-    raise UsageError(f"--stop_after_steps must be >= 1, got {args.stop_after_steps}")
+  if args.stop_after is not None and args.stop_after < 1:
+    raise UsageError(f"--stop_after_{stop_unit} must be >= 1, got {args.stop_after}")
   explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
               if getattr(args, f.name) is not None}
   stored_path = os.path.join(workdir, "config.json")
@@ -144,7 +148,7 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = "") 
   else:
     preset = args.preset or "default"
     config = dataclasses.replace(preset_config(config_cls, presets, args.preset), **explicit)
-  return RunArgs(config, preset, workdir, args.stop_after_steps)
+  return RunArgs(config, preset, workdir, args.stop_after)
 
 
 class MetricsLog:

@@ -146,6 +146,7 @@ def _write_npz_atomic(path: str, arrays) -> None:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, train_images=arrays[0], train_labels=arrays[1], test_images=arrays[2],
                test_labels=arrays[3])
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

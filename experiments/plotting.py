@@ -20,6 +20,7 @@ def atomic_savefig(fig, path: str, **kwargs) -> None:
   os.close(fd)
   try:
     fig.savefig(tmp, format="png", **kwargs)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
   finally:
     plt.close(fig)
@@ -92,6 +93,20 @@ def save_curves(curves: dict, path: str, xlabel: str = "step", ylabel: str = "lo
   ax.grid(True, alpha=0.3)
   if len(curves) > 1:
     ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  atomic_savefig(fig, path, dpi=100)
+
+
+def save_scatter(points: np.ndarray, labels: np.ndarray, path: str,
+                 title: Optional[str] = None) -> None:
+  """Saves a 2-D scatter of points [N, 2] coloured by integer labels [N]."""
+  fig, ax = plt.subplots(figsize=(7, 6))
+  sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
+  fig.colorbar(sc, ax=ax, ticks=range(int(labels.max()) + 1))
+  ax.set_xlabel("z1")
+  ax.set_ylabel("z2")
   if title:
     ax.set_title(title)
   fig.tight_layout()

@@ -76,7 +76,8 @@ def test_trajectory_frames():
   np.testing.assert_allclose(frames[-1], x, atol=1e-6)
   np.testing.assert_allclose(x, final, atol=1e-6)
   labels = dj.trajectory_timesteps(np.arange(24, -1, -1), 10)
-  assert labels == [25, 14, 4, -1]
+  assert labels == [24, 14, 4, -1]
+  assert dj.trajectory_timesteps([9, 6, 3, 0], 2) == [9, 3, -1]
 
 
 def test_ddim_timesteps():

@@ -92,3 +92,4 @@ def test_timestep_embedding_matches_seed_formula():
   freqs = np.exp(-np.log(10000) * np.arange(half) / (half - 1))
   args = np.array([0, 7, 999])[:, None] * freqs[None]
   np.testing.assert_allclose(e, np.concatenate([np.sin(args), np.cos(args)], -1), atol=1e-4)
+

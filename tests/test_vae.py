@@ -1,0 +1,108 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vae_jax as vj
+
+
+def test_kl_closed_form_matches_monte_carlo():
+  mean = jnp.array([0.5, -1.0, 0.2])
+  logvar = jnp.array([-0.5, 0.3, 0.0])
+  z = vj.reparameterize(jax.random.key(0), jnp.broadcast_to(mean, (200000, 3)),
+                        jnp.broadcast_to(logvar, (200000, 3)))
+  log_q = vj.gaussian_log_density(z, mean[None], logvar[None])
+  log_p = vj.gaussian_log_density(z, jnp.zeros_like(z), jnp.zeros_like(z))
+  mc = float(jnp.mean(log_q - log_p))
+  assert float(vj.gaussian_kl(mean, logvar)) == pytest.approx(mc, abs=0.01)
+  assert float(vj.gaussian_kl(jnp.zeros(4), jnp.zeros(4))) == 0.0
+
+
+def test_bernoulli_log_likelihood_direct_and_extreme():
+  logits = jnp.array([-3.0, 0.0, 2.5, 0.7])
+  x = jnp.array([0.0, 1.0, 0.3, 1.0])
+  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  direct = np.sum(np.asarray(x) * np.log(p) + (1 - np.asarray(x)) * np.log(1 - p))
+  assert float(vj.bernoulli_log_likelihood(logits, x)) == pytest.approx(direct, rel=1e-5)
+  # Extreme logits: finite, and equal to the limits (log sigmoid(-200) = -200).
+  big = jnp.array([200.0, -200.0, 200.0, -200.0])
+  xb = jnp.array([1.0, 0.0, 0.0, 1.0])
+  ll = float(vj.bernoulli_log_likelihood(big, xb))
+  assert np.isfinite(ll) and ll == pytest.approx(-400.0, rel=1e-6)
+  g = jax.grad(lambda l: vj.bernoulli_log_likelihood(l, xb))(big)
+  assert np.all(np.isfinite(g))
+
+
+def tiny_vae():
+  vae = vj.make_vae("mlp", latent_dim=4, hidden=32)
+  params = vj.init_vae(vae, jax.random.key(0), 4)
+  return vae, params
+
+
+def test_shapes_and_parameter_counts():
+  vae = vj.make_vae("mlp", 20, 400)
+  params = jax.eval_shape(lambda: vj.init_vae(vae, jax.random.key(0), 20))
+  # PyTorch seed: fc1 784*400+400, fc_mu/fc_logvar 2*(400*20+20), fc3 20*400+400, fc4 400*784+784.
+  assert sum(x.size for x in jax.tree.leaves(params)) == 652_824
+  conv = vj.make_vae("conv", 8, 64)
+  params = vj.init_vae(conv, jax.random.key(0), 8)
+  enc, dec = vj.vae_fns(conv, params)
+  m, lv = enc(jnp.zeros((3, 28, 28, 1)))
+  assert m.shape == lv.shape == (3, 8) and dec(m).shape == (3, 784)
+
+
+def test_iwae_k1_equals_elbo_in_expectation_and_grows_with_k():
+  vae, params = tiny_vae()
+  enc, dec = vj.vae_fns(vae, params)
+  x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  # ELBO estimated with many single samples vs the k=1 bound averaged likewise.
+  reps = 1000
+  elbo = jax.vmap(lambda r: -vj.batch_loss(enc, dec, r, x)[1]["elbo_loss"])(
+      jax.random.split(jax.random.key(2), reps))
+  iw1 = jax.vmap(lambda r: vj.iwae_bound(enc, dec, r, x, 1).mean())(
+      jax.random.split(jax.random.key(3), reps))
+  stderr = math.sqrt(float(elbo.var() + iw1.var()) / reps)
+  assert abs(float(iw1.mean()) - float(elbo.mean())) < 4 * stderr, (iw1.mean(), elbo.mean(), stderr)
+  b = [float(vj.iwae_bound(enc, dec, jax.random.key(4), x, k, chunk=50).mean()) for k in (1, 10, 100)]
+  assert b[0] < b[1] < b[2], b
+
+
+def test_iwae_chunking_gives_same_bound():
+  vae, params = tiny_vae()
+  enc, dec = vj.vae_fns(vae, params)
+  x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+  a = vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=40)
+  b = vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=40)
+  np.testing.assert_allclose(a, b)
+  c = jax.jit(lambda x: vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=10))(x)
+  assert np.all(np.isfinite(c)) and c.shape == (4,)
+
+
+def test_train_epoch_lowers_loss():
+  vae = vj.make_vae("mlp", latent_dim=4, hidden=32)
+  tx = optax.adam(3e-3)
+  state = vj.create_state(jax.random.key(0), vae, tx, 4)
+  imgs = (jax.random.uniform(jax.random.key(1), (256, 28, 28, 1)) > 0.7).astype(jnp.uint8) * 255
+  ep = jax.jit(vj.make_train_epoch(vae, tx, base_rng=jax.random.key(2), batch_size=32))
+  ev = jax.jit(vj.make_evaluate(vae, batch_size=64))
+  before = float(ev(state.params, imgs, jax.random.key(3))["loss"])
+  for e in range(5):
+    state, m = ep(state, imgs, e)
+  after = float(ev(state.params, imgs, jax.random.key(3))["loss"])
+  assert int(state.step) == 5 * 8
+  assert after < before - 50, (before, after)
+
+
+def test_sampling_helpers():
+  vae, params = tiny_vae()
+  enc, dec = vj.vae_fns(vae, params)
+  s = vj.sample_prior(dec, jax.random.key(0), 5, 4)
+  assert s.shape == (5, 28, 28, 1) and float(s.min()) >= 0 and float(s.max()) <= 1
+  r = vj.reconstruct(enc, dec, jnp.zeros((2, 28, 28, 1)))
+  assert r.shape == (2, 28, 28, 1)
+  path = vj.interpolate(dec, jnp.zeros(4), jnp.ones(4), 7)
+  assert path.shape == (7, 28, 28, 1)
+  np.testing.assert_allclose(path[0], vj.decode_grid(dec, jnp.zeros((1, 4)))[0], atol=1e-6)

@@ -1,0 +1,117 @@
+"""VAE encoders and decoders (Flax linen modules holding parameters only).
+
+Inputs are flattened or image-shaped [B, 28, 28, 1] in [0, 1]; decoders return
+Bernoulli logits (or Gaussian means) of shape [B, 784].
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLPEncoder(nn.Module):
+  """x [B, ...] -> (mean, logvar) [B, latent]; the seeds' 784-400-20 with ReLU."""
+
+  hidden: Sequence[int] = (400,)
+  latent_dim: int = 20
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape(x.shape[0], -1)
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(h))
+    return nn.Dense(self.latent_dim, name="fc_mu")(h), nn.Dense(self.latent_dim, name="fc_logvar")(h)
+
+
+class MLPDecoder(nn.Module):
+  """z [B, latent] -> logits [B, out_dim]; the seeds' 20-400-784 with ReLU."""
+
+  hidden: Sequence[int] = (400,)
+  out_dim: int = 784
+
+  @nn.compact
+  def __call__(self, z):
+    h = z
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(nn.Dense(width, name=f"fc{i + 3}")(h))
+    return nn.Dense(self.out_dim, name="fc_out")(h)
+
+
+class ConvEncoder(nn.Module):
+  """x [B, 28, 28, 1] -> (mean, logvar): two stride-2 convs then a dense layer."""
+
+  channels: Sequence[int] = (32, 64)
+  hidden: int = 256
+  latent_dim: int = 20
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.reshape(x.shape[0], 28, 28, 1)
+    for c in self.channels:
+      h = nn.relu(nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))(h))
+    h = nn.relu(nn.Dense(self.hidden)(h.reshape(h.shape[0], -1)))
+    return nn.Dense(self.latent_dim, name="fc_mu")(h), nn.Dense(self.latent_dim, name="fc_logvar")(h)
+
+
+class ConvDecoder(nn.Module):
+  """z -> logits [B, 784]: dense to 7x7, two stride-2 transposed convs."""
+
+  channels: Sequence[int] = (64, 32)
+  hidden: int = 256
+
+  @nn.compact
+  def __call__(self, z):
+    h = nn.relu(nn.Dense(self.hidden)(z))
+    h = nn.relu(nn.Dense(7 * 7 * self.channels[0])(h)).reshape(z.shape[0], 7, 7, self.channels[0])
+    h = nn.relu(nn.ConvTranspose(self.channels[1], (4, 4), strides=(2, 2), padding="SAME")(h))
+    h = nn.ConvTranspose(1, (4, 4), strides=(2, 2), padding="SAME")(h)
+    return h.reshape(z.shape[0], -1)
+
+
+class VAE(nn.Module):
+  """Holds an encoder and a decoder; `__call__` encodes, `decode` decodes."""
+
+  encoder: nn.Module
+  decoder: nn.Module
+
+  def __call__(self, x):
+    """x [B, ...] -> (mean, logvar) [B, latent]."""
+    return self.encoder(x)
+
+  def decode(self, z):
+    """z [B, latent] -> logits [B, 784]."""
+    return self.decoder(z)
+
+  def init_all(self, x, z):
+    """Initialises encoder and decoder together (used through `init`)."""
+    return self.encoder(x), self.decoder(z)
+
+
+def make_vae(model: str = "mlp", latent_dim: int = 20, hidden: int = 400,
+             num_hidden_layers: int = 1) -> VAE:
+  """The seeds' MLP VAE (model="mlp") or the small convolutional one ("conv")."""
+  if latent_dim < 1 or hidden < 1 or num_hidden_layers < 1:
+    raise ValueError(f"latent_dim, hidden and num_hidden_layers must be >= 1, got "
+                     f"{latent_dim}, {hidden}, {num_hidden_layers}")
+  if model == "mlp":
+    widths = (hidden,) * num_hidden_layers
+    return VAE(MLPEncoder(widths, latent_dim), MLPDecoder(widths))
+  if model == "conv":
+    return VAE(ConvEncoder(hidden=hidden, latent_dim=latent_dim), ConvDecoder(hidden=hidden))
+  raise ValueError(f"unknown VAE model {model!r}; expected 'mlp' or 'conv'")
+
+
+def init_vae(vae: VAE, rng, latent_dim: int):
+  """Parameters for encoder and decoder: {'params': {'encoder': ..., 'decoder': ...}}."""
+  x = jnp.zeros((1, 28, 28, 1))
+  z = jnp.zeros((1, latent_dim))
+  return vae.init(rng, x, z, method=VAE.init_all)["params"]
+
+
+def vae_fns(vae: VAE, params):
+  """(encode_fn(x) -> (mean, logvar), decode_fn(z) -> logits) closed over params."""
+  return (lambda x: vae.apply({"params": params}, x),
+          lambda z: vae.apply({"params": params}, z, method=VAE.decode))
