@@ -240,8 +240,9 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
     ckpt.save(total_steps, jax.device_get(state))
 
   t0 = time.perf_counter()
-  save_samples(total_steps, "samples_final.png", f"final samples, step {total_steps} (EMA, "
-               f"{config.sampler}{'' if config.sampler == 'ddpm' else ' ' + str(config.sample_steps or 50)} steps)")
+  n_steps = config.timesteps if config.sampler == "ddpm" else (config.sample_steps or 50)
+  save_samples(total_steps, "samples_final.png",
+               f"final samples, step {total_steps} (EMA, {config.sampler} {n_steps} steps)")
   print(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f} s "
         "(compile included)", file=sys.stderr)
   ts = sampler_timesteps(config)
