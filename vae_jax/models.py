@@ -9,11 +9,35 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
+def torch_linear_bias_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear bias default."""
+  bound = 1.0 / fan_in**0.5
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# PyTorch's nn.Linear weight default (kaiming_uniform with a=sqrt(5)) is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), i.e. variance 1 / (3 fan_in).
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class TorchDense(nn.Module):
+  """`nn.Dense` with PyTorch's default initialisation (the seeds' nn.Linear)."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.features, kernel_init=torch_linear_kernel_init,
+                    bias_init=torch_linear_bias_init(x.shape[-1]), name="dense")(x)
+
+
 class MLPEncoder(nn.Module):
-  """x [B, ...] -> (mean, logvar) [B, latent]; the seeds' 784-400-20 with ReLU."""
+  """x [B, ...] -> (mean, logvar) [B, latent]; the seeds' 784-400-20 with ReLU
+  and PyTorch's nn.Linear initialisation."""
 
   hidden: Sequence[int] = (400,)
   latent_dim: int = 20
@@ -22,8 +46,8 @@ class MLPEncoder(nn.Module):
   def __call__(self, x):
     h = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      h = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(h))
-    return nn.Dense(self.latent_dim, name="fc_mu")(h), nn.Dense(self.latent_dim, name="fc_logvar")(h)
+      h = nn.relu(TorchDense(width, name=f"fc{i + 1}")(h))
+    return TorchDense(self.latent_dim, name="fc_mu")(h), TorchDense(self.latent_dim, name="fc_logvar")(h)
 
 
 class MLPDecoder(nn.Module):
@@ -36,8 +60,8 @@ class MLPDecoder(nn.Module):
   def __call__(self, z):
     h = z
     for i, width in enumerate(self.hidden):
-      h = nn.relu(nn.Dense(width, name=f"fc{i + 3}")(h))
-    return nn.Dense(self.out_dim, name="fc_out")(h)
+      h = nn.relu(TorchDense(width, name=f"fc{i + 3}")(h))
+    return TorchDense(self.out_dim, name="fc_out")(h)
 
 
 class ConvEncoder(nn.Module):
