@@ -69,23 +69,26 @@ def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1
   return train_epoch
 
 
+def scan_batches(fn, images_u8, batch_size: int, rng):
+  """Applies fn(rng_i, x [b, ...] in [0, 1]) to the full batches of images_u8
+  in one `lax.scan`; rng_i = fold_in(rng, i). Returns the stacked outputs."""
+  n = images_u8.shape[0]
+  b = min(batch_size, n)
+  steps = n // b
+  xs = images_u8[:steps * b].reshape((steps, b) + images_u8.shape[1:])
+  _, out = jax.lax.scan(lambda _, a: (None, fn(jax.random.fold_in(rng, a[0]), to_unit(a[1]))),
+                        None, (jnp.arange(steps), xs))
+  return out
+
+
 def make_evaluate(vae: VAE, *, batch_size: int = 500, likelihood: str = "bernoulli"):
   """Returns `evaluate(params, images_u8, rng) -> metrics` (loss, rec, kl per image,
   beta = 1), one compiled scan over all full batches of the set."""
 
   def evaluate(params, images_u8, rng):
-    n = images_u8.shape[0]
-    b = min(batch_size, n)
-    steps = n // b
-    xs = images_u8[:steps * b].reshape((steps, b) + images_u8.shape[1:])
     enc, dec = vae_fns(vae, params)
-
-    def body(_, args):
-      i, x = args
-      _, aux = batch_loss(enc, dec, jax.random.fold_in(rng, i), to_unit(x), 1.0, likelihood)
-      return None, aux
-
-    _, m = jax.lax.scan(body, None, (jnp.arange(steps), xs))
+    m = scan_batches(lambda r, x: batch_loss(enc, dec, r, x, 1.0, likelihood)[1],
+                     images_u8, batch_size, rng)
     m = jax.tree.map(jnp.mean, m)
     return {"loss": m["elbo_loss"], "rec": m["rec"], "kl": m["kl"]}
 
@@ -98,18 +101,9 @@ def make_iwae_nll(vae: VAE, *, k: int, batch_size: int = 100, chunk: int = 100,
   per-image NLL estimates (-IWAE bound with k samples), scanning over batches."""
 
   def iwae_nll(params, images_u8, rng):
-    n = images_u8.shape[0]
-    b = min(batch_size, n)
-    steps = n // b
-    xs = images_u8[:steps * b].reshape((steps, b) + images_u8.shape[1:])
     enc, dec = vae_fns(vae, params)
-
-    def body(_, args):
-      i, x = args
-      return None, -iwae_bound(enc, dec, jax.random.fold_in(rng, i), to_unit(x), k, chunk,
-                               likelihood)
-
-    _, nll = jax.lax.scan(body, None, (jnp.arange(steps), xs))
+    nll = scan_batches(lambda r, x: -iwae_bound(enc, dec, r, x, k, chunk, likelihood),
+                       images_u8, batch_size, rng)
     return nll.reshape(-1)
 
   return iwae_nll
