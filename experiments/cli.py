@@ -18,6 +18,11 @@ import typing
 from typing import Any, Optional
 
 
+def flag(default, text: str):
+  """A config dataclass field with its `--help` text."""
+  return dataclasses.field(default=default, metadata={"help": text})
+
+
 class UsageError(ValueError):
   """Bad flags or configuration; the job prints the message and exits 2."""
 

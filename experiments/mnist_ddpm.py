@@ -26,35 +26,31 @@ from experiments.data import load_mnist
 
 
 
-def _f(default, text):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
   """The DDPM job's configuration; the defaults reproduce the seed notebook."""
 
-  model: str = _f("simple", f"U-Net preset: {sorted(dj.PRESETS)}")
-  schedule: str = _f("linear", "noise schedule: linear, cosine or quadratic")
-  timesteps: int = _f(1000, "diffusion steps T")
-  epochs: int = _f(30, "training epochs (ignored when --steps is set)")
-  steps: Optional[int] = _f(None, "total training steps; overrides --epochs")
-  batch_size: int = _f(128, "global batch size")
-  learning_rate: float = _f(1e-3, "peak Adam learning rate")
-  warmup_steps: int = _f(500, "linear warmup steps before the cosine decay")
-  grad_clip: float = _f(1.0, "global gradient-norm clip")
-  ema_decay: float = _f(0.999, "EMA decay of the parameters used for sampling")
-  loss: str = _f("mse", "eps loss: mse or l1")
-  sampler: str = _f("ddpm", "sampler for the grids: ddpm (ancestral, all T steps) or ddim")
-  sample_steps: Optional[int] = _f(None, "DDIM steps (1..T); ddpm always uses T")
-  eta: float = _f(0.0, "DDIM stochasticity in [0, 1]")
-  variance: str = _f("beta", "ancestral variance: beta (the seed's) or beta_tilde")
-  clip_x0: bool = _f(True, "clip the predicted x0 to [-1, 1] while sampling")
-  num_samples: int = _f(64, "images in each sample grid")
-  sample_every_epochs: int = _f(5, "draw a sample grid every this many epochs")
-  checkpoint_every_steps: int = _f(1000, "save a checkpoint every this many steps")
-  log_every_steps: int = _f(50, "write metrics.jsonl every this many steps")
-  seed: int = _f(0, "random seed")
+  model: str = cli.flag("simple", f"U-Net preset: {sorted(dj.PRESETS)}")
+  schedule: str = cli.flag("linear", "noise schedule: linear, cosine or quadratic")
+  timesteps: int = cli.flag(1000, "diffusion steps T")
+  epochs: int = cli.flag(30, "training epochs (ignored when --steps is set)")
+  steps: Optional[int] = cli.flag(None, "total training steps; overrides --epochs")
+  batch_size: int = cli.flag(128, "global batch size")
+  learning_rate: float = cli.flag(1e-3, "peak Adam learning rate")
+  warmup_steps: int = cli.flag(500, "linear warmup steps before the cosine decay")
+  grad_clip: float = cli.flag(1.0, "global gradient-norm clip")
+  ema_decay: float = cli.flag(0.999, "EMA decay of the parameters used for sampling")
+  loss: str = cli.flag("mse", "eps loss: mse or l1")
+  sampler: str = cli.flag("ddpm", "sampler for the grids: ddpm (ancestral, all T steps) or ddim")
+  sample_steps: Optional[int] = cli.flag(None, "DDIM steps (1..T); ddpm always uses T")
+  eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
+  variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
+  clip_x0: bool = cli.flag(True, "clip the predicted x0 to [-1, 1] while sampling")
+  num_samples: int = cli.flag(64, "images in each sample grid")
+  sample_every_epochs: int = cli.flag(5, "draw a sample grid every this many epochs")
+  checkpoint_every_steps: int = cli.flag(1000, "save a checkpoint every this many steps")
+  log_every_steps: int = cli.flag(50, "write metrics.jsonl every this many steps")
+  seed: int = cli.flag(0, "random seed")
 
 
 PRESETS = {

@@ -28,27 +28,23 @@ from experiments.checkpoints import Checkpointer
 from experiments.data import load_mnist
 
 
-def _f(default, text):
-  return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
   """The VAE job's configuration; the defaults are the seed notebook's."""
 
-  model: str = _f("mlp", "mlp (the seeds' 784-hidden-latent) or conv")
-  latent_dim: int = _f(20, "latent dimensions (2 gives the manifold plot)")
-  hidden: int = _f(400, "hidden width")
-  num_hidden_layers: int = _f(1, "hidden layers in each MLP")
-  epochs: int = _f(10, "training epochs")
-  batch_size: int = _f(128, "batch size")
-  learning_rate: float = _f(1e-3, "Adam learning rate")
-  lr_schedule: str = _f("constant", "constant (the seeds') or cosine (decay to 0 over the run)")
-  beta: float = _f(1.0, "weight of the KL term (beta-VAE); 1 is the ELBO")
-  likelihood: str = _f("bernoulli", "bernoulli (the seeds' BCE) or gaussian (sd 0.1)")
-  iwae_k: int = _f(1000, "importance samples for the final test NLL estimate")
-  eval_examples: int = _f(10000, "test images used for the final IWAE estimate")
-  seed: int = _f(0, "random seed")
+  model: str = cli.flag("mlp", "mlp (the seeds' 784-hidden-latent) or conv")
+  latent_dim: int = cli.flag(20, "latent dimensions (2 gives the manifold plot)")
+  hidden: int = cli.flag(400, "hidden width")
+  num_hidden_layers: int = cli.flag(1, "hidden layers in each MLP")
+  epochs: int = cli.flag(10, "training epochs")
+  batch_size: int = cli.flag(128, "batch size")
+  learning_rate: float = cli.flag(1e-3, "Adam learning rate")
+  lr_schedule: str = cli.flag("constant", "constant (the seeds') or cosine (decay to 0 over the run)")
+  beta: float = cli.flag(1.0, "weight of the KL term (beta-VAE); 1 is the ELBO")
+  likelihood: str = cli.flag("bernoulli", "bernoulli (the seeds' BCE) or gaussian (sd 0.1)")
+  iwae_k: int = cli.flag(1000, "importance samples for the final test NLL estimate")
+  eval_examples: int = cli.flag(10000, "test images used for the final IWAE estimate")
+  seed: int = cli.flag(0, "random seed")
 
 
 PRESETS = {
