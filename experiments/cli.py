@@ -13,9 +13,10 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import typing
 from typing import Any, Optional
+
+from experiments.files import atomic_path
 
 
 def flag(default, text: str):
@@ -88,20 +89,12 @@ def read_json(path: str) -> Any:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+  with atomic_path(path, ".json.tmp") as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 class RunArgs(typing.NamedTuple):
@@ -165,9 +158,9 @@ class MetricsLog:
     if keep_up_to_step is not None and os.path.exists(path):
       # Drop records a crashed run wrote after its last checkpoint.
       kept = [r for r in self.read(path) if r.get("step", 0) <= keep_up_to_step]
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(path + ".tmp", path)
+      with atomic_path(path, ".jsonl.tmp") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.writelines(json.dumps(r) + "\n" for r in kept)
     elif keep_up_to_step is None and os.path.exists(path):
       os.remove(path)
 

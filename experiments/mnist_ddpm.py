@@ -53,6 +53,8 @@ class Config:
   seed: int = cli.flag(0, "random seed")
 
 
+DDIM_DEFAULT_STEPS = 50  # DDIM steps when --sample_steps is not given
+
 PRESETS = {
     "default": {"_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); "
                         "meant for a GPU or TPU"},
@@ -110,7 +112,7 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
                             clip_x0=config.clip_x0, trajectory_every=trajectory_every)
-    return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or 50,
+    return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
                           eta=config.eta, clip_x0=config.clip_x0,
                           trajectory_every=trajectory_every)
   return jax.jit(sample)
@@ -119,7 +121,7 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
 def sampler_timesteps(config: Config) -> np.ndarray:
   if config.sampler == "ddpm":
     return np.arange(config.timesteps - 1, -1, -1)
-  return dj.ddim_timesteps(config.timesteps, config.sample_steps or 50)
+  return dj.ddim_timesteps(config.timesteps, config.sample_steps or DDIM_DEFAULT_STEPS)
 
 
 def train_and_evaluate(config: Config, preset: str, workdir: str,
@@ -235,13 +237,12 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   if last_saved != total_steps:
     ckpt.save(total_steps, jax.device_get(state))
 
+  ts = sampler_timesteps(config)
   t0 = time.perf_counter()
-  n_steps = config.timesteps if config.sampler == "ddpm" else (config.sample_steps or 50)
   save_samples(total_steps, "samples_final.png",
-               f"final samples, step {total_steps} (EMA, {config.sampler} {n_steps} steps)")
+               f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)")
   print(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f} s "
         "(compile included)", file=sys.stderr)
-  ts = sampler_timesteps(config)
   every = max(1, len(ts) // 10)
   traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every)
   _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))

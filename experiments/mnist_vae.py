@@ -185,11 +185,9 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
 
   n = c.eval_examples
   t0 = time.perf_counter()
-  iwae_nll = jax.jit(vj.make_iwae_nll(vae, k=c.iwae_k, batch_size=min(100, n),
-                                      likelihood=c.likelihood))
+  iwae_nll = jax.jit(vj.make_iwae_nll(vae, k=c.iwae_k, likelihood=c.likelihood))
   nll = np.asarray(iwae_nll(state.params, test_images[:n], jax.random.fold_in(eval_rng, 1)))
-  elbo = jax.jit(vj.make_evaluate(vae, batch_size=min(500, n), likelihood=c.likelihood))(
-      state.params, test_images[:n], eval_rng)
+  elbo = evaluate(state.params, test_images[:n], eval_rng)
   result = {"epochs": epoch, "test_examples": int(nll.size), "iwae_k": c.iwae_k,
             "test_nll_iwae": float(nll.mean()),
             "test_nll_iwae_stderr": float(nll.std(ddof=1) / np.sqrt(nll.size)) if nll.size > 1 else None,

@@ -3,8 +3,6 @@ written atomically (a temporary file renamed into place)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Optional, Sequence
 
 import matplotlib
@@ -13,19 +11,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402
 
+from experiments.files import atomic_path  # noqa: E402
+
 
 def atomic_savefig(fig, path: str, **kwargs) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png.tmp")
-  os.close(fd)
   try:
-    fig.savefig(tmp, format="png", **kwargs)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    with atomic_path(path, ".png.tmp") as tmp:
+      fig.savefig(tmp, format="png", **kwargs)
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def to_unit(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
