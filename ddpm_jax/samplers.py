@@ -115,8 +115,15 @@ def _maybe_clip(x0, clip_x0):
 def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int], *,
                 variance: str = "beta", clip_x0=False, temperature: float = 1.0,
                 trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
-                dtype=jnp.float32):
-  """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) over all T steps.
+                dtype=jnp.float32, num_steps: Optional[int] = None, spacing: str = "trailing"):
+  """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), over all T steps or
+  a respaced subsequence of them.
+
+  With `num_steps` K < T the chain visits the K timesteps of
+  `ddim_timesteps(T, K, spacing)` and each jump t -> s is an ancestral step of
+  the respaced process (Nichol & Dhariwal 2021): beta_ts = 1 - ab_t / ab_s,
+  posterior mean of x0_hat, and variance beta_ts ("beta") or
+  beta_ts (1 - ab_s) / (1 - ab_t) ("beta_tilde").
 
   Args:
     eps_fn: (x_t [B,H,W,C], t [B] int32) -> eps [B,H,W,C].
@@ -132,6 +139,8 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequen
       x_T and every k-th state (the last state always included).
     x_T: optional starting noise [*shape] (default: drawn from rng).
     dtype: sample dtype.
+    num_steps: steps in [1, T]; None means T (every timestep).
+    spacing: timestep spacing when num_steps < T, see `ddim_timesteps`.
 
   Returns:
     x0 [*shape], or (x0, frames) when trajectory_every is set. The final step
@@ -143,7 +152,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequen
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
   _check_shape(shape)
   T = schedule.num_timesteps
-  ts = np.arange(T - 1, -1, -1, dtype=np.int32)
+  ts = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
   return ddim_like_sample(eps_fn, schedule, rng, shape, ts, eta=None, variance=variance,
                           clip_x0=clip_x0, temperature=temperature,
                           trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
@@ -195,6 +204,8 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
   ts_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
   B = shape[0]
   ab_ext = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), jnp.float32)])
+  # log(ab) by a cumulative sum keeps 1 - ab_t / ab_s accurate for short jumps.
+  log_ab_ext = jnp.concatenate([jnp.cumsum(jnp.log1p(-schedule.betas)), jnp.zeros((1,))])
 
   def step(x, t, t_prev):
     tb = jnp.full((B,), t, jnp.int32)
@@ -205,12 +216,21 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
       x0 = _maybe_clip(x0, clip_x0)
       eps = predict_eps_from_x0(schedule, x32, tb, x0)
     z = jax.random.normal(jax.random.fold_in(rng_steps, t), shape, jnp.float32) * temperature
-    if eta is None:  # ancestral: posterior mean of x0_hat plus sigma_t z
-      mean = (extract(schedule.posterior_mean_coef1, tb, shape) * x0
-              + extract(schedule.posterior_mean_coef2, tb, shape) * x32)
-      var = schedule.posterior_variance if variance == "beta_tilde" else schedule.betas
-      sigma = jnp.where(t > 0, jnp.sqrt(var[t]), 0.0)
-      x_new = mean + sigma * z
+    if eta is None:  # ancestral: posterior mean of x0_hat plus sigma z
+      # The jump t -> t_prev of the (possibly respaced) chain; adjacent steps
+      # use the schedule's own float64-derived coefficients.
+      adjacent = t_prev == t - 1
+      ab_t, ab_s = ab_ext[t], ab_ext[t_prev]
+      beta_ts = jnp.where(adjacent, schedule.betas[t], -jnp.expm1(log_ab_ext[t] - log_ab_ext[t_prev]))
+      coef1 = jnp.where(adjacent, schedule.posterior_mean_coef1[t],
+                        jnp.sqrt(ab_s) * beta_ts / (1 - ab_t))
+      coef2 = jnp.where(adjacent, schedule.posterior_mean_coef2[t],
+                        jnp.sqrt(1 - beta_ts) * (1 - ab_s) / (1 - ab_t))
+      var = beta_ts
+      if variance == "beta_tilde":
+        var = jnp.where(adjacent, schedule.posterior_variance[t], beta_ts * (1 - ab_s) / (1 - ab_t))
+      sigma = jnp.where(t_prev >= 0, jnp.sqrt(var), 0.0)  # no noise on the last step
+      x_new = coef1 * x0 + coef2 * x32 + sigma * z
     else:
       ab_t = ab_ext[t]
       ab_s = ab_ext[t_prev]  # index -1 -> the appended 1.0

@@ -97,6 +97,32 @@ def write_json_atomic(path: str, obj: Any) -> None:
       os.fsync(f.fileno())
 
 
+def stored_fields(workdir: str) -> dict:
+  """The parsed `workdir/config.json`; UsageError when missing or unreadable."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise UsageError(f"{path} not found: {workdir} is not a workdir of a training job")
+  try:
+    stored = read_json(path)
+  except (OSError, ValueError) as e:
+    raise UsageError(f"{path} is unreadable ({e}); move it away or use a new workdir")
+  if not isinstance(stored, dict):
+    raise UsageError(f"{path} does not hold a JSON object")
+  return stored
+
+
+def load_config(config_cls, workdir: str) -> tuple:
+  """(config, preset) stored in `workdir/config.json` for the job of `config_cls`."""
+  stored = stored_fields(workdir)
+  known = {f.name for f in dataclasses.fields(config_cls)}
+  unknown = set(stored) - known - {"preset"}
+  if unknown:
+    raise UsageError(f"{os.path.join(workdir, 'config.json')} has unknown fields "
+                     f"{sorted(unknown)}; it was written by another job or version")
+  config = dataclasses.replace(config_cls(), **{k: v for k, v in stored.items() if k in known})
+  return config, stored.get("preset")
+
+
 class RunArgs(typing.NamedTuple):
   config: Any
   preset: str
@@ -120,28 +146,20 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = "",
               if getattr(args, f.name) is not None}
   stored_path = os.path.join(workdir, "config.json")
   if os.path.exists(stored_path):
-    try:
-      stored = read_json(stored_path)
-    except (OSError, ValueError) as e:
-      raise UsageError(f"{stored_path} is unreadable ({e}); move it away or use a new workdir")
+    base, stored_preset = load_config(config_cls, workdir)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(stored) - known - {"preset"}
-    if unknown:
-      raise UsageError(f"{stored_path} has unknown fields {sorted(unknown)}; "
-                       "it was written by another job or version")
-    base = dataclasses.replace(config_cls(), **{k: v for k, v in stored.items() if k in known})
-    if args.preset is not None and args.preset != stored.get("preset"):
+    if args.preset is not None and args.preset != stored_preset:
       wanted = preset_config(config_cls, presets, args.preset)
       diff = [f"{k}: {getattr(base, k)!r} (stored) vs {getattr(wanted, k)!r}"
               for k in known if getattr(base, k) != getattr(wanted, k) and k not in explicit]
       if diff:
-        raise UsageError(f"workdir {workdir} holds a run with preset {stored.get('preset')!r}; "
+        raise UsageError(f"workdir {workdir} holds a run with preset {stored_preset!r}; "
                          f"--preset {args.preset} differs in " + "; ".join(sorted(diff))
                          + ". Pass those fields explicitly to override, or use a new workdir")
     changed = {k: (getattr(base, k), v) for k, v in explicit.items() if getattr(base, k) != v}
     for k, (old, new) in changed.items():
       print(f"note: overriding {k} = {old!r} from {stored_path} with {new!r}", file=sys.stderr)
-    preset = stored.get("preset", args.preset)
+    preset = stored_preset or args.preset
     config = dataclasses.replace(base, **explicit)
   else:
     preset = args.preset or "default"

@@ -261,6 +261,27 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   return state
 
 
+def load_trained(workdir: str):
+  """(config, model, schedule, ema_params, step) of the DDPM run in `workdir`,
+  from its latest checkpoint; UsageError when there is none."""
+  config, _ = cli.load_config(Config, workdir)
+  validate(config)
+  model = dj.make_model(config.model)
+  schedule = dj.make_schedule(config.schedule, config.timesteps)
+  tx = dj.make_optimizer(config.learning_rate, 2, warmup_steps=1,  # structure only
+                         grad_clip=config.grad_clip)
+  init = functools.partial(dj.create_train_state, jax.random.key(0), model, tx, (28, 28, 1))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise cli.UsageError(f"no checkpoint in {ckpt.directory}; train first")
+    state = ckpt.restore(jax.eval_shape(init), step)
+  finally:
+    ckpt.close()
+  return config, model, schedule, state.ema_params, step
+
+
 def main(argv=None) -> None:
   args = cli.resolve_config(Config, PRESETS, argv, description=__doc__)
   train_and_evaluate(args.config, args.preset, args.workdir, args.stop_after)

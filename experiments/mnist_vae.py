@@ -204,6 +204,25 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   return result
 
 
+def load_trained(workdir: str):
+  """(config, vae, params, step) of the VAE run in `workdir`, from its latest
+  checkpoint; UsageError when there is none."""
+  c, _ = cli.load_config(Config, workdir)
+  validate(c)
+  vae = vj.make_vae(c.model, c.latent_dim, c.hidden, c.num_hidden_layers)
+  init = functools.partial(vj.create_state, jax.random.key(0), vae, make_optimizer(c, 1),
+                           c.latent_dim)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise cli.UsageError(f"no checkpoint in {ckpt.directory}; train first")
+    state = ckpt.restore(jax.eval_shape(init), step)
+  finally:
+    ckpt.close()
+  return c, vae, state.params, step
+
+
 def main(argv=None) -> None:
   args = cli.resolve_config(Config, PRESETS, argv, description=__doc__, stop_unit="epochs")
   train_and_evaluate(args.config, args.preset, args.workdir, args.stop_after)

@@ -116,3 +116,29 @@ def test_samplers_recover_gaussian_data(sampler):
   x = jax.jit(lambda v: v)(x)
   assert float(x.mean()) == pytest.approx(mu, abs=0.02)
   assert float(x.std()) == pytest.approx(sd, rel=0.07)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "quadratic"])
+def test_respaced_ancestral_equals_ddim_eta1(spacing):
+  """Ancestral sampling over K < T respaced steps with the beta-tilde variance
+  is DDIM with eta = 1 over the same timesteps (same noise keys)."""
+  T, K = 100, 12
+  s = dj.make_schedule("linear", T)
+  eps_fn = toy_eps_fn(T)
+  rng = jax.random.key(5)
+  a = jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE, variance="beta_tilde", num_steps=K,
+                                       spacing=spacing))(rng)
+  b = jax.jit(lambda r: dj.ddim_sample(eps_fn, s, r, SHAPE, K, eta=1.0, spacing=spacing))(rng)
+  np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+  full = dj.ddpm_sample(eps_fn, s, rng, SHAPE)
+  np.testing.assert_array_equal(full, dj.ddpm_sample(eps_fn, s, rng, SHAPE, num_steps=T))
+
+
+def test_respaced_ancestral_beta_variance_last_step_is_noise_free():
+  """With variance "beta" the last jump (t -> x0) must add no noise."""
+  s = dj.make_schedule("linear", 100)
+  x_T = jax.random.normal(jax.random.key(0), SHAPE)
+  f = lambda r: dj.ddpm_sample(lambda x, t: jnp.zeros_like(x), s, r, SHAPE, num_steps=1, x_T=x_T)
+  # One step from t = 99 straight to x0: x0_hat = x_T / sqrt(ab_99), no noise.
+  expected = x_T / jnp.sqrt(s.alphas_cumprod[99])
+  np.testing.assert_allclose(f(jax.random.key(1)), expected, rtol=1e-5)

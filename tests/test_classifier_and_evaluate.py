@@ -1,0 +1,92 @@
+"""The packaged MNIST feature network and `python -m experiments.evaluate`."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from experiments import evaluate, mnist_ddpm, mnist_vae
+from experiments.data import load_mnist
+from sample_quality import classifier as clf
+
+
+@pytest.fixture(scope="module")
+def mnist():
+  return load_mnist()
+
+
+def test_packaged_classifier_accuracy_on_test_slice(mnist):
+  net = evaluate.FeatureNet()
+  feats, probs = net.embed(mnist.test_images[:2000])
+  assert feats.shape == (2000, clf.FEATURE_DIM) and np.all(feats >= 0)
+  acc = np.mean(probs.argmax(1) == mnist.test_labels[:2000])
+  assert acc >= 0.99, acc
+
+
+def test_weights_hash_is_checked(tmp_path):
+  params = clf.load_params()
+  path = str(tmp_path / "w.npz")
+  digest = clf.save_params(params, path)
+  assert digest == clf.WEIGHTS_SHA256
+  tampered = dict(np.load(path))
+  key = sorted(tampered)[0]
+  tampered[key] = tampered[key] + 1e-3
+  np.savez(path, **tampered)
+  with pytest.raises(clf.WeightsError, match="sha256"):
+    clf.load_params(path)
+  (tmp_path / "bad.npz").write_bytes(b"not a zip")
+  with pytest.raises(clf.WeightsError, match="cannot read"):
+    clf.load_params(str(tmp_path / "bad.npz"))
+
+
+def test_baselines_order_floor_below_ceilings(mnist):
+  net = evaluate.FeatureNet()
+  ref = evaluate.reference_features(net, mnist.test_images)
+  sets = evaluate.baselines(mnist.train_images, 500)
+  fd = {k: evaluate.evaluate_images(net, ref, v)["fd"] for k, v in sets.items()}
+  floor = fd["floor: real train images"]
+  assert floor < 0.2 * fd["ceiling: uniform noise"] and floor < 0.2 * fd["ceiling: blurred mean image"]
+
+
+def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
+  ddpm_dir, vae_dir = tmp_path / "ddpm", tmp_path / "vae"
+  mnist_ddpm.main(["--workdir", str(ddpm_dir), "--preset", "smoke"])
+  evaluate.main(["--workdir", str(ddpm_dir), "--num_samples", "20", "--batch_size", "10",
+                 "--sweep", "2,5", "--sweep_num_samples", "12"])
+  out = capsys.readouterr().out
+  assert "FD-MNIST" in out and "floor: real train images" in out
+  rec = json.loads((ddpm_dir / "eval" / "ddim_10steps_n20.json").read_text())
+  res = rec["results"]["DDPM test (ddim, 10 steps)"]
+  assert res["num_samples"] == 20 and res["num_reference"] == 10000
+  assert sum(res["class_counts"]) == 20 and np.isfinite(res["fd"])
+  assert set(rec["results"]) == {"DDPM test (ddim, 10 steps)", "floor: real train images",
+                                 "ceiling: uniform noise", "ceiling: blurred mean image"}
+  sweep = json.loads((ddpm_dir / "eval" / "steps_sweep_n12.json").read_text())
+  assert [(r["sampler"], r["steps"]) for r in sweep["sweep"]] == [
+      ("ddpm", 2), ("ddpm", 5), ("ddim", 2), ("ddim", 5)]
+  assert all(r["seconds_per_image"] > 0 for r in sweep["sweep"])
+  assert os.path.getsize(ddpm_dir / "eval" / "steps_sweep_n12.png") > 0
+
+  mnist_vae.main(["--workdir", str(vae_dir), "--preset", "smoke", "--latent_dim", "2"])
+  evaluate.main(["--workdir", str(vae_dir), "--num_samples", "30"])
+  rec = json.loads((vae_dir / "eval" / "vae_prior_n30.json").read_text())
+  assert rec["run"] == "vae" and rec["results"]["VAE prior samples (Bernoulli means)"]["num_samples"] == 30
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--steps", "101"], "exceeds the run's T = 100"),
+    (["--sweep", "2,x"], "comma-separated integers"),
+    (["--num_samples", "5"], "--num_samples must be >= 10"),
+    (["--eta", "2"], "eta must lie in"),
+])
+def test_evaluate_bad_flags(tmp_path, flags, match):
+  (tmp_path / "config.json").write_text(json.dumps({"preset": "smoke", "timesteps": 100}))
+  with pytest.raises(evaluate.cli.UsageError, match=match):
+    evaluate.main(["--workdir", str(tmp_path), *flags])
+
+
+def test_evaluate_refuses_non_run_dir(tmp_path):
+  with pytest.raises(evaluate.cli.UsageError, match="not a workdir"):
+    evaluate.main(["--workdir", str(tmp_path)])
