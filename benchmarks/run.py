@@ -1,26 +1,99 @@
-"""Training-throughput benchmark: `python -m benchmarks.run [--quick] [--json PATH]`.
+"""Speed benchmarks: `python -m benchmarks.run [--quick] [--json PATH]`.
 
-Times the jitted, buffer-donating DDPM train step (images/s after
-compilation) for U-Net presets, with the GEMM weight-gradient convolutions on
-and off (`gemm_weight_grad`), so the effect of that lever is measured in the
-same run. (The PyTorch reference, sampler and scaling benchmarks are issue 5.)
+Times, in one process so ratios hold on a noisy machine:
+- the machine's fp32 matmul peak (a large jitted `jnp.dot`), the yardstick
+  for achieved GFLOP/s;
+- the jitted, buffer-donating DDPM train step per U-Net preset and batch
+  (images/s after compilation, compile seconds, GFLOP/s from XLA's cost
+  analysis and as a fraction of the peak, peak memory), with our GEMM
+  weight-gradient convolutions on and off on the seed SimpleUNet;
+- the sampler: one U-Net forward on 64 images (what each sampler step costs)
+  and whole DDIM-50 and DDPM-1000 samplers for 64 images;
+- the VAE epoch (784-400-20, batch 128, one compiled scan);
+- the seeds' PyTorch models and loops (`benchmarks/torch_ref.py`), when torch
+  is installed: `train_ratio`, `sampler_ratio` and `vae_ratio` are JAX over
+  PyTorch throughput (higher is better), null without torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
+import sys
 import time
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import ddpm_jax as dj
+import vae_jax as vj
+from benchmarks import torch_ref
 
 
-def train_throughput(preset: str, batch: int, gemm: bool, iters: int) -> dict:
-  model = dj.make_model(preset, gemm_weight_grad=gemm)
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _time(fn: Callable, iters: int) -> float:
+  """Seconds per call of fn() (which must block), best of 3 rounds of `iters`."""
+  best = float("inf")
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      fn()
+    best = min(best, (time.perf_counter() - t0) / iters)
+  return best
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+  """GFLOP/s of an n x n x n jitted matmul (the yardstick)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  dt = _time(lambda: f(a, a).block_until_ready(), 3)
+  return 2 * n**3 / dt / 1e9
+
+
+def _cost(compiled) -> tuple:
+  """(flops, bytes of arguments + outputs + temporaries) from XLA's analyses."""
+  flops, mem = None, None
+  try:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops = float(ca.get("flops", 0.0)) or None
+  except Exception:  # not every backend reports it
+    pass
+  try:
+    ma = compiled.memory_analysis()
+    mem = int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
+  except Exception:
+    pass
+  return flops, mem
+
+
+def _device_peak_bytes() -> Optional[int]:
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+  except Exception:
+    return None
+
+
+def train_bench(preset: str, batch: int, iters: int, peak: float, gemm: bool = True,
+                dtype=jnp.float32) -> dict:
+  model = dj.make_model(preset, gemm_weight_grad=gemm, dtype=dtype)
   schedule = dj.make_schedule("linear", 1000)
   tx = dj.make_optimizer(1e-3, 1000)
   state = dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
@@ -28,40 +101,196 @@ def train_throughput(preset: str, batch: int, gemm: bool, iters: int) -> dict:
                  donate_argnums=0)
   x = jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1
   t0 = time.perf_counter()
-  state, m = step(state, x)
-  jax.block_until_ready(m)
+  compiled = step.lower(state, x).compile()
+  compile_s = time.perf_counter() - t0
+  flops, mem = _cost(compiled)
+  holder = [state]
+
+  def run():
+    holder[0], m = compiled(holder[0], x)
+    m["loss"].block_until_ready()
+
+  run()
+  dt = _time(run, iters)
+  gflops = flops / dt / 1e9 if flops else None
+  return {"preset": preset, "batch": batch, "gemm_weight_grad": gemm,
+          "dtype": jnp.dtype(dtype).name, "images_per_sec": batch / dt, "step_ms": 1e3 * dt,
+          "compile_s": compile_s, "gflop_per_step": flops / 1e9 if flops else None,
+          "gflops": gflops, "fraction_of_peak": gflops / peak if gflops else None,
+          "xla_memory_bytes": mem}
+
+
+def forward_bench(preset: str, batch: int, iters: int, peak: float) -> dict:
+  model = dj.make_model(preset)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  eps_fn = jax.jit(lambda p, x, t: model.apply(p, x, t))
+  x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
+  t = jnp.full((batch,), 500, jnp.int32)
+  t0 = time.perf_counter()
+  compiled = eps_fn.lower(params, x, t).compile()
+  compile_s = time.perf_counter() - t0
+  flops, mem = _cost(compiled)
+  compiled(params, x, t).block_until_ready()
+  dt = _time(lambda: compiled(params, x, t).block_until_ready(), iters)
+  gflops = flops / dt / 1e9 if flops else None
+  return {"preset": preset, "batch": batch, "images_per_sec": batch / dt, "forward_ms": 1e3 * dt,
+          "compile_s": compile_s, "gflops": gflops,
+          "fraction_of_peak": gflops / peak if gflops else None, "xla_memory_bytes": mem}
+
+
+def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
+  model = dj.make_model(preset)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  schedule = dj.make_schedule("linear", 1000)
+  shape = (batch, 28, 28, 1)
+
+  def sample(p, rng):
+    eps_fn = lambda x, t: model.apply(p, x, t)
+    if sampler == "ddpm":
+      return dj.ddpm_sample(eps_fn, schedule, rng, shape, num_steps=steps)
+    return dj.ddim_sample(eps_fn, schedule, rng, shape, steps)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(sample).lower(params, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  for _ in range(iters):
-    state, m = step(state, x)
+  compiled(params, jax.random.key(2)).block_until_ready()
+  dt = time.perf_counter() - t0
+  return {"preset": preset, "batch": batch, "sampler": sampler, "steps": steps,
+          "images_per_sec": batch / dt, "seconds": dt, "ms_per_step": 1e3 * dt / steps,
+          "compile_s": compile_s}
+
+
+def vae_bench(images_u8: np.ndarray, epochs: int) -> dict:
+  import optax  # pylint: disable=import-outside-toplevel
+  vae = vj.make_vae("mlp", 20, 400)
+  tx = optax.adam(1e-3)
+  state = vj.create_state(jax.random.key(0), vae, tx, 20)
+  train_epoch = jax.jit(vj.make_train_epoch(vae, tx, base_rng=jax.random.key(1), batch_size=128),
+                        donate_argnums=0)
+  images = jax.device_put(images_u8)
+  t0 = time.perf_counter()
+  compiled = train_epoch.lower(state, images, 0).compile()
+  compile_s = time.perf_counter() - t0
+  state, m = compiled(state, images, 0)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / iters
-  return {"preset": preset, "batch": batch, "gemm_weight_grad": gemm,
-          "images_per_sec": batch / dt, "step_ms": dt * 1e3, "first_step_s": compile_s}
+  times = []
+  for e in range(1, epochs + 1):
+    t0 = time.perf_counter()
+    state, m = compiled(state, images, e)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return {"epoch_seconds": min(times), "compile_s": compile_s,
+          "images_per_sec": images_u8.shape[0] / min(times)}
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--quick", action="store_true", help="fewer presets and iterations")
-  p.add_argument("--json", default=None, help="also write the results here")
-  args = p.parse_args(argv)
-  iters = 3 if args.quick else 10
-  cases = [("simple", 128), ("simple_half", 128), ("tiny", 128)]
-  if args.quick:
-    cases = [("simple", 128)]
+def mnist_like(n: int = 60000) -> np.ndarray:
+  """Random uint8 digits-shaped data: the VAE epoch's cost does not depend on pixels."""
+  return np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+
+
+def _ratio(a, b):
+  return a / b if a and b else None
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true",
+                 help="the seed SimpleUNet only, fewer iterations, DDPM-1000 estimated from "
+                      "DDIM-50's per-step time (a few minutes on 2 CPU cores)")
+  p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+  p.add_argument("--presets", default=None,
+                 help="comma-separated train presets (default: simple,simple_half,tiny; "
+                      "simple with --quick)")
+  p.add_argument("--batch", type=int, default=128, help="train batch size")
+  p.add_argument("--bf16", action="store_true", help="also time bf16 compute (GPU/TPU)")
+  p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  a = p.parse_args(argv)
+  quick = a.quick
+  iters = 3 if quick else 8
+  presets = (a.presets or ("simple" if quick else "simple,simple_half,tiny")).split(",")
+  for name in presets:
+    if name not in dj.PRESETS:
+      p.error(f"unknown preset {name!r}; choose from {sorted(dj.PRESETS)}")
+  use_torch = torch_ref.available() and not a.no_torch
+
+  dev = jax.devices()[0]
+  machine = {"device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
+             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+             "torch": torch_ref.torch.__version__ if use_torch else None}
+  print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
+  peak = matmul_peak(2048 if dev.platform == "cpu" else 8192)
+  print(f"fp32 matmul peak (measured): {peak:.1f} GFLOP/s", flush=True)
+  out = {"machine": machine, "matmul_peak_gflops": peak, "quick": quick}
+
+  print(f"\n{'train':<12} {'batch':>5} {'dtype':>8} {'gemm':>5} {'img/s':>8} {'ms':>7} "
+        f"{'GFLOP/s':>8} {'%peak':>6} {'compile s':>9} {'XLA MB':>7}")
   rows = []
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, "
-        f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-  print(f"{'preset':<12} {'batch':>5} {'gemm_wgrad':>10} {'img/s':>8} {'step ms':>8} {'1st step s':>10}")
-  for preset, batch in cases:
-    for gemm in (False, True):
-      r = train_throughput(preset, batch, gemm, iters)
-      rows.append(r)
-      print(f"{preset:<12} {batch:>5} {str(gemm):>10} {r['images_per_sec']:>8.1f} "
-            f"{r['step_ms']:>8.0f} {r['first_step_s']:>10.1f}", flush=True)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"device": str(jax.devices()[0]), "train": rows}, f, indent=2)
+  cases = [(name, True, jnp.float32) for name in presets]
+  if "simple" in presets:
+    cases.append(("simple", False, jnp.float32))
+  if a.bf16:
+    cases += [(name, True, jnp.bfloat16) for name in presets]
+  for name, gemm, dtype in cases:
+    r = train_bench(name, a.batch, iters, peak, gemm, dtype)
+    rows.append(r)
+    print(f"{name:<12} {r['batch']:>5} {r['dtype']:>8} {str(gemm):>5} {r['images_per_sec']:>8.1f} "
+          f"{r['step_ms']:>7.0f} {r['gflops'] or 0:>8.1f} {100 * (r['fraction_of_peak'] or 0):>5.0f}% "
+          f"{r['compile_s']:>9.1f} {(r['xla_memory_bytes'] or 0) / 2**20:>7.0f}", flush=True)
+  out["train"] = rows
+
+  fwd = forward_bench("simple", 64, 3 * iters, peak)
+  out["forward"] = fwd
+  print(f"\nforward simple, 64 images: {fwd['images_per_sec']:.0f} img/s "
+        f"({fwd['forward_ms']:.1f} ms, {fwd['gflops'] or 0:.0f} GFLOP/s, "
+        f"{100 * (fwd['fraction_of_peak'] or 0):.0f}% of peak)", flush=True)
+  samplers = [sampler_bench("simple", 64, "ddim", 50)]
+  if not quick:
+    samplers.append(sampler_bench("simple", 64, "ddpm", 1000))
+  else:
+    est = dict(samplers[0], sampler="ddpm", steps=1000, estimated=True)
+    est["seconds"] = samplers[0]["ms_per_step"] * 1000 / 1e3
+    est["images_per_sec"] = 64 / est["seconds"]
+    samplers.append(est)
+  for s in samplers:
+    print(f"sampler {s['sampler']} {s['steps']} steps, 64 images: {s['seconds']:.1f} s "
+          f"({s['images_per_sec']:.2f} img/s, {s['ms_per_step']:.0f} ms/step"
+          f"{', estimated' if s.get('estimated') else ''})", flush=True)
+  out["samplers"] = samplers
+
+  vae = vae_bench(mnist_like(), 2 if quick else 3)
+  out["vae"] = vae
+  print(f"VAE epoch (784-400-20, batch 128, 60k images): {vae['epoch_seconds']:.2f} s", flush=True)
+
+  jax_train = next(r["images_per_sec"] for r in rows if r["preset"] == "simple" and
+                   r["gemm_weight_grad"] and r["dtype"] == "float32") if "simple" in presets else None
+  out["torch"] = None
+  if use_torch:
+    tt = torch_ref.ddpm_train_throughput(a.batch, iters=iters)
+    tf = torch_ref.forward_throughput(64, iters=3 * iters)
+    tv = min(torch_ref.vae_epoch_seconds(mnist_like()) for _ in range(2 if quick else 3))
+    out["torch"] = {"train": tt, "forward": tf, "vae_epoch_seconds": tv,
+                    "threads": torch_ref.torch.get_num_threads()}
+    print(f"\nPyTorch {machine['torch']} ({out['torch']['threads']} threads): train simple "
+          f"{tt['images_per_sec']:.1f} img/s, forward 64 {tf['images_per_sec']:.0f} img/s, "
+          f"VAE epoch {tv:.2f} s", flush=True)
+  else:
+    print("\nPyTorch reference skipped: " + ("--no_torch" if a.no_torch else
+          "torch is not installed (pip install torch==2.13.0)"), flush=True)
+  t = out["torch"]
+  out["train_ratio"] = _ratio(jax_train, t and t["train"]["images_per_sec"])
+  out["sampler_ratio"] = _ratio(fwd["images_per_sec"], t and t["forward"]["images_per_sec"])
+  out["vae_ratio"] = _ratio(t and t["vae_epoch_seconds"], vae["epoch_seconds"])
+  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+  print(f"train_ratio {fmt(out['train_ratio'])} (target >= 1.0), sampler_ratio "
+        f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0)")
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  out["device_peak_bytes"] = _device_peak_bytes()
+  if a.json:
+    with open(a.json, "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=2)
+    print(f"written to {a.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -137,12 +137,12 @@ def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, 
 # ------------------------------------------------------------------------ table
 
 def format_table(rows: dict) -> str:
-  head = (f"{'set':34s} {'n':>6s} {'FD-MNIST':>9s} {'KIDx1e3':>14s} {'prec':>6s} {'recall':>6s} "
+  head = (f"{'set':34s} {'n':>6s} {'FD-MNIST':>9s} {'KID +- stderr':>17s} {'prec':>6s} {'recall':>6s} "
           f"{'CS':>6s} {'TV':>5s} {'divers':>7s}")
   lines = [head, "-" * len(head)]
   for name, m in rows.items():
-    kid = f"{1e3 * m['kid']:.2f}+-{1e3 * m['kid_stderr']:.2f}"
-    lines.append(f"{name[:34]:34s} {m['num_samples']:6d} {m['fd']:9.3f} {kid:>14s} "
+    kid = f"{m['kid']:.3g} +- {m['kid_stderr']:.2g}"
+    lines.append(f"{name[:34]:34s} {m['num_samples']:6d} {m['fd']:9.3f} {kid:>17s} "
                  f"{m['precision']:6.3f} {m['recall']:6.3f} {m['classifier_score']:6.2f} "
                  f"{m['class_tv_from_uniform']:5.3f} {m['diversity']:7.2f}")
   return "\n".join(lines)
@@ -277,7 +277,7 @@ def main(argv=None) -> None:
                  eta=0.0 if sampler_name == "ddim" else None)
         rows.append(m)
         tqdm.write(f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
-                   f"FD-MNIST {m['fd']:.3f}, KID {1e3 * m['kid']:.2f}e-3", file=sys.stderr)
+                   f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}", file=sys.stderr)
     record = {**_meta("ddpm", workdir, step, n), "sweep": rows,
               "baselines": with_baselines("_", rows[0], n)}
     record["baselines"].pop("_")
@@ -298,11 +298,11 @@ def report(out_dir: str, tag: str, record: dict, images_u8: np.ndarray) -> None:
 
 
 def format_sweep(rows: list) -> str:
-  lines = [f"{'sampler':8s} {'steps':>6s} {'ms/image':>9s} {'FD-MNIST':>9s} {'KIDx1e3':>8s} "
+  lines = [f"{'sampler':8s} {'steps':>6s} {'ms/image':>9s} {'FD-MNIST':>9s} {'KID':>8s} "
            f"{'prec':>6s} {'recall':>6s}"]
   for r in rows:
     lines.append(f"{r['sampler']:8s} {r['steps']:6d} {1e3 * r['seconds_per_image']:9.2f} "
-                 f"{r['fd']:9.3f} {1e3 * r['kid']:8.2f} {r['precision']:6.3f} {r['recall']:6.3f}")
+                 f"{r['fd']:9.3f} {r['kid']:8.3g} {r['precision']:6.3f} {r['recall']:6.3f}")
   return "\n".join(lines)
 
 

@@ -78,6 +78,9 @@ def validate(config: Config) -> None:
   need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
   need(config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}")
   need(config.batch_size <= 60000, f"--batch_size {config.batch_size} exceeds the 60000 training images")
+  n_dev = jax.device_count()
+  need(config.batch_size % n_dev == 0, f"--batch_size {config.batch_size} is not divisible by "
+       f"the {n_dev} devices; use a multiple of {n_dev}")
   need(config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}")
   need(config.epochs >= 1 or config.steps, f"--epochs must be >= 1, got {config.epochs}")
   need(config.steps is None or config.steps >= 1, f"--steps must be >= 1, got {config.steps}")
@@ -106,9 +109,17 @@ def to_float(images_u8: jnp.ndarray) -> jnp.ndarray:
 
 
 def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
-  """A jitted `sample(params, rng) -> images` (and frames) for the configured sampler."""
+  """A jitted `sample(params, rng) -> images` (and frames) for the configured sampler.
+
+  With several devices and a batch they divide, each device denoises its slice.
+  """
+  mesh = dj.parallel.make_mesh()
+  split = mesh.devices.size > 1 and shape[0] % mesh.devices.size == 0
+
   def sample(params, rng):
     eps_fn = dj.model_eps_fn(model, params)
+    if split:
+      eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
                             clip_x0=config.clip_x0, trajectory_every=trajectory_every)
@@ -138,7 +149,10 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
 
   mnist = load_mnist()
   print(f"MNIST: {mnist.train_images.shape[0]} train images from {mnist.source}", file=sys.stderr)
-  images = jax.device_put(mnist.train_images)  # uint8 on device; shuffled there
+  mesh = dj.parallel.make_mesh()  # data parallel over every device
+  rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
+  # uint8 on every device and shuffled there; each device gathers its slice of a batch.
+  images = jax.device_put(mnist.train_images, rep)
   n_train, image_shape = images.shape[0], tuple(images.shape[1:])
 
   schedule = dj.make_schedule(config.schedule, config.timesteps)
@@ -159,6 +173,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
     print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
   else:
     state = init()
+  state = dj.parallel.replicate(state, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "
         f"({steps_per_epoch} steps per epoch)", file=sys.stderr)
@@ -168,11 +183,12 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
                                     min(config.warmup_steps, total_steps))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
   def step_fn(state, images, perm):
     i = state.step % steps_per_epoch
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-    return train_step(state, to_float(jnp.take(images, idx, axis=0)))
+    x = jax.lax.with_sharding_constraint(to_float(jnp.take(images, idx, axis=0)), data)
+    return train_step(state, x)
 
   @jax.jit
   def epoch_perm(epoch):

@@ -1,0 +1,155 @@
+"""The seeds' PyTorch models and loops, timed beside ours by `benchmarks.run`.
+
+SimpleUNet, its DDPM train step (seed 001) and the MNIST VAE epoch (seed 000),
+written as in the notebooks. torch is optional: `available()` is False when
+it is missing and the benchmark prints a message instead of ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+try:
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+except ImportError:  # optional dependency
+  torch = None
+
+
+def available() -> bool:
+  return torch is not None
+
+
+if torch is not None:
+
+  class SinusoidalPositionEmbedding(nn.Module):
+
+    def __init__(self, dim):
+      super().__init__()
+      self.dim = dim
+
+    def forward(self, t):
+      half = self.dim // 2
+      emb = math.log(10000) / (half - 1)
+      emb = torch.exp(torch.arange(half, device=t.device) * -emb)
+      emb = t[:, None] * emb[None, :]
+      return torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
+
+  class SimpleUNet(nn.Module):
+    """Seed 001's SimpleUNet (2,755,201 parameters for one channel)."""
+
+    def __init__(self, in_channels=1, time_dim=256):
+      super().__init__()
+      self.time_mlp = nn.Sequential(SinusoidalPositionEmbedding(time_dim),
+                                    nn.Linear(time_dim, time_dim), nn.ReLU())
+      self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
+      self.conv2 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
+      self.conv3 = nn.Conv2d(128, 256, 3, stride=2, padding=1)
+      self.time_proj1 = nn.Linear(time_dim, 64)
+      self.time_proj2 = nn.Linear(time_dim, 128)
+      self.time_proj3 = nn.Linear(time_dim, 256)
+      self.bottleneck = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+      self.up1 = nn.ConvTranspose2d(256, 128, 4, stride=2, padding=1)
+      self.conv4 = nn.Conv2d(256, 128, 3, padding=1)
+      self.up2 = nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1)
+      self.conv5 = nn.Conv2d(128, 64, 3, padding=1)
+      self.out = nn.Conv2d(64, in_channels, 1)
+
+    def forward(self, x, t):
+      t_emb = self.time_mlp(t.float())
+      h1 = F.relu(self.conv1(x) + self.time_proj1(t_emb)[:, :, None, None])
+      h2 = F.relu(self.conv2(h1) + self.time_proj2(t_emb)[:, :, None, None])
+      h3 = F.relu(self.conv3(h2) + self.time_proj3(t_emb)[:, :, None, None])
+      h = self.bottleneck(h3)
+      h = F.relu(self.conv4(torch.cat([self.up1(h), h2], dim=1)))
+      h = F.relu(self.conv5(torch.cat([self.up2(h), h1], dim=1)))
+      return self.out(h)
+
+  class VAE(nn.Module):
+    """Seed 000's MLP VAE, 784-400-20."""
+
+    def __init__(self, input_dim=784, hidden_dim=400, latent_dim=20):
+      super().__init__()
+      self.fc1 = nn.Linear(input_dim, hidden_dim)
+      self.fc_mu = nn.Linear(hidden_dim, latent_dim)
+      self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
+      self.fc3 = nn.Linear(latent_dim, hidden_dim)
+      self.fc4 = nn.Linear(hidden_dim, input_dim)
+
+    def forward(self, x):
+      h = F.relu(self.fc1(x.view(-1, 784)))
+      mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+      z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+      return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def _linear_alphas_cumprod(T=1000):
+  betas = torch.linspace(1e-4, 0.02, T)
+  return torch.cumprod(1 - betas, 0)
+
+
+def ddpm_train_throughput(batch: int = 128, iters: int = 10, warmup: int = 2) -> dict:
+  """Seed 001's train step (random t, q_sample, MSE, Adam 1e-3): images/s."""
+  torch.manual_seed(0)
+  model = SimpleUNet()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  ab = _linear_alphas_cumprod()
+  x0 = torch.rand(batch, 1, 28, 28) * 2 - 1
+
+  def step():
+    t = torch.randint(0, 1000, (batch,))
+    noise = torch.randn_like(x0)
+    a = ab[t][:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    loss = F.mse_loss(model(x_t, t), noise)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+  for _ in range(warmup):
+    step()
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    step()
+  dt = (time.perf_counter() - t0) / iters
+  return {"images_per_sec": batch / dt, "step_ms": 1e3 * dt}
+
+
+def forward_throughput(batch: int = 64, iters: int = 20, warmup: int = 3) -> dict:
+  """One sampler step's network call (no grad) on `batch` images: images/s."""
+  torch.manual_seed(0)
+  model = SimpleUNet().eval()
+  x = torch.randn(batch, 1, 28, 28)
+  t = torch.full((batch,), 500)
+  with torch.no_grad():
+    for _ in range(warmup):
+      model(x, t)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      model(x, t)
+  dt = (time.perf_counter() - t0) / iters
+  return {"images_per_sec": batch / dt, "forward_ms": 1e3 * dt}
+
+
+def vae_epoch_seconds(images_u8, batch: int = 128) -> float:
+  """Seed 000's training loop for one epoch over uint8 images [N, 28, 28, 1]
+  (BCE(sum) + KL, Adam 1e-3, shuffled batches as the DataLoader gives them)."""
+  torch.manual_seed(0)
+  model = VAE()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  data = torch.from_numpy(images_u8.reshape(-1, 784)).float() / 255.0
+  t0 = time.perf_counter()
+  perm = torch.randperm(data.shape[0])
+  for i in range(0, data.shape[0], batch):
+    x = data[perm[i:i + batch]]
+    opt.zero_grad()
+    recon, mu, logvar = model(x)
+    bce = F.binary_cross_entropy(recon, x, reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    (bce + kld).backward()
+    opt.step()
+  return time.perf_counter() - t0
