@@ -57,8 +57,7 @@ class SimpleUNet(nn.Module):
     c1, c2, c3 = self.channels
     conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
-    down = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2),
-                             padding=((1, 1), (1, 1)), dtype=self.dtype)
+    down = functools.partial(conv, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     up = functools.partial(ConvTranspose2x, gemm_weight_grad=self.gemm_weight_grad,
                            dtype=self.dtype)
     out_ch = self.out_channels or x.shape[-1]
