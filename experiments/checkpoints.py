@@ -46,3 +46,17 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def restore_latest(directory: str, init) -> tuple:
+  """(state, step) from the latest checkpoint in `directory`, restored onto the
+  shapes of `init()`; a UsageError ("train first") when there is none."""
+  from experiments.cli import UsageError  # pylint: disable=import-outside-toplevel
+  ckpt = Checkpointer(directory)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise UsageError(f"no checkpoint in {ckpt.directory}; train first")
+    return ckpt.restore(jax.eval_shape(init), step), step
+  finally:
+    ckpt.close()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import ddpm_jax as dj
 from experiments import cli, plotting
-from experiments.checkpoints import Checkpointer
+from experiments.checkpoints import Checkpointer, restore_latest
 from experiments.data import load_mnist
 
 
@@ -51,8 +51,11 @@ class Config:
   checkpoint_every_steps: int = cli.flag(1000, "save a checkpoint every this many steps")
   log_every_steps: int = cli.flag(50, "write metrics.jsonl every this many steps")
   seed: int = cli.flag(0, "random seed")
+  compute_dtype: str = cli.flag("float32", "U-Net compute dtype: float32, or bfloat16 for "
+                                "GPU/TPU mixed precision (parameters and optimizer stay float32)")
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DDIM_DEFAULT_STEPS = 50  # DDIM steps when --sample_steps is not given
 
 PRESETS = {
@@ -95,6 +98,8 @@ def validate(config: Config) -> None:
          f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}")
     need(config.sampler == "ddim" or config.sample_steps == config.timesteps,
          "--sample_steps applies to --sampler ddim; the ddpm sampler always takes T steps")
+  need(config.compute_dtype in COMPUTE_DTYPES,
+       f"--compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
   need(config.num_samples >= 1, f"--num_samples must be >= 1, got {config.num_samples}")
   for name in ("sample_every_epochs", "checkpoint_every_steps", "log_every_steps"):
     need(getattr(config, name) >= 1, f"--{name} must be >= 1, got {getattr(config, name)}")
@@ -156,7 +161,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   n_train, image_shape = images.shape[0], tuple(images.shape[1:])
 
   schedule = dj.make_schedule(config.schedule, config.timesteps)
-  model = dj.make_model(config.model)
+  model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
   batch = config.batch_size
   steps_per_epoch = n_train // batch
   total_steps = config.steps or config.epochs * steps_per_epoch
@@ -282,19 +287,12 @@ def load_trained(workdir: str):
   from its latest checkpoint; UsageError when there is none."""
   config, _ = cli.load_config(Config, workdir)
   validate(config)
-  model = dj.make_model(config.model)
+  model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
   schedule = dj.make_schedule(config.schedule, config.timesteps)
   tx = dj.make_optimizer(config.learning_rate, 2, warmup_steps=1,  # structure only
                          grad_clip=config.grad_clip)
   init = functools.partial(dj.create_train_state, jax.random.key(0), model, tx, (28, 28, 1))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise cli.UsageError(f"no checkpoint in {ckpt.directory}; train first")
-    state = ckpt.restore(jax.eval_shape(init), step)
-  finally:
-    ckpt.close()
+  state, step = restore_latest(os.path.join(workdir, "checkpoints"), init)
   return config, model, schedule, state.ema_params, step
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import vae_jax as vj
 from experiments import cli, plotting
-from experiments.checkpoints import Checkpointer
+from experiments.checkpoints import Checkpointer, restore_latest
 from experiments.data import load_mnist
 
 
@@ -212,14 +212,7 @@ def load_trained(workdir: str):
   vae = vj.make_vae(c.model, c.latent_dim, c.hidden, c.num_hidden_layers)
   init = functools.partial(vj.create_state, jax.random.key(0), vae, make_optimizer(c, 1),
                            c.latent_dim)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise cli.UsageError(f"no checkpoint in {ckpt.directory}; train first")
-    state = ckpt.restore(jax.eval_shape(init), step)
-  finally:
-    ckpt.close()
+  state, step = restore_latest(os.path.join(workdir, "checkpoints"), init)
   return c, vae, state.params, step
 
 

@@ -88,3 +88,12 @@ def test_help_lists_flags():
                "--schedule", "--timesteps", "--model", "--sampler", "--sample_steps",
                "--num_samples", "--ema_decay", "--seed"]:
     assert flag in p.stdout
+
+
+def test_bfloat16_compute_keeps_float32_state(tmp_path):
+  run(tmp_path, "--compute_dtype", "bfloat16", "--steps", "2", "--num_samples", "4")
+  records = cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+  assert records and all(np.isfinite(r["loss"]) for r in records)
+  state = final_params(tmp_path)
+  assert {str(a.dtype) for a in jax.tree.leaves(state.params)} == {"float32"}
+  assert {str(a.dtype) for a in jax.tree.leaves(state.opt_state) if hasattr(a, "dtype")} <= {"float32", "int32"}
