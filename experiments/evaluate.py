@@ -18,6 +18,7 @@ also runs DDPM and DDIM at each step count and writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -123,15 +124,9 @@ def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -
 
 
 def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, batch: int):
-  shape = (batch, 28, 28, 1)
-
-  def sample(params, rng):
-    eps_fn = dj.model_eps_fn(model, params)
-    if sampler == "ddpm":
-      return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
-                            clip_x0=config.clip_x0, num_steps=steps)
-    return dj.ddim_sample(eps_fn, schedule, rng, shape, steps, eta=eta, clip_x0=config.clip_x0)
-  return jax.jit(sample)
+  """The job's jitted sampler (split over devices when the batch allows)."""
+  config = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
+  return mnist_ddpm.make_sampler(config, model, schedule, (batch, 28, 28, 1))
 
 
 # ------------------------------------------------------------------------ table

@@ -42,7 +42,8 @@ class Config:
   ema_decay: float = cli.flag(0.999, "EMA decay of the parameters used for sampling")
   loss: str = cli.flag("mse", "eps loss: mse or l1")
   sampler: str = cli.flag("ddpm", "sampler for the grids: ddpm (ancestral, all T steps) or ddim")
-  sample_steps: Optional[int] = cli.flag(None, "DDIM steps (1..T); ddpm always uses T")
+  sample_steps: Optional[int] = cli.flag(None, "sampler steps (1..T); default: T for ddpm "
+                                         "(fewer respace the chain), 50 for ddim")
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
   clip_x0: bool = cli.flag(True, "clip the predicted x0 to [-1, 1] while sampling")
@@ -96,8 +97,6 @@ def validate(config: Config) -> None:
   if config.sample_steps is not None:
     need(1 <= config.sample_steps <= config.timesteps,
          f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}")
-    need(config.sampler == "ddim" or config.sample_steps == config.timesteps,
-         "--sample_steps applies to --sampler ddim; the ddpm sampler always takes T steps")
   need(config.compute_dtype in COMPUTE_DTYPES,
        f"--compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
   need(config.num_samples >= 1, f"--num_samples must be >= 1, got {config.num_samples}")
@@ -127,7 +126,8 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
       eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
-                            clip_x0=config.clip_x0, trajectory_every=trajectory_every)
+                            clip_x0=config.clip_x0, trajectory_every=trajectory_every,
+                            num_steps=config.sample_steps)
     return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
                           eta=config.eta, clip_x0=config.clip_x0,
                           trajectory_every=trajectory_every)
@@ -135,9 +135,8 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:
-  if config.sampler == "ddpm":
-    return np.arange(config.timesteps - 1, -1, -1)
-  return dj.ddim_timesteps(config.timesteps, config.sample_steps or DDIM_DEFAULT_STEPS)
+  default = config.timesteps if config.sampler == "ddpm" else DDIM_DEFAULT_STEPS
+  return dj.ddim_timesteps(config.timesteps, config.sample_steps or default)
 
 
 def train_and_evaluate(config: Config, preset: str, workdir: str,
