@@ -102,7 +102,8 @@ def model_eps_fn(model: nn.Module, params, *, train: bool = False, rng=None) -> 
 
 def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation, *,
                     base_rng: jax.Array, ema_decay: float = 0.999, ema_warmup: bool = True,
-                    loss_type: str = "mse", axis_name: Optional[str] = None) -> Callable:
+                    loss_type: str = "mse", axis_name: Optional[str] = None,
+                    skip_nonfinite: bool = False) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
   The step's key is `fold_in(base_rng, state.step)`; it draws t, the noise
@@ -117,8 +118,11 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     ema_warmup: warm the decay up over the first steps.
     loss_type: "mse" or "l1".
     axis_name: if set, gradients and metrics are averaged over this axis.
+    skip_nonfinite: when the loss or gradient norm is not finite, keep params,
+      optimizer state and EMA unchanged (only `step` advances).
 
-  `batch` is [B, H, W, C] float images in [-1, 1]. Metrics: loss, grad_norm.
+  `batch` is [B, H, W, C] float images in [-1, 1]. Metrics: loss, grad_norm,
+  finite (1.0 when loss and gradient norm are finite, else 0.0).
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -139,6 +143,12 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_update(state.ema_params, params, decay))
-    return new_state, {"loss": loss, "grad_norm": _tree_norm(grads)}
+    grad_norm = _tree_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+      kept = state.replace(step=state.step + 1)
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+    return new_state, {"loss": loss, "grad_norm": grad_norm,
+                       "finite": finite.astype(jnp.float32)}
 
   return train_step

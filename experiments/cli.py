@@ -211,6 +211,10 @@ def run_main(fn, argv=None) -> int:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # divergence: the job has kept its last good checkpoint
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 3
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

@@ -52,6 +52,8 @@ class Config:
   checkpoint_every_steps: int = cli.flag(1000, "save a checkpoint every this many steps")
   log_every_steps: int = cli.flag(50, "write metrics.jsonl every this many steps")
   seed: int = cli.flag(0, "random seed")
+  skip_nonfinite: bool = cli.flag(False, "skip updates whose loss or gradient is not finite "
+                                  "(default: stop with an error, keeping the last checkpoint)")
   compute_dtype: str = cli.flag("float32", "U-Net compute dtype: float32, or bfloat16 for "
                                 "GPU/TPU mixed precision (parameters and optimizer stay float32)")
 
@@ -183,7 +185,8 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
         f"({steps_per_epoch} steps per epoch)", file=sys.stderr)
 
   train_step = dj.make_train_step(model, schedule, tx, base_rng=train_rng,
-                                  ema_decay=config.ema_decay, loss_type=config.loss)
+                                  ema_decay=config.ema_decay, loss_type=config.loss,
+                                  skip_nonfinite=config.skip_nonfinite)
   lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
                                     min(config.warmup_steps, total_steps))
 
@@ -211,7 +214,28 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   last_saved = latest
   end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
   perm_epoch, perm = -1, None
-  loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
+  loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+  pending = []  # (step, finite flag on device) since the last check
+  skipped = 0
+
+  def check_finite():
+    """Pulls the pending finite flags; raises (nothing saved) or counts skips."""
+    nonlocal skipped
+    if not pending:
+      return
+    flags = jax.device_get([f for _, f in pending])
+    bad = [s for (s, _), f in zip(pending, flags) if not f]
+    pending.clear()
+    if bad and not config.skip_nonfinite:
+      kept = f"step {last_saved}" if last_saved is not None else "none yet"
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {bad[0]}; stopped without saving it (last good "
+          f"checkpoint: {kept}). Lower --learning_rate, or pass --skip_nonfinite true to skip "
+          "such steps")
+    if bad:
+      skipped += len(bad)
+      tqdm.write(f"skipped {len(bad)} non-finite step(s), first at step {bad[0]}", file=sys.stderr)
+
   pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
               mininterval=2.0, file=sys.stderr)
   try:
@@ -221,22 +245,25 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
         perm, perm_epoch = epoch_perm(epoch), epoch
       state, m = step_fn(state, images, perm)
       step += 1
-      loss_sum = loss_sum + m["loss"]
+      pending.append((step, m["finite"]))
+      loss_sum = loss_sum + jnp.where(m["finite"] > 0, m["loss"], 0.0)
+      finite_steps = finite_steps + m["finite"]
       window_steps += 1
       pbar.update(1)
       if step % config.log_every_steps == 0 or step == total_steps:
-        loss = float(loss_sum) / window_steps
+        check_finite()
+        n_finite = float(finite_steps)
+        loss = float(loss_sum) / n_finite if n_finite else float("nan")
         now = time.perf_counter()
         ips = window_steps * batch / (now - window_start)
         record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
                   "grad_norm": float(m["grad_norm"]), "learning_rate": float(lr_fn(step - 1)),
-                  "images_per_sec": ips, "time": time.time()}
+                  "images_per_sec": ips, "skipped_steps": skipped, "time": time.time()}
         metrics.write(record)
         pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-        loss_sum, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"non-finite loss {loss} at step {step}")
+        loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
       if step % config.checkpoint_every_steps == 0 and step < total_steps:
+        check_finite()
         ckpt.save(step, jax.device_get(state))
         last_saved = step
       if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
@@ -246,6 +273,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   finally:
     pbar.close()
 
+  check_finite()
   if end_step < total_steps:
     if last_saved != step:
       ckpt.save(step, jax.device_get(state))

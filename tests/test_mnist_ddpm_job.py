@@ -97,3 +97,24 @@ def test_bfloat16_compute_keeps_float32_state(tmp_path):
   state = final_params(tmp_path)
   assert {str(a.dtype) for a in jax.tree.leaves(state.params)} == {"float32"}
   assert {str(a.dtype) for a in jax.tree.leaves(state.opt_state) if hasattr(a, "dtype")} <= {"float32", "int32"}
+
+
+def test_divergence_stops_without_saving_or_is_skipped(tmp_path, capsys):
+  """A learning rate of 1e30 makes the loss non-finite within a few steps."""
+  stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
+  code = cli.run_main(mnist_ddpm.main, ["--workdir", str(stop_dir), "--preset", "smoke",
+                                        "--learning_rate", "1e30"])
+  err = capsys.readouterr().err
+  assert code == 3 and "non-finite loss or gradient at step" in err and "Traceback" not in err
+  ck = Checkpointer(str(stop_dir / "checkpoints"))
+  latest = ck.latest_step()
+  ck.close()
+  if latest is not None:
+    state = final_params(stop_dir)  # whatever was saved was checked first
+    assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state.params))
+  run(skip_dir, "--learning_rate", "1e30", "--skip_nonfinite", "true")
+  records = cli.MetricsLog.read(str(skip_dir / "metrics.jsonl"))
+  assert records[-1]["skipped_steps"] > 0
+  state = final_params(skip_dir)
+  assert int(state.step) == 6
+  assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state.params))

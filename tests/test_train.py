@@ -63,3 +63,21 @@ def test_learning_rate_schedule_warmup_then_cosine():
   assert float(lr(0)) == 0.0
   assert float(lr(10)) == pytest.approx(1e-3)
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_nonfinite_step_is_flagged_and_optionally_skipped(skip):
+  model, schedule, tx, state = setup()
+  bad = jnp.full((4, 8, 8, 1), jnp.nan)
+  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2),
+                                    skip_nonfinite=skip))
+  new, m = step(state, bad)
+  assert float(m["finite"]) == 0.0 and int(new.step) == 1
+  leaves_ok = [bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new.params)]
+  if skip:  # everything but the step counter is untouched
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+    jax.tree.map(np.testing.assert_array_equal, new.ema_params, state.ema_params)
+  else:
+    assert not all(leaves_ok)
+  good, m = step(state, jnp.zeros((4, 8, 8, 1)))
+  assert float(m["finite"]) == 1.0
