@@ -25,3 +25,29 @@ def atomic_path(path: str, suffix: str = ".tmp"):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+class Preemption:
+  """Context manager: while active, SIGTERM sets `requested` instead of killing
+  the process, so a training loop can checkpoint and leave (preemptible VMs
+  send SIGTERM before they stop). The previous handler comes back on exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def __enter__(self):
+    import signal  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=import-outside-toplevel
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False

@@ -22,6 +22,7 @@ from tqdm import tqdm
 import ddpm_jax as dj
 from experiments import cli, plotting
 from experiments.checkpoints import Checkpointer, restore_latest
+from experiments.files import Preemption
 from experiments.data import load_mnist
 
 
@@ -73,6 +74,14 @@ PRESETS = {
               "warmup_steps": 2, "sampler": "ddim", "sample_steps": 10, "num_samples": 16,
               "checkpoint_every_steps": 3, "log_every_steps": 2},
 }
+
+
+class Preempted(SystemExit):
+  """Raised after the SIGTERM checkpoint; exits with 143 (128 + SIGTERM)."""
+
+  def __init__(self, message: str):
+    print(message, file=sys.stderr)
+    super().__init__(143)
 
 
 def validate(config: Config) -> None:
@@ -238,46 +247,52 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
 
   pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
               mininterval=2.0, file=sys.stderr)
-  try:
-    while step < end_step:
-      epoch = step // steps_per_epoch
-      if epoch != perm_epoch:
-        perm, perm_epoch = epoch_perm(epoch), epoch
-      state, m = step_fn(state, images, perm)
-      step += 1
-      pending.append((step, m["finite"]))
-      loss_sum = loss_sum + jnp.where(m["finite"] > 0, m["loss"], 0.0)
-      finite_steps = finite_steps + m["finite"]
-      window_steps += 1
-      pbar.update(1)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        check_finite()
-        n_finite = float(finite_steps)
-        loss = float(loss_sum) / n_finite if n_finite else float("nan")
-        now = time.perf_counter()
-        ips = window_steps * batch / (now - window_start)
-        record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                  "grad_norm": float(m["grad_norm"]), "learning_rate": float(lr_fn(step - 1)),
-                  "images_per_sec": ips, "skipped_steps": skipped, "time": time.time()}
-        metrics.write(record)
-        pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-        loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
-      if step % config.checkpoint_every_steps == 0 and step < total_steps:
-        check_finite()
-        ckpt.save(step, jax.device_get(state))
-        last_saved = step
-      if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
-        e = step // steps_per_epoch
-        save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
-        window_start = time.perf_counter()  # keep sampling time out of img/s
-  finally:
-    pbar.close()
+  with Preemption() as preemption:
+    try:
+      while step < end_step:
+        if preemption.requested:  # SIGTERM: checkpoint below and leave
+          end_step = step
+          break
+        epoch = step // steps_per_epoch
+        if epoch != perm_epoch:
+          perm, perm_epoch = epoch_perm(epoch), epoch
+        state, m = step_fn(state, images, perm)
+        step += 1
+        pending.append((step, m["finite"]))
+        loss_sum = loss_sum + jnp.where(m["finite"] > 0, m["loss"], 0.0)
+        finite_steps = finite_steps + m["finite"]
+        window_steps += 1
+        pbar.update(1)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          check_finite()
+          n_finite = float(finite_steps)
+          loss = float(loss_sum) / n_finite if n_finite else float("nan")
+          now = time.perf_counter()
+          ips = window_steps * batch / (now - window_start)
+          record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
+                    "grad_norm": float(m["grad_norm"]), "learning_rate": float(lr_fn(step - 1)),
+                    "images_per_sec": ips, "skipped_steps": skipped, "time": time.time()}
+          metrics.write(record)
+          pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+          loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+        if step % config.checkpoint_every_steps == 0 and step < total_steps:
+          check_finite()
+          ckpt.save(step, jax.device_get(state))
+          last_saved = step
+        if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
+          e = step // steps_per_epoch
+          save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
+          window_start = time.perf_counter()  # keep sampling time out of img/s
+    finally:
+      pbar.close()
 
   check_finite()
   if end_step < total_steps:
     if last_saved != step:
       ckpt.save(step, jax.device_get(state))
     ckpt.close()
+    if preemption.requested:
+      raise Preempted(f"SIGTERM at step {step}: checkpoint saved; run again to resume")
     print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
           file=sys.stderr)
     return state

@@ -118,3 +118,29 @@ def test_divergence_stops_without_saving_or_is_skipped(tmp_path, capsys):
   state = final_params(skip_dir)
   assert int(state.step) == 6
   assert all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state.params))
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "pre"
+  cmd = [sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(workdir), "--preset",
+         "smoke", "--steps", "5000", "--log_every_steps", "1", "--checkpoint_every_steps", "100000"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 143, err[-2000:]
+  assert "SIGTERM at step" in err and "Traceback" not in err
+  ck = Checkpointer(str(workdir / "checkpoints"))
+  saved = ck.latest_step()
+  ck.close()
+  assert saved is not None and saved >= 3
+  run(workdir, "--stop_after_steps", "2")
+  assert int(final_params(workdir).step) == saved + 2
