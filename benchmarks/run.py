@@ -91,28 +91,35 @@ def _device_peak_bytes() -> Optional[int]:
     return None
 
 
+def _train_setup(preset: str, gemm: bool, dtype):
+  """(init_state, jitted buffer-donating train step) of a U-Net preset, T=1000."""
+  model = dj.make_model(preset, gemm_weight_grad=gemm, dtype=dtype)
+  schedule = dj.make_schedule("linear", 1000)
+  tx = dj.make_optimizer(1e-3, 1000)
+  init = lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)),
+                 donate_argnums=0)
+  return init, step
+
+
+def _init_params(model):
+  return model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+
+
 def model_flops(preset: str, batch: int, dtype=jnp.float32) -> Optional[float]:
   """FLOPs of one train step, from XLA's cost analysis of the plain-XLA model
   (gemm_weight_grad=False: the same maths without scans, whose bodies the
   analysis would count once)."""
-  model = dj.make_model(preset, gemm_weight_grad=False, dtype=dtype)
-  schedule = dj.make_schedule("linear", 1000)
-  tx = dj.make_optimizer(1e-3, 1000)
-  state = jax.eval_shape(lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1)))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)))
+  init, step = _train_setup(preset, False, dtype)
   x = jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32)
-  flops, _ = _cost(step.lower(state, x).compile())
+  flops, _ = _cost(step.lower(jax.eval_shape(init), x).compile())
   return flops
 
 
 def train_bench(preset: str, batch: int, iters: int, peak: float, gemm: bool = True,
                 dtype=jnp.float32) -> dict:
-  model = dj.make_model(preset, gemm_weight_grad=gemm, dtype=dtype)
-  schedule = dj.make_schedule("linear", 1000)
-  tx = dj.make_optimizer(1e-3, 1000)
-  state = dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)),
-                 donate_argnums=0)
+  init, step = _train_setup(preset, gemm, dtype)
+  state = init()
   x = jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1
   t0 = time.perf_counter()
   compiled = step.lower(state, x).compile()
@@ -137,7 +144,7 @@ def train_bench(preset: str, batch: int, iters: int, peak: float, gemm: bool = T
 
 def forward_bench(preset: str, batch: int, iters: int, peak: float) -> dict:
   model = dj.make_model(preset)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  params = _init_params(model)
   eps_fn = jax.jit(lambda p, x, t: model.apply(p, x, t))
   x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
   t = jnp.full((batch,), 500, jnp.int32)
@@ -155,7 +162,7 @@ def forward_bench(preset: str, batch: int, iters: int, peak: float) -> dict:
 
 def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
   model = dj.make_model(preset)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  params = _init_params(model)
   schedule = dj.make_schedule("linear", 1000)
   shape = (batch, 28, 28, 1)
 

@@ -203,18 +203,16 @@ class MetricsLog:
 
 
 def run_main(fn, argv=None) -> int:
-  """Runs fn(argv); a UsageError or DataError becomes one stderr line and exit 2."""
+  """Runs fn(argv). A UsageError, DataError or ValueError becomes one stderr
+  line and exit 2; a FloatingPointError (divergence: the job has kept its last
+  good checkpoint) one line and exit 3."""
   from experiments.data import DataError  # pylint: disable=import-outside-toplevel
   try:
     fn(argv)
-  except (UsageError, DataError, ValueError) as e:
+  except (UsageError, DataError, ValueError, FloatingPointError) as e:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
     print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-  except FloatingPointError as e:  # divergence: the job has kept its last good checkpoint
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 3
+    return 3 if isinstance(e, FloatingPointError) else 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

@@ -228,11 +228,15 @@ def main(argv=None) -> None:
   rng = jax.random.key(a.seed)
   cache_baselines: dict = {}
 
-  def with_baselines(name, metrics, n):
+  def baseline_metrics(n):
+    """Metrics of the floor and ceilings with n images (computed once per n)."""
     if n not in cache_baselines:
       cache_baselines[n] = {k: evaluate_images(net, ref, v, a.seed)
                             for k, v in baselines(mnist.train_images, n, a.seed).items()}
-    return {name: metrics, **cache_baselines[n]}
+    return cache_baselines[n]
+
+  def with_baselines(name, metrics, n):
+    return {name: metrics, **baseline_metrics(n)}
 
   if kind == "vae":
     c, vae, params, step = mnist_vae.load_trained(workdir)
@@ -274,8 +278,7 @@ def main(argv=None) -> None:
         tqdm.write(f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
                    f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}", file=sys.stderr)
     record = {**_meta("ddpm", workdir, step, n), "sweep": rows,
-              "baselines": with_baselines("_", rows[0], n)}
-    record["baselines"].pop("_")
+              "baselines": baseline_metrics(n)}
     tag = f"steps_sweep_n{n}"
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
     plot_sweep(rows, record["baselines"], os.path.join(out_dir, tag + ".png"), n)

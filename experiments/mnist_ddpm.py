@@ -76,14 +76,6 @@ PRESETS = {
 }
 
 
-class Preempted(SystemExit):
-  """Raised after the SIGTERM checkpoint; exits with 143 (128 + SIGTERM)."""
-
-  def __init__(self, message: str):
-    print(message, file=sys.stderr)
-    super().__init__(143)
-
-
 def validate(config: Config) -> None:
   """Raises cli.UsageError naming the bad value."""
   def need(ok, msg):
@@ -93,9 +85,10 @@ def validate(config: Config) -> None:
   need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
   need(config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}")
   need(config.batch_size <= 60000, f"--batch_size {config.batch_size} exceeds the 60000 training images")
-  n_dev = jax.device_count()
-  need(config.batch_size % n_dev == 0, f"--batch_size {config.batch_size} is not divisible by "
-       f"the {n_dev} devices; use a multiple of {n_dev}")
+  try:
+    dj.parallel.check_batch(config.batch_size, dj.parallel.make_mesh())
+  except ValueError as e:
+    raise cli.UsageError(f"--batch_size: {e}") from None
   need(config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}")
   need(config.epochs >= 1 or config.steps, f"--epochs must be >= 1, got {config.epochs}")
   need(config.steps is None or config.steps >= 1, f"--steps must be >= 1, got {config.steps}")
@@ -292,7 +285,8 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
       ckpt.save(step, jax.device_get(state))
     ckpt.close()
     if preemption.requested:
-      raise Preempted(f"SIGTERM at step {step}: checkpoint saved; run again to resume")
+      print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
+      raise SystemExit(143)  # 128 + SIGTERM
     print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
           file=sys.stderr)
     return state
