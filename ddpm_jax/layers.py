@@ -1,10 +1,12 @@
-"""Building blocks shared by the networks: a fast convolution and the time embedding.
+"""Building blocks shared by the networks: fast convolutions and the time embedding.
 
-`Conv` computes the same function as `flax.linen.Conv` (stride 1, SAME
-padding, same parameter names and shapes) but with a custom VJP whose weight
-gradient is one GEMM over image patches. On XLA:CPU this is 2-3x faster than
-the convolution XLA emits for the weight gradient at 28x28 (measured in
-`benchmarks/`); the input gradient still uses XLA's transposed convolution.
+`Conv` computes the same function as `flax.linen.Conv` (same parameter names
+and shapes) through `conv_gemm`: the forward pass, the input gradient and the
+weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
+of image patches. On XLA:CPU this is 1.2-2.5x faster than XLA's own
+convolutions for the seed U-Net's layers (measured in `benchmarks/`).
+`ConvTranspose2x` is the 4x4/stride-2 transposed convolution as four phase
+convolutions built on the same primitive.
 """
 
 from __future__ import annotations
@@ -39,9 +41,131 @@ def _patches(x, kh, kw, pads, strides=(1, 1)):
                           for i in range(kh) for j in range(kw)], axis=-1)
 
 
+# Bytes of one chunk's patch matrix (rows x kh*kw*Cin floats). Every GEMM
+# convolution below runs as a `lax.scan` over batch chunks of about this size,
+# so a chunk's patches stay in cache between their construction and the GEMM:
+# on 2 AVX2 cores this takes the 28x28 convolutions from 50-80 to 110-160
+# GFLOP/s (benchmarks/levers.py and the README's speed section).
+CHUNK_BYTES = 7 * 2**20
+
+
+def _chunk_images(batch: int, rows_per_image: int, row_bytes: int = 4 * 1152) -> int:
+  """The largest divisor of `batch` whose chunk holds <= CHUNK_BYTES of patches (>= 1)."""
+  per = max(1, min(batch, CHUNK_BYTES // max(rows_per_image * row_bytes, 1)))
+  while batch % per:
+    per -= 1
+  return per
+
+
+def _out_size(n, k, pad, stride):
+  return (n + pad[0] + pad[1] - k) // stride + 1
+
+
+def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None):
+  """Applies `fn` to batch chunks of `batch_args` in a scan.
+
+  With init=None the per-chunk outputs are concatenated along the batch;
+  otherwise they are summed into `init`.
+  """
+  batch = batch_args[0].shape[0]
+  per = _chunk_images(batch, out_rows_per_image, row_bytes)
+  if per == batch:
+    return fn(*batch_args) if init is None else init + fn(*batch_args)
+  n = batch // per
+  split = [a.reshape((n, per) + a.shape[1:]) for a in batch_args]
+  if init is None:
+    _, ys = jax.lax.scan(lambda c, a: (None, fn(*a)), None, split)
+    return ys.reshape((batch,) + ys.shape[2:])
+  acc, _ = jax.lax.scan(lambda c, a: (c + fn(*a), None), init, split)
+  return acc
+
+
+def _conv_gemm(x, w, pads, strides=(1, 1)):
+  """`_conv(x, w, pads, strides)` as chunked (patches @ kernel) GEMMs."""
+  kh, kw, cin, cout = w.shape
+  H = _out_size(x.shape[1], kh, pads[0], strides[0])
+  W = _out_size(x.shape[2], kw, pads[1], strides[1])
+  wm = w.reshape(kh * kw * cin, cout)
+
+  def one(xc):
+    cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
+    return jnp.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
+
+  return _chunked(one, (x,), H * W, kh * kw * cin * x.dtype.itemsize)
+
+
+def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
+  """sum over images and pixels of patches(x)^T g: [kh*kw*Cin, Cout], float32.
+
+  Each chunk computes g^T @ patches ([Cout, K]), which XLA:CPU runs 1.3-2x
+  faster than patches^T @ g; one transpose of the small result at the end.
+  """
+  cin, cout = x.shape[-1], g.shape[-1]
+  k = kh * kw * cin
+
+  def one(xc, gc):
+    if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
+      cols = xc.reshape(-1, cin)
+    else:
+      cols = _patches(xc, kh, kw, pads, strides).reshape(-1, k)
+    return jnp.dot(gc.reshape(-1, cout).T, cols, preferred_element_type=jnp.float32)
+
+  acc = _chunked(one, (x, g), g.shape[1] * g.shape[2], k * x.dtype.itemsize,
+                 init=jnp.zeros((cout, k), jnp.float32))
+  return acc.T
+
+
+def _flip_transpose(w):
+  """The kernel of the input gradient: spatially flipped, Cin and Cout swapped."""
+  return jnp.flip(w, (0, 1)).swapaxes(2, 3)
+
+
+def _dx_stride1(g, w, pads):
+  kh, kw = w.shape[:2]
+  dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+           (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  return _conv_gemm(g, _flip_transpose(w), dpads)
+
+
+# Input gradient of a 3x3, stride-2, pad-1 convolution, split by the parity of
+# the input pixel: even pixels 2q see tap 1 of output q; odd pixels 2q+1 see
+# tap 2 of output q and tap 0 of output q+1. Per parity: (taps, pads) of a
+# stride-1 correlation over g.
+_S2_PHASES = (((1,), (0, 0)), ((2, 0), (0, 1)))
+
+
+def _dx_stride2(g, w):
+  """dx of `_conv(x, w, ((1, 1), (1, 1)), (2, 2))` for even H, W: four phase GEMM convs."""
+  rows = []
+  for taps_a, pad_a in _S2_PHASES:
+    cols = []
+    for taps_b, pad_b in _S2_PHASES:
+      wk = w[jnp.array(taps_a)][:, jnp.array(taps_b)].swapaxes(2, 3)
+      cols.append(_conv_gemm(g, wk, (pad_a, pad_b)))
+    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(b), C]
+  y = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
+  B, H, _, W, _, C = y.shape
+  return y.reshape(B, 2 * H, 2 * W, C)
+
+
+def _dx(x_shape, w, pads, strides, g):
+  if tuple(strides) == (1, 1):
+    return _dx_stride1(g, w, pads)
+  if (tuple(strides) == (2, 2) and w.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1))
+      and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0):
+    return _dx_stride2(g, w)
+  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, pads, strides), jnp.zeros(x_shape, g.dtype))
+  return vjp_x(g)[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_gemm_grad(x: jnp.ndarray, w: jnp.ndarray, pads=None, strides=(1, 1)) -> jnp.ndarray:
-  """Convolution with a GEMM weight gradient.
+def conv_gemm(x: jnp.ndarray, w: jnp.ndarray, pads=None, strides=(1, 1)) -> jnp.ndarray:
+  """A convolution whose forward pass and both gradients are chunked GEMMs.
+
+  Same function as `lax.conv_general_dilated` (NHWC, HWIO). The forward pass
+  and the input gradient are (patches @ kernel) over batch chunks; the weight
+  gradient is g^T @ patches. Strided input gradients other than 3x3/stride 2/
+  pad 1 fall back to XLA.
 
   Args:
     x: [B, H, W, Cin].
@@ -50,64 +174,26 @@ def conv_gemm_grad(x: jnp.ndarray, w: jnp.ndarray, pads=None, strides=(1, 1)) ->
     strides: (sh, sw).
 
   Returns:
-    [B, H', W', Cout], as `lax.conv_general_dilated`.
+    [B, H', W', Cout].
   """
-  return _conv(x, w, pads, strides)
+  pads = _same_pads(*w.shape[:2]) if pads is None else pads
+  return _conv_gemm(x, w, pads, tuple(strides))
 
 
 def _fwd(x, w, pads, strides):
-  return _conv(x, w, pads, strides), (x, w)
-
-
-# Rows (output pixels) per chunk of the weight-gradient GEMM. Chunking the
-# batch keeps each chunk's patch matrix (rows x kh*kw*Cin) in cache between
-# its construction and the GEMM: on 2 AVX2 cores this doubles the weight
-# gradient's speed at 28x28 (benchmarks/levers.py measures it).
-WGRAD_CHUNK_ROWS = 1568
-
-
-def _chunk_images(batch: int, rows_per_image: int) -> int:
-  """The largest divisor of `batch` whose chunk has <= WGRAD_CHUNK_ROWS rows (>= 1)."""
-  per = max(1, min(batch, WGRAD_CHUNK_ROWS // max(rows_per_image, 1)))
-  while batch % per:
-    per -= 1
-  return per
-
-
-def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
-  """sum over images and pixels of patches(x)^T g: [kh*kw*Cin, Cout], float32."""
-  cin, cout = x.shape[-1], g.shape[-1]
-
-  def one(xc, gc):
-    if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
-      cols = xc.reshape(-1, cin)
-    else:
-      cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
-    return jnp.dot(cols.T, gc.reshape(-1, cout), preferred_element_type=jnp.float32)
-
-  batch = x.shape[0]
-  per = _chunk_images(batch, g.shape[1] * g.shape[2])
-  if per == batch:
-    return one(x, g)
-  n = batch // per
-  xs = x.reshape((n, per) + x.shape[1:])
-  gs = g.reshape((n, per) + g.shape[1:])
-  acc, _ = jax.lax.scan(lambda a, xg: (a + one(*xg), None),
-                        jnp.zeros((kh * kw * cin, cout), jnp.float32), (xs, gs))
-  return acc
+  return conv_gemm(x, w, pads, strides), (x, w)
 
 
 def _bwd(pads, strides, res, g):
   x, w = res
   pads = _same_pads(*w.shape[:2]) if pads is None else pads
-  _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, pads, strides), x)
-  (dx,) = vjp_x(g)
+  dx = _dx(x.shape, w, pads, tuple(strides), g)
   kh, kw, _, _ = w.shape
   dw = _wgrad(x, g, kh, kw, pads, strides)
-  return dx, dw.reshape(w.shape).astype(w.dtype)
+  return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
-conv_gemm_grad.defvjp(_fwd, _bwd)
+conv_gemm.defvjp(_fwd, _bwd)
 
 
 def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
@@ -134,7 +220,7 @@ def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     cols = []
     for b in range(2):
       wk = w[jnp.array(taps[a])][:, jnp.array(taps[b])]
-      cols.append(conv_gemm_grad(x, wk, (pad[a], pad[b])))
+      cols.append(conv_gemm(x, wk, (pad[a], pad[b])))
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(b), C]
   y = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
   B, H, _, W, _, C = y.shape
@@ -168,7 +254,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     pads = None if self.padding is None else tuple(tuple(p) for p in self.padding)
-    fn = conv_gemm_grad if self.gemm_weight_grad else _conv
+    fn = conv_gemm if self.gemm_weight_grad else _conv
     y = fn(x, kernel, pads, tuple(self.strides))
     return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 

@@ -72,8 +72,15 @@ def test_fast_conv_matches_flax_conv(key, kernel):
 
 @pytest.mark.parametrize("batch,size", [(6, 28), (5, 9)])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_fast_conv_strided_and_batch_chunked_matches_flax(key, batch, size, strides):
-  """Strided convs and batches large enough for the chunked weight-gradient scan."""
+@pytest.mark.parametrize("chunk_bytes", [None, 3000])
+def test_fast_conv_strided_and_batch_chunked_matches_flax(key, batch, size, strides,
+                                                          chunk_bytes, monkeypatch):
+  """Strided convs (the even size takes the phase input gradient, the odd one
+  XLA's), whole-batch and chunked (a small CHUNK_BYTES forces the scans)."""
+  from ddpm_jax import layers
+  if chunk_bytes is not None:
+    monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+    assert layers._chunk_images(batch, 9, 27 * 4) < batch
   x = jax.random.normal(key, (batch, size, size, 3))
   pad = ((1, 1), (1, 1))
   ref = nn.Conv(4, (3, 3), strides=strides, padding=pad)
