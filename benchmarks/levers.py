@@ -2,8 +2,9 @@
 
 Each lever runs in a fresh process (XLA flags are read when JAX starts):
 the seed SimpleUNet's train step at batch 128 and one forward on 64 images,
-under each XLA:CPU flag set, with our GEMM weight-gradient convolutions on
-and off. Prints a table; `--json PATH` writes it.
+under each XLA:CPU flag set, with our GEMM convolutions (`conv_gemm`) on and
+off, and with its parts switched off one at a time (Winograd, batch
+chunking). Prints a table; `--json PATH` writes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ CHILD = r"""
 import json, sys
 import jax
 from benchmarks.run import train_bench, forward_bench, matmul_peak
+from ddpm_jax import layers
 gemm = sys.argv[1] == "1"; iters = int(sys.argv[2])
+for k, v in json.loads(sys.argv[3]).items():
+  setattr(layers, k, v)
 peak = matmul_peak()
 t = train_bench("simple", 128, iters, peak, gemm=gemm)
 f = forward_bench("simple", 64, 3 * iters, peak)
@@ -26,20 +30,28 @@ print(json.dumps({"train": t["images_per_sec"], "forward": f["images_per_sec"],
                   "train_gflops": t["gflops"], "forward_gflops": f["gflops"], "peak": peak}))
 """
 
+_NO_WINOGRAD = {"WINOGRAD_MIN_CHANNELS": 10**9}
+_NO_CHUNKS = {"CHUNK_BYTES": 2**62}
+
+# (name, XLA flags, conv_gemm on, ddpm_jax.layers overrides)
 LEVERS = [
-    ("XLA default", "", True),
-    ("XLA default, XLA weight-grad convs", "", False),
-    ("oneDNN (xla_cpu_use_onednn)", "--xla_cpu_use_onednn=true", True),
-    ("XNNPACK (xla_cpu_use_xnnpack)", "--xla_cpu_use_xnnpack=true", True),
-    ("fast math", "--xla_cpu_enable_fast_math=true", True),
-    ("no thunk runtime", "--xla_cpu_use_thunk_runtime=false", True),
+    ("conv_gemm (default)", "", True, {}),
+    ("XLA convolutions", "", False, {}),
+    ("conv_gemm without Winograd", "", True, _NO_WINOGRAD),
+    ("conv_gemm without batch chunks", "", True, _NO_CHUNKS),
+    ("conv_gemm, neither", "", True, dict(_NO_WINOGRAD, **_NO_CHUNKS)),
+    ("oneDNN (xla_cpu_use_onednn)", "--xla_cpu_use_onednn=true", True, {}),
+    ("XNNPACK (xla_cpu_use_xnnpack)", "--xla_cpu_use_xnnpack=true", True, {}),
+    ("fast math", "--xla_cpu_enable_fast_math=true", True, {}),
+    ("no thunk runtime", "--xla_cpu_use_thunk_runtime=false", True, {}),
 ]
 
 
-def run_lever(flags: str, gemm: bool, iters: int) -> dict:
+def run_lever(flags: str, gemm: bool, iters: int, overrides: dict) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  proc = subprocess.run([sys.executable, "-c", CHILD, "1" if gemm else "0", str(iters)],
+  proc = subprocess.run([sys.executable, "-c", CHILD, "1" if gemm else "0", str(iters),
+                         json.dumps(overrides)],
                         capture_output=True, text=True, env=env, check=False)
   if proc.returncode != 0:
     err = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -55,8 +67,9 @@ def main(argv=None) -> None:
   iters = 2 if a.quick else 5
   rows = []
   print(f"{'lever':<40} {'train img/s':>11} {'fwd img/s':>10} {'train GF/s':>10}")
-  for name, flags, gemm in LEVERS:
-    r = dict(run_lever(flags, gemm, iters), lever=name, xla_flags=flags, gemm_weight_grad=gemm)
+  for name, flags, gemm, overrides in LEVERS:
+    r = dict(run_lever(flags, gemm, iters, overrides), lever=name, xla_flags=flags,
+             gemm_conv=gemm, layer_overrides=overrides)
     rows.append(r)
     if "error" in r:
       print(f"{name:<40} failed: {r['error']}", flush=True)

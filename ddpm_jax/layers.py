@@ -94,6 +94,103 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
   return _chunked(one, (x,), H * W, kh * kw * cin * x.dtype.itemsize)
 
 
+# Winograd F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A per 4x4 input tile d
+# and 2x2 output tile; 16 multiplications per output tile instead of 36.
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _wino_in(p):
+  """B^T p B along one axis: the four 2-strided slices of p combined."""
+  return (p[0] - p[2], p[1] + p[2], p[2] - p[1], p[1] - p[3])
+
+
+def _wino_out(m):
+  """A^T m along one axis."""
+  return (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+
+
+def _conv3x3_winograd(x, w):
+  """`_conv(x, w)` for a 3x3 kernel, stride 1, padding 1, by Winograd F(2x2, 3x3).
+
+  Per batch chunk: the input transform (16 tiles' worth of adds), one batched
+  GEMM [16, tiles, Cin] @ [16, Cin, Cout], the output transform. 2.25x fewer
+  multiplications than the direct convolution; on 2 AVX2 cores 1.3-1.6x faster
+  than `_conv_gemm` at the seed U-Net's 3x3 layers. Odd sizes are padded to
+  even and cropped. Float32 error is ~1e-6 relative.
+
+  Args:
+    x: [B, H, W, Cin]; w: [3, 3, Cin, Cout].
+
+  Returns:
+    [B, H, W, Cout].
+  """
+  B, H, W, cin = x.shape
+  cout = w.shape[-1]
+  Hp, Wp = H + H % 2, W + W % 2
+  g = jnp.asarray(_WINO_G, w.dtype)
+  u = jnp.einsum("ai,ijcd,bj->abcd", g, w, g).reshape(16, cin, cout)
+
+  def one(xc):
+    b = xc.shape[0]
+    xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
+    rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
+    v = jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+    m = jax.lax.dot_general(v.reshape(16, -1, cin), u, (((2,), (1,)), ((0,), (0,))))
+    m = m.reshape(4, 4, b, Hp // 2, Wp // 2, cout)
+    # Rows then columns; output pixel (2p + a, 2q + b) is y_ab at tile (p, q).
+    y = jnp.stack([jnp.stack(_wino_out(s), axis=3) for s in _wino_out(m)], axis=2)
+    return y.reshape(b, Hp, Wp, cout)[:, :H, :W]
+
+  return _chunked(one, (x,), (Hp // 2) * (Wp // 2), 16 * cin * x.dtype.itemsize)
+
+
+def _wino_grad_out(gy):
+  """A gy along one axis (the adjoint of `_wino_out`): 2 -> 4."""
+  return (gy[0], gy[0] + gy[1], gy[0] - gy[1], -gy[1])
+
+
+def _wgrad3x3_winograd(x, g):
+  """Weight gradient of `_conv3x3_winograd`: [3, 3, Cin, Cout], float32.
+
+  The forward pass is y = A^T (U * V) A per tile with U = G w G^T, so
+  dw = G^T [sum over tiles of (A gy A^T) * V] G: 16 GEMMs over the tiles,
+  2.25x fewer multiplications than the direct weight gradient.
+
+  Args:
+    x: [B, H, W, Cin], the forward input; g: [B, H, W, Cout], the output gradient.
+  """
+  B, H, W, cin = x.shape
+  cout = g.shape[-1]
+  Hp, Wp = H + H % 2, W + W % 2
+
+  def one(xc, gc):
+    xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
+    rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
+    v = jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+    gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
+    grows = _wino_grad_out([gp[:, a::2] for a in range(2)])
+    gh = jnp.stack([t for r in grows for t in _wino_grad_out([r[:, :, b::2] for b in range(2)])])
+    return jax.lax.dot_general(gh.reshape(16, -1, cout), v.reshape(16, -1, cin),
+                               (((1,), (1,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)  # [16, Cout, Cin]
+
+  acc = _chunked(one, (x, g), (Hp // 2) * (Wp // 2), 16 * cin * x.dtype.itemsize,
+                 init=jnp.zeros((16, cout, cin), jnp.float32))
+  gm = jnp.asarray(_WINO_G, jnp.float32)
+  return jnp.einsum("ai,abdc,bj->ijcd", gm, acc.reshape(4, 4, cout, cin), gm)
+
+
+# Winograd's transforms only pay off when the GEMMs have some width: a
+# 1-channel input (the U-Net's first layer) runs 6x slower than im2col.
+WINOGRAD_MIN_CHANNELS = 16
+
+
+def _is_winograd(w, pads, strides):
+  """3x3, stride 1, padding 1, and >= WINOGRAD_MIN_CHANNELS in and out."""
+  return (w.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1)) and tuple(strides) == (1, 1)
+          and min(w.shape[2:]) >= WINOGRAD_MIN_CHANNELS)
+
+
 def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
   """sum over images and pixels of patches(x)^T g: [kh*kw*Cin, Cout], float32.
 
@@ -124,6 +221,8 @@ def _dx_stride1(g, w, pads):
   kh, kw = w.shape[:2]
   dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
            (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  if _is_winograd(w, dpads, (1, 1)):
+    return _conv3x3_winograd(g, _flip_transpose(w))
   return _conv_gemm(g, _flip_transpose(w), dpads)
 
 
@@ -134,18 +233,44 @@ def _dx_stride1(g, w, pads):
 _S2_PHASES = (((1,), (0, 0)), ((2, 0), (0, 1)))
 
 
+def _phase_conv(x, kernels, pads):
+  """Interleaves four stride-1 convolutions of x into a 2x upsampled output.
+
+  Output pixel (2p + a, 2q + b) is pixel (p, q) of the convolution of x with
+  kernels[a][b] under pads[a][b] (each a [B, H, W, Cout] result). All four are
+  computed per batch chunk in one scan, so the interleave happens in cache.
+
+  Returns [B, 2H, 2W, Cout].
+  """
+  def one(xc):
+    rows = []
+    for ka, pa in zip(kernels, pads):
+      cols = []
+      for k, p in zip(ka, pa):
+        kh, kw, cin, cout = k.shape
+        cols_x = _patches(xc, kh, kw, p).reshape(-1, kh * kw * cin)
+        cols.append(jnp.dot(cols_x, k.reshape(-1, cout)).reshape(xc.shape[:3] + (cout,)))
+      rows.append(jnp.stack(cols, axis=3))  # [b, H, W, 2(b), C]
+    y = jnp.stack(rows, axis=2)  # [b, H, 2(a), W, 2(b), C]
+    b, H, _, W, _, C = y.shape
+    return y.reshape(b, 2 * H, 2 * W, C)
+
+  k_total = sum(k.shape[0] * k.shape[1] for ka in kernels for k in ka)
+  return _chunked(one, (x,), x.shape[1] * x.shape[2], k_total * x.shape[3] * x.dtype.itemsize)
+
+
+def _phase_kernels(w, phases, transpose):
+  """The 2x2 grid of sub-kernels w[taps_a][:, taps_b] (Cin/Cout swapped if transpose)."""
+  sub = lambda ta, tb: w[jnp.array(ta)][:, jnp.array(tb)]
+  kernels = [[sub(ta, tb).swapaxes(2, 3) if transpose else sub(ta, tb)
+              for tb, _ in phases] for ta, _ in phases]
+  pads = [[(pa, pb) for _, pb in phases] for _, pa in phases]
+  return kernels, pads
+
+
 def _dx_stride2(g, w):
-  """dx of `_conv(x, w, ((1, 1), (1, 1)), (2, 2))` for even H, W: four phase GEMM convs."""
-  rows = []
-  for taps_a, pad_a in _S2_PHASES:
-    cols = []
-    for taps_b, pad_b in _S2_PHASES:
-      wk = w[jnp.array(taps_a)][:, jnp.array(taps_b)].swapaxes(2, 3)
-      cols.append(_conv_gemm(g, wk, (pad_a, pad_b)))
-    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(b), C]
-  y = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
-  B, H, _, W, _, C = y.shape
-  return y.reshape(B, 2 * H, 2 * W, C)
+  """dx of `_conv(x, w, ((1, 1), (1, 1)), (2, 2))` for even H, W, by input-pixel parity."""
+  return _phase_conv(g, *_phase_kernels(w, _S2_PHASES, transpose=True))
 
 
 def _dx(x_shape, w, pads, strides, g):
@@ -177,6 +302,8 @@ def conv_gemm(x: jnp.ndarray, w: jnp.ndarray, pads=None, strides=(1, 1)) -> jnp.
     [B, H', W', Cout].
   """
   pads = _same_pads(*w.shape[:2]) if pads is None else pads
+  if _is_winograd(w, pads, strides):
+    return _conv3x3_winograd(x, w)
   return _conv_gemm(x, w, pads, tuple(strides))
 
 
@@ -189,20 +316,35 @@ def _bwd(pads, strides, res, g):
   pads = _same_pads(*w.shape[:2]) if pads is None else pads
   dx = _dx(x.shape, w, pads, tuple(strides), g)
   kh, kw, _, _ = w.shape
-  dw = _wgrad(x, g, kh, kw, pads, strides)
+  if _is_winograd(w, pads, strides):
+    dw = _wgrad3x3_winograd(x, g)
+  else:
+    dw = _wgrad(x, g, kh, kw, pads, strides)
   return dx.astype(x.dtype), dw.reshape(w.shape).astype(w.dtype)
 
 
 conv_gemm.defvjp(_fwd, _bwd)
 
 
+# ConvTranspose(4x4, stride 2, SAME): output pixel 2p + a only sees kernel taps
+# of parity a. Phase 0 uses inputs at offsets (-1, 0) with taps (0, 2); phase
+# 1 offsets (0, +1) with taps (1, 3).
+_T2_PHASES = (((0, 2), (1, 0)), ((1, 3), (0, 1)))
+
+
+def _conv_transpose_2x(x, w):
+  return _phase_conv(x, *_phase_kernels(w, _T2_PHASES, transpose=False))
+
+
+@jax.custom_vjp
 def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """`nn.ConvTranspose(kernel_size=(4, 4), strides=(2, 2), padding="SAME")` maths
-  (PyTorch's ConvTranspose2d(k=4, s=2, p=1)) as four 2x2 phase convolutions.
+  (PyTorch's ConvTranspose2d(k=4, s=2, p=1)) as chunked GEMMs.
 
-  Output pixel (2p + a, 2q + b) only sees kernel taps of parity (a, b), so
-  each phase is a dense 2x2 convolution of x: no multiplications by the zeros
-  a dilated input would hold, and every weight gradient is a GEMM.
+  Forward: four 2x2 phase convolutions per batch chunk (no multiplications by
+  the zeros a dilated input would hold). Input gradient: one 4x4 stride-2
+  convolution of g with the flipped kernel. Weight gradient: one GEMM of g's
+  stride-2 patches against x.
 
   Args:
     x: [B, H, W, Cin].
@@ -211,20 +353,27 @@ def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   Returns:
     [B, 2H, 2W, Cout].
   """
-  # Phase 0 uses inputs at offsets (-1, 0) with taps (0, 2); phase 1 offsets
-  # (0, +1) with taps (1, 3).
-  taps = ((0, 2), (1, 3))
-  pad = (((1, 0)), ((0, 1)))
-  rows = []
-  for a in range(2):
-    cols = []
-    for b in range(2):
-      wk = w[jnp.array(taps[a])][:, jnp.array(taps[b])]
-      cols.append(conv_gemm(x, wk, (pad[a], pad[b])))
-    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2(b), C]
-  y = jnp.stack(rows, axis=2)  # [B, H, 2(a), W, 2(b), C]
-  B, H, _, W, _, C = y.shape
-  return y.reshape(B, 2 * H, 2 * W, C)
+  return _conv_transpose_2x(x, w)
+
+
+def _t2_fwd(x, w):
+  return _conv_transpose_2x(x, w), (x, w)
+
+
+def _t2_bwd(res, g):
+  x, w = res
+  pads = ((1, 1), (1, 1))
+  dx = _conv_gemm(g, _flip_transpose(w), pads, (2, 2))
+  dw = _wgrad(g, x, 4, 4, pads, (2, 2)).reshape(4, 4, w.shape[3], w.shape[2])
+  return dx.astype(x.dtype), _flip_transpose(dw).astype(w.dtype)
+
+
+conv_transpose_2x.defvjp(_t2_fwd, _t2_bwd)
+
+
+def use_gemm_conv(gemm_conv: Optional[bool]) -> bool:
+  """Resolves a `gemm_conv` setting: None means "on the CPU backend"."""
+  return jax.default_backend() == "cpu" if gemm_conv is None else bool(gemm_conv)
 
 
 class Conv(nn.Module):
@@ -234,8 +383,9 @@ class Conv(nn.Module):
   Attributes:
     features: output channels.
     kernel_size: (kh, kw).
-    gemm_weight_grad: use the GEMM weight gradient (see module docstring);
-      False falls back to plain `nn.Conv` maths.
+    gemm_conv: compute with `conv_gemm` (see module docstring); False uses
+      XLA's convolution; None (default) picks `conv_gemm` on CPU only, since
+      GPU and TPU convolution libraries beat it there.
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -243,7 +393,7 @@ class Conv(nn.Module):
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
   padding: Optional[Sequence[Sequence[int]]] = None
-  gemm_weight_grad: bool = True
+  gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
 
@@ -254,7 +404,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     pads = None if self.padding is None else tuple(tuple(p) for p in self.padding)
-    fn = conv_gemm if self.gemm_weight_grad else _conv
+    fn = conv_gemm if use_gemm_conv(self.gemm_conv) else _conv
     y = fn(x, kernel, pads, tuple(self.strides))
     return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
@@ -274,10 +424,11 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
 
 class ConvTranspose2x(nn.Module):
   """`nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")`, same
-  parameters and maths, computed by `conv_transpose_2x` when gemm_weight_grad."""
+  parameters and maths, computed by `conv_transpose_2x` when `gemm_conv`
+  (None: on CPU only)."""
 
   features: int
-  gemm_weight_grad: bool = True
+  gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
 
@@ -286,7 +437,7 @@ class ConvTranspose2x(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if self.gemm_weight_grad:
+    if use_gemm_conv(self.gemm_conv):
       y = conv_transpose_2x(x, kernel)
     else:
       y = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DN)

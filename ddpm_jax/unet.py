@@ -38,14 +38,14 @@ class SimpleUNet(nn.Module):
     channels: widths of the three levels (seed: 64, 128, 256).
     time_dim: sinusoidal embedding and time-MLP width (seed: 256).
     out_channels: output channels; None means the input's.
-    gemm_weight_grad: use the fast weight-gradient convolution (same maths).
+    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU only.
     dtype: computation dtype; parameters stay float32.
   """
 
   channels: Sequence[int] = (64, 128, 256)
   time_dim: int = 256
   out_channels: Optional[int] = None
-  gemm_weight_grad: bool = True
+  gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
 
   downsample_factor = 4
@@ -55,10 +55,10 @@ class SimpleUNet(nn.Module):
     """x: [B, H, W, C], t: [B] int or float -> eps [B, H, W, out_channels]."""
     check_image_shape(x.shape, self.downsample_factor)
     c1, c2, c3 = self.channels
-    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     down = functools.partial(conv, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    up = functools.partial(ConvTranspose2x, gemm_weight_grad=self.gemm_weight_grad,
+    up = functools.partial(ConvTranspose2x, gemm_conv=self.gemm_conv,
                            dtype=self.dtype)
     out_ch = self.out_channels or x.shape[-1]
     x = x.astype(self.dtype)
@@ -76,7 +76,7 @@ class SimpleUNet(nn.Module):
     h = nn.relu(conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1)))
     h = up(c1, name="up2")(h)
     h = nn.relu(conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1)))
-    return Conv(out_ch, (1, 1), gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype,
+    return Conv(out_ch, (1, 1), gemm_conv=self.gemm_conv, dtype=self.dtype,
                 name="out")(h)
 
 
@@ -86,12 +86,12 @@ class ResBlock(nn.Module):
   features: int
   dropout: float = 0.1
   num_groups: int = 8
-  gemm_weight_grad: bool = True
+  gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, emb, train: bool):
-    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
     norm = functools.partial(nn.GroupNorm, num_groups=self.num_groups, dtype=self.dtype)
     h = nn.silu(norm()(conv(self.features)(x)))
     h = h + nn.Dense(self.features, dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
@@ -134,7 +134,7 @@ class UNet(nn.Module):
     upsample: "nearest" (nearest-neighbour then 3x3 conv) or
       "conv_transpose" (4x4 stride-2 transposed conv, as in the tutorial).
     out_channels: output channels; None means the input's.
-    gemm_weight_grad: fast weight-gradient convolutions (same maths).
+    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU only.
     dtype: computation dtype; parameters stay float32.
   """
 
@@ -147,7 +147,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   upsample: str = "nearest"
   out_channels: Optional[int] = None
-  gemm_weight_grad: bool = True
+  gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
 
   @property
@@ -160,9 +160,9 @@ class UNet(nn.Module):
     check_image_shape(x.shape, self.downsample_factor)
     if self.upsample not in ("nearest", "conv_transpose"):
       raise ValueError(f"upsample must be 'nearest' or 'conv_transpose', got {self.upsample!r}")
-    conv = functools.partial(Conv, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+    conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
     block = functools.partial(ResBlock, dropout=self.dropout, num_groups=self.num_groups,
-                              gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)
+                              gemm_conv=self.gemm_conv, dtype=self.dtype)
     attn = functools.partial(AttnBlock, num_heads=self.num_heads, num_groups=self.num_groups,
                              dtype=self.dtype)
     out_ch = self.out_channels or x.shape[-1]
@@ -200,7 +200,7 @@ class UNet(nn.Module):
           b, hh, ww, _ = h.shape
           h = conv(c)(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
         else:
-          h = ConvTranspose2x(c, gemm_weight_grad=self.gemm_weight_grad, dtype=self.dtype)(h)
+          h = ConvTranspose2x(c, gemm_conv=self.gemm_conv, dtype=self.dtype)(h)
 
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(h))
     return conv(out_ch)(h)

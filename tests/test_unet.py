@@ -55,17 +55,21 @@ def test_bad_image_size_raises():
     dj.make_model("huge")
 
 
-@pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
-def test_fast_conv_matches_flax_conv(key, kernel):
-  x = jax.random.normal(key, (2, 9, 7, 5))
-  ref = nn.Conv(4, kernel, padding="SAME")
+@pytest.mark.parametrize("kernel,cin,cout", [((3, 3), 5, 4), ((1, 1), 5, 4), ((3, 3), 16, 24)])
+def test_fast_conv_matches_flax_conv(key, kernel, cin, cout):
+  """im2col GEMMs for few channels, Winograd for a 3x3 with >= 16 (odd 9x7 size)."""
+  from ddpm_jax import layers
+  w = jnp.zeros(kernel + (cin, cout))
+  assert layers._is_winograd(w, ((1, 1), (1, 1)), (1, 1)) == (kernel == (3, 3) and cin == 16)
+  x = jax.random.normal(key, (2, 9, 7, cin))
+  ref = nn.Conv(cout, kernel, padding="SAME")
   p = ref.init(key, x)
   loss = lambda mod: lambda p: jnp.sum(jnp.sin(mod.apply(p, x)))
-  np.testing.assert_allclose(Conv(4, kernel).apply(p, x), ref.apply(p, x), atol=1e-5)
-  g_fast = jax.jit(jax.grad(loss(Conv(4, kernel))))(p)
+  np.testing.assert_allclose(Conv(cout, kernel).apply(p, x), ref.apply(p, x), atol=1e-5)
+  g_fast = jax.jit(jax.grad(loss(Conv(cout, kernel))))(p)
   g_ref = jax.grad(loss(ref))(p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), g_fast, g_ref)
-  gx_fast = jax.grad(lambda x: jnp.sum(jnp.sin(Conv(4, kernel).apply(p, x))))(x)
+  gx_fast = jax.grad(lambda x: jnp.sum(jnp.sin(Conv(cout, kernel).apply(p, x))))(x)
   gx_ref = jax.grad(lambda x: jnp.sum(jnp.sin(ref.apply(p, x))))(x)
   np.testing.assert_allclose(gx_fast, gx_ref, atol=1e-4)
 
@@ -73,11 +77,17 @@ def test_fast_conv_matches_flax_conv(key, kernel):
 @pytest.mark.parametrize("batch,size", [(6, 28), (5, 9)])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("chunk_bytes", [None, 3000])
+@pytest.mark.parametrize("winograd", [False, True])
 def test_fast_conv_strided_and_batch_chunked_matches_flax(key, batch, size, strides,
-                                                          chunk_bytes, monkeypatch):
+                                                          chunk_bytes, winograd, monkeypatch):
   """Strided convs (the even size takes the phase input gradient, the odd one
-  XLA's), whole-batch and chunked (a small CHUNK_BYTES forces the scans)."""
+  XLA's), whole-batch and chunked (a small CHUNK_BYTES forces the scans); at
+  stride 1 both the im2col and (forced for 3 channels) the Winograd paths."""
   from ddpm_jax import layers
+  if winograd:
+    if strides != (1, 1):
+      pytest.skip("Winograd is for stride 1")
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
   if chunk_bytes is not None:
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
     assert layers._chunk_images(batch, 9, 27 * 4) < batch
@@ -101,12 +111,16 @@ def test_wgrad_chunking_picks_divisors():
   assert layers._chunk_images(3, 10) == 3  # small: no chunking
 
 
-def test_conv_transpose_2x_matches_flax(key):
-  x = jax.random.normal(key, (2, 7, 5, 6))
+@pytest.mark.parametrize("chunk_bytes", [None, 500])
+def test_conv_transpose_2x_matches_flax(key, chunk_bytes, monkeypatch):
+  from ddpm_jax import layers
+  if chunk_bytes is not None:  # one image per chunk in every scan
+    monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+  x = jax.random.normal(key, (4, 7, 5, 6))
   ref = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding="SAME")
   p = ref.init(key, x)
   y = ConvTranspose2x(3).apply(p, x)
-  assert y.shape == (2, 14, 10, 3)
+  assert y.shape == (4, 14, 10, 3)
   np.testing.assert_allclose(y, ref.apply(p, x), atol=1e-5)
   g = jax.grad(lambda p: jnp.sum(jnp.sin(ConvTranspose2x(3).apply(p, x))))(p)
   g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(p)
