@@ -371,9 +371,18 @@ def _t2_bwd(res, g):
 conv_transpose_2x.defvjp(_t2_fwd, _t2_bwd)
 
 
-def use_gemm_conv(gemm_conv: Optional[bool]) -> bool:
-  """Resolves a `gemm_conv` setting: None means "on the CPU backend"."""
-  return jax.default_backend() == "cpu" if gemm_conv is None else bool(gemm_conv)
+# With gemm_conv=None, layers narrower than this keep XLA's convolution: they
+# are cheap either way, and the GEMM path's scans cost compile time.
+GEMM_MIN_CHANNELS = 32
+
+
+def use_gemm_conv(gemm_conv: Optional[bool], cin: int = GEMM_MIN_CHANNELS,
+                  cout: int = GEMM_MIN_CHANNELS) -> bool:
+  """Resolves a `gemm_conv` setting for a layer. None means: on the CPU
+  backend, for layers with >= GEMM_MIN_CHANNELS input or output channels."""
+  if gemm_conv is not None:
+    return bool(gemm_conv)
+  return jax.default_backend() == "cpu" and max(cin, cout) >= GEMM_MIN_CHANNELS
 
 
 class Conv(nn.Module):
@@ -384,8 +393,9 @@ class Conv(nn.Module):
     features: output channels.
     kernel_size: (kh, kw).
     gemm_conv: compute with `conv_gemm` (see module docstring); False uses
-      XLA's convolution; None (default) picks `conv_gemm` on CPU only, since
-      GPU and TPU convolution libraries beat it there.
+      XLA's convolution; None (default) picks `conv_gemm` on CPU for layers
+      with >= GEMM_MIN_CHANNELS channels (GPU and TPU convolution libraries
+      beat it; narrow layers gain nothing).
     dtype: computation dtype (parameters stay float32).
   """
 
@@ -404,7 +414,7 @@ class Conv(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     pads = None if self.padding is None else tuple(tuple(p) for p in self.padding)
-    fn = conv_gemm if use_gemm_conv(self.gemm_conv) else _conv
+    fn = conv_gemm if use_gemm_conv(self.gemm_conv, x.shape[-1], self.features) else _conv
     y = fn(x, kernel, pads, tuple(self.strides))
     return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
@@ -425,7 +435,7 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
 class ConvTranspose2x(nn.Module):
   """`nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME")`, same
   parameters and maths, computed by `conv_transpose_2x` when `gemm_conv`
-  (None: on CPU only)."""
+  (None: as for `Conv`)."""
 
   features: int
   gemm_conv: Optional[bool] = None
@@ -437,7 +447,7 @@ class ConvTranspose2x(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if use_gemm_conv(self.gemm_conv):
+    if use_gemm_conv(self.gemm_conv, x.shape[-1], self.features):
       y = conv_transpose_2x(x, kernel)
     else:
       y = jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DN)

@@ -71,14 +71,32 @@ def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, end_lr_fr
       end_value=learning_rate * end_lr_fraction)
 
 
+def run_once(fn: Callable, *args):
+  """`fn(*args)` for a function that runs once per process, such as an init.
+
+  Compiled as a whole (eagerly it would dispatch op by op) and, on CPU,
+  without XLA's backend optimisations: ~4x less compile time (the test
+  U-Net's train state: 15 s -> 4 s). Under tracing (e.g. `jax.eval_shape`)
+  it is a plain call.
+  """
+  if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+    return fn(*args)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+
+
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
                        image_shape) -> TrainState:
   """Initialises params (and EMA = params) for images of shape [H, W, C]."""
-  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
-  # The EMA gets its own buffers so the state can be donated to the step.
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=jax.tree.map(jnp.copy, params))
+
+  def create(rng):
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    params = model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
+    # The EMA gets its own buffers so the state can be donated to the step.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params))
+
+  return run_once(create, rng)
 
 
 def ema_update(ema, params, decay):

@@ -38,7 +38,8 @@ class SimpleUNet(nn.Module):
     channels: widths of the three levels (seed: 64, 128, 256).
     time_dim: sinusoidal embedding and time-MLP width (seed: 256).
     out_channels: output channels; None means the input's.
-    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU only.
+    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU, for
+      layers with >= 32 channels.
     dtype: computation dtype; parameters stay float32.
   """
 
@@ -134,7 +135,8 @@ class UNet(nn.Module):
     upsample: "nearest" (nearest-neighbour then 3x3 conv) or
       "conv_transpose" (4x4 stride-2 transposed conv, as in the tutorial).
     out_channels: output channels; None means the input's.
-    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU only.
+    gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU, for
+      layers with >= 32 channels.
     dtype: computation dtype; parameters stay float32.
   """
 

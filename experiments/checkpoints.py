@@ -2,15 +2,109 @@
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a crash never leaves a half-written step that `latest_step` would pick.
+Once a step is complete, its files' SHA-256 go into `<step>/sha256.json`,
+and a restore checks them before Orbax reads anything. A step that cannot be
+read back (truncated or corrupted files, or a tree that does not match the
+run's model) raises `CheckpointError`, a `UsageError` that names the step's
+folder; file-system failures while saving (full or read-only disk) come out
+as `OSError`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import weakref
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+from experiments.cli import UsageError
+
+
+class CheckpointError(UsageError):
+  """A checkpoint that exists but cannot be restored."""
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+  """The OSError in e's cause/context chain, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return f"{type(e).__name__}: {text[:limit]}"
+
+
+MANIFEST = "sha256.json"
+
+
+def _file_hashes(folder: str) -> dict:
+  """{relative path: sha256 hex} of every file under `folder` but the manifest."""
+  out = {}
+  for d, _, files in os.walk(folder):
+    for f in files:
+      path = os.path.join(d, f)
+      rel = os.path.relpath(path, folder)
+      if rel == MANIFEST:
+        continue
+      h = hashlib.sha256()
+      with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+          h.update(block)
+      out[rel] = h.hexdigest()
+  return out
+
+
+def write_manifest(folder: str) -> None:
+  """Records the hashes of a complete step folder (atomically)."""
+  from experiments.files import atomic_path  # pylint: disable=import-outside-toplevel
+  hashes = _file_hashes(folder)
+  with atomic_path(os.path.join(folder, MANIFEST), ".json.tmp") as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(hashes, f, indent=0, sort_keys=True)
+
+
+def verify_manifest(folder: str) -> Optional[str]:
+  """None if the folder matches its manifest (or has none); else what differs."""
+  path = os.path.join(folder, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      want = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"its {MANIFEST} is unreadable ({e})"
+  have = _file_hashes(folder)
+  missing = sorted(set(want) - set(have))
+  if missing:
+    return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+  changed = sorted(k for k in want if have[k] != want[k])
+  if changed:
+    return f"{len(changed)} file(s) differ from their recorded SHA-256, e.g. {changed[0]}"
+  return None
+
+
+_OPEN = weakref.WeakSet()  # Checkpointers not yet closed
+
+
+def close_all_quietly() -> None:
+  """Closes every open Checkpointer, ignoring errors: for a job's error exit,
+  so Orbax's background threads end before the interpreter does."""
+  for ckpt in list(_OPEN):
+    try:
+      ckpt.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    _OPEN.discard(ckpt)
 
 
 class Checkpointer:
@@ -24,34 +118,84 @@ class Checkpointer:
       options.update(best_fn=lambda m: m[best_metric], best_mode=best_mode)
     self._mngr = ocp.CheckpointManager(self.directory,
                                        options=ocp.CheckpointManagerOptions(**options))
+    _OPEN.add(self)
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
 
+  def _io(self, fn, *args, **kwargs):
+    """Runs an Orbax call; a file-system failure anywhere in it becomes an OSError."""
+    try:
+      return fn(*args, **kwargs)
+    except Exception as e:  # Orbax wraps errors of its writer threads
+      err = _os_error(e)
+      if err is None or err is e:
+        raise
+      raise OSError(err.errno, f"saving a checkpoint in {self.directory}: {err.strerror or err}",
+                    err.filename) from e
+
+  def _record_hashes(self) -> None:
+    """Writes the manifest of every complete step that lacks one."""
+    for step in self._mngr.all_steps():
+      folder = os.path.join(self.directory, str(step))
+      if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, MANIFEST)):
+        write_manifest(folder)
+
   def save(self, step: int, state: Any, metrics: Optional[dict] = None, force: bool = True) -> None:
     """Starts an async save of `state` at `step` (call `wait` before exiting)."""
-    self._mngr.save(int(step), args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+    self._io(self._mngr.wait_until_finished)
+    self._record_hashes()
+    self._io(self._mngr.save, int(step), args=ocp.args.StandardSave(state), metrics=metrics,
+             force=force)
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Any:
-    """Restores onto `abstract_state` (e.g. `jax.eval_shape` of the initialiser)."""
+  def restore(self, abstract_state: Any, step: Optional[int] = None, hint: str = "") -> Any:
+    """Restores onto `abstract_state` (e.g. `jax.eval_shape` of the initialiser).
+
+    Raises CheckpointError naming the step's folder when it cannot be read
+    back (its files differ from its sha256.json, or Orbax fails); `hint` is
+    appended to that message.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    return self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    folder = os.path.join(self.directory, str(step))
+    problem = verify_manifest(folder)
+    if problem:
+      raise CheckpointError(
+          f"the checkpoint {folder} is corrupt or truncated: {problem}. Move it away to resume "
+          "from an older checkpoint (or start over), or use a new workdir")
+    try:
+      state = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"cannot restore the checkpoint {folder} ({_first_line(e)}). It is truncated or "
+          f"corrupt, or was written for another model or optimizer{hint}. Move it away to "
+          "resume from an older checkpoint (or start over), or use a new workdir") from None
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    bad = [p for p, a, b in zip(paths, jax.tree.leaves(state), jax.tree.leaves(abstract))
+           if getattr(a, "shape", None) != b.shape or getattr(a, "dtype", None) != b.dtype]
+    if bad:
+      raise CheckpointError(f"the checkpoint {folder} does not match this run's model: "
+                            f"{bad[0]} and {len(bad) - 1} more differ in shape or dtype{hint}; "
+                            "use a new workdir for a different model")
+    return state
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    self._io(self._mngr.wait_until_finished)
+    self._record_hashes()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    _OPEN.discard(self)
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
 
 def restore_latest(directory: str, init) -> tuple:
   """(state, step) from the latest checkpoint in `directory`, restored onto the
   shapes of `init()`; a UsageError ("train first") when there is none."""
-  from experiments.cli import UsageError  # pylint: disable=import-outside-toplevel
   ckpt = Checkpointer(directory)
   try:
     step = ckpt.latest_step()

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import typing
 from typing import Any, Optional
 
@@ -43,7 +44,11 @@ def _field_parser(tp):
   if origin is typing.Union:
     inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
     conv = _field_parser(inner)
-    return lambda s: None if s.strip().lower() == "none" else conv(s)
+
+    def optional(s):
+      return None if s.strip().lower() == "none" else conv(s)
+    optional.__name__ = inner.__name__  # argparse names it in "invalid int value"
+    return optional
   if tp is bool:
     return _parse_bool
   return tp
@@ -81,6 +86,16 @@ def build_parser(config_cls, presets: dict, description: str,
 def preset_config(config_cls, presets: dict, preset: Optional[str]):
   overrides = {k: v for k, v in presets.get(preset or "default", {}).items() if k != "_doc"}
   return dataclasses.replace(config_cls(), **overrides)
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates `workdir` and checks that files can be written there (OSError if
+  not), before a job changes anything in it."""
+  os.makedirs(workdir, exist_ok=True)
+  with tempfile.TemporaryFile(dir=workdir) as f:
+    f.write(b"ok\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def read_json(path: str) -> Any:
@@ -121,6 +136,20 @@ def load_config(config_cls, workdir: str) -> tuple:
                      f"{sorted(unknown)}; it was written by another job or version")
   config = dataclasses.replace(config_cls(), **{k: v for k, v in stored.items() if k in known})
   return config, stored.get("preset")
+
+
+def restore_hint(config, workdir: str) -> str:
+  """For checkpoint errors: ' (this run changes a, b from W/config.json)', or ''."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    stored = read_json(path)
+  except (OSError, ValueError):
+    return ""
+  if not isinstance(stored, dict):
+    return ""
+  diff = [f.name for f in dataclasses.fields(config)
+          if f.name in stored and stored[f.name] != getattr(config, f.name)]
+  return f" (this run changes {', '.join(diff)} from {path})" if diff else ""
 
 
 class RunArgs(typing.NamedTuple):
@@ -202,18 +231,40 @@ class MetricsLog:
     return out
 
 
+EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 2, 3, 4
+
+
 def run_main(fn, argv=None) -> int:
-  """Runs fn(argv). A UsageError, DataError or ValueError becomes one stderr
-  line and exit 2; a FloatingPointError (divergence: the job has kept its last
-  good checkpoint) one line and exit 3."""
-  from experiments.data import DataError  # pylint: disable=import-outside-toplevel
+  """Runs fn(argv), turning the expected failures into one stderr line each.
+
+  Exit 2: a UsageError (bad flags, config conflicts, unreadable checkpoints),
+  DataError or ValueError. Exit 3: a FloatingPointError (divergence; the job
+  has kept its last good checkpoint). Exit 4: an OSError (full or read-only
+  disk, permissions); the workdir keeps its last complete checkpoint.
+  """
+  # pylint: disable=import-outside-toplevel
+  from experiments.checkpoints import close_all_quietly
+  from experiments.data import DataError
+  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
   try:
-    fn(argv)
+    try:
+      fn(argv)
+    finally:
+      close_all_quietly()
   except (UsageError, DataError, ValueError, FloatingPointError) as e:
-    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
     print(f"{prog}: error: {e}", file=sys.stderr)
-    return 3 if isinstance(e, FloatingPointError) else 2
+    return EXIT_DIVERGED if isinstance(e, FloatingPointError) else EXIT_USAGE
+  except OSError as e:
+    print(f"{prog}: error: cannot read or write files: {e}. Outputs written so far and the "
+          "last complete checkpoint are kept; fix the disk and run again to resume",
+          file=sys.stderr)
+    return EXIT_IO
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
   return 0
+
+
+def exit_main(fn) -> None:
+  """`sys.exit(run_main(fn))`, for a job's `__main__`."""
+  sys.exit(run_main(fn))

@@ -34,6 +34,8 @@ class Config:
   model: str = cli.flag("simple", f"U-Net preset: {sorted(dj.PRESETS)}")
   schedule: str = cli.flag("linear", "noise schedule: linear, cosine or quadratic")
   timesteps: int = cli.flag(1000, "diffusion steps T")
+  beta_start: float = cli.flag(1e-4, "first beta of the linear or quadratic schedule")
+  beta_end: float = cli.flag(0.02, "last beta of the linear or quadratic schedule")
   epochs: int = cli.flag(30, "training epochs (ignored when --steps is set)")
   steps: Optional[int] = cli.flag(None, "total training steps; overrides --epochs")
   batch_size: int = cli.flag(128, "global batch size")
@@ -76,6 +78,14 @@ PRESETS = {
 }
 
 
+def make_schedule(config: Config) -> dj.Schedule:
+  """The configured noise schedule (the betas apply to linear and quadratic)."""
+  options = {}
+  if config.schedule in ("linear", "quadratic"):
+    options = dict(beta_start=config.beta_start, beta_end=config.beta_end)
+  return dj.make_schedule(config.schedule, config.timesteps, **options)
+
+
 def validate(config: Config) -> None:
   """Raises cli.UsageError naming the bad value."""
   def need(ok, msg):
@@ -83,6 +93,12 @@ def validate(config: Config) -> None:
       raise cli.UsageError(msg)
   need(config.model in dj.PRESETS, f"--model {config.model!r} unknown; choose from {sorted(dj.PRESETS)}")
   need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
+  need(config.beta_start <= config.beta_end,
+       f"--beta_start {config.beta_start} exceeds --beta_end {config.beta_end}")
+  try:
+    make_schedule(config)
+  except ValueError as e:
+    raise cli.UsageError(f"--schedule {config.schedule}: {e}") from None
   need(config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}")
   need(config.batch_size <= 60000, f"--batch_size {config.batch_size} exceeds the 60000 training images")
   try:
@@ -151,10 +167,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   (no final samples); running again continues.
   """
   validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  cli.write_json_atomic(os.path.join(workdir, "config.json"),
-                        {"preset": preset, **dataclasses.asdict(config)})
-
+  cli.prepare_workdir(workdir)
   mnist = load_mnist()
   print(f"MNIST: {mnist.train_images.shape[0]} train images from {mnist.source}", file=sys.stderr)
   mesh = dj.parallel.make_mesh()  # data parallel over every device
@@ -163,7 +176,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   images = jax.device_put(mnist.train_images, rep)
   n_train, image_shape = images.shape[0], tuple(images.shape[1:])
 
-  schedule = dj.make_schedule(config.schedule, config.timesteps)
+  schedule = make_schedule(config)
   model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
   batch = config.batch_size
   steps_per_epoch = n_train // batch
@@ -177,10 +190,13 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   latest = ckpt.latest_step()
   if latest is not None:
-    state = ckpt.restore(jax.eval_shape(init), latest)
+    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
     print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
   else:
     state = init()
+  # Only now, with the checkpoint readable, does the workdir take this config.
+  cli.write_json_atomic(os.path.join(workdir, "config.json"),
+                        {"preset": preset, **dataclasses.asdict(config)})
   state = dj.parallel.replicate(state, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "
@@ -324,7 +340,7 @@ def load_trained(workdir: str):
   config, _ = cli.load_config(Config, workdir)
   validate(config)
   model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
-  schedule = dj.make_schedule(config.schedule, config.timesteps)
+  schedule = make_schedule(config)
   tx = dj.make_optimizer(config.learning_rate, 2, warmup_steps=1,  # structure only
                          grad_clip=config.grad_clip)
   init = functools.partial(dj.create_train_state, jax.random.key(0), model, tx, (28, 28, 1))
@@ -338,4 +354,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run_main(main))
+  cli.exit_main(main)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import vae_jax as vj
 from experiments import cli, plotting
+from experiments.files import Preemption
 from experiments.checkpoints import Checkpointer, restore_latest
 from experiments.data import load_mnist
 
@@ -45,6 +46,8 @@ class Config:
   iwae_k: int = cli.flag(1000, "importance samples for the final test NLL estimate")
   eval_examples: int = cli.flag(10000, "test images used for the final IWAE estimate")
   seed: int = cli.flag(0, "random seed")
+  skip_nonfinite: bool = cli.flag(False, "skip updates whose loss or gradient is not finite "
+                                  "(default: stop with an error, keeping the last checkpoint)")
 
 
 PRESETS = {
@@ -112,9 +115,7 @@ def save_pictures(c: Config, vae, params, test_images, test_labels, workdir, rng
 
 def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=None) -> dict:
   validate(c)
-  os.makedirs(workdir, exist_ok=True)
-  cli.write_json_atomic(os.path.join(workdir, "config.json"),
-                        {"preset": preset, **dataclasses.asdict(c)})
+  cli.prepare_workdir(workdir)
   mnist = load_mnist()
   print(f"MNIST: {mnist.train_images.shape[0]} train, {mnist.test_images.shape[0]} test images "
         f"from {mnist.source}", file=sys.stderr)
@@ -129,7 +130,13 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   best = Checkpointer(os.path.join(workdir, "best"), best_metric="test_loss", best_mode="min")
   latest = ckpt.latest_step()
-  state = ckpt.restore(jax.eval_shape(init), latest) if latest is not None else init()
+  if latest is not None:
+    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(c, workdir))
+  else:
+    state = init()
+  # Only now, with the checkpoint readable, does the workdir take this config.
+  cli.write_json_atomic(os.path.join(workdir, "config.json"),
+                        {"preset": preset, **dataclasses.asdict(c)})
   epoch = int(state.step) // steps_per_epoch
   if latest is not None:
     print(f"resumed after epoch {epoch}", file=sys.stderr)
@@ -137,7 +144,8 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   print(f"VAE {c.model}: {n_params:,} parameters, latent {c.latent_dim}", file=sys.stderr)
 
   train_epoch = jax.jit(vj.make_train_epoch(vae, tx, base_rng=train_rng, batch_size=c.batch_size,
-                                            beta=c.beta, likelihood=c.likelihood),
+                                            beta=c.beta, likelihood=c.likelihood,
+                                            skip_nonfinite=c.skip_nonfinite),
                         donate_argnums=(0,))
   evaluate = jax.jit(vj.make_evaluate(vae, likelihood=c.likelihood))
   metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
@@ -145,31 +153,45 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, epoch + stop_after_epochs)
   pbar = tqdm(total=c.epochs, initial=epoch, desc="train", unit="epoch", file=sys.stderr,
               dynamic_ncols=True)
-  while epoch < end_epoch:
-    t0 = time.perf_counter()
-    state, m = train_epoch(state, train_images, epoch)
-    m = {k: float(v) for k, v in m.items()}
-    epoch_s = time.perf_counter() - t0
-    epoch += 1
-    # Fixed evaluation key: comparable across epochs and runs.
-    tm = {k: float(v) for k, v in evaluate(state.params, test_images, eval_rng).items()}
-    if not np.isfinite(m["loss"]):
-      raise FloatingPointError(f"non-finite training loss {m['loss']} in epoch {epoch}")
-    record = {"epoch": epoch, "step": int(state.step), "train_loss": m["loss"],
-              "train_rec": m["rec"], "train_kl": m["kl"], "test_loss": tm["loss"],
-              "test_rec": tm["rec"], "test_kl": tm["kl"], "epoch_seconds": epoch_s,
-              "time": time.time()}
-    metrics.write(record)
-    host_state = jax.device_get(state)
-    ckpt.save(int(state.step), host_state)
-    best.save(int(state.step), host_state, metrics={"test_loss": tm["loss"]})
-    pbar.update(1)
-    pbar.set_postfix(train=f"{m['loss']:.2f}", test=f"{tm['loss']:.2f}", s=f"{epoch_s:.1f}")
-    tqdm.write(f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})  "
-               f"test {tm['loss']:.2f}  {epoch_s:.1f}s", file=sys.stderr)
-  pbar.close()
+  skipped = 0
+  with Preemption() as preemption:  # SIGTERM: finish the epoch, checkpoint, leave
+    try:
+      while epoch < end_epoch and not preemption.requested:
+        t0 = time.perf_counter()
+        state, m = train_epoch(state, train_images, epoch)
+        m = {k: float(v) for k, v in m.items()}
+        epoch_s = time.perf_counter() - t0
+        epoch += 1
+        if not np.isfinite(m["loss"]) or (m["nonfinite_steps"] and not c.skip_nonfinite):
+          kept = f"after epoch {epoch - 1}" if epoch > 1 else "none yet"
+          raise FloatingPointError(
+              f"non-finite loss or gradient in epoch {epoch} ({m['nonfinite_steps']:.0f} steps); "
+              f"stopped without saving it (last good checkpoint: {kept}). Lower "
+              "--learning_rate, or pass --skip_nonfinite true to skip such steps")
+        skipped += int(m["nonfinite_steps"])
+        # Fixed evaluation key: comparable across epochs and runs.
+        tm = {k: float(v) for k, v in evaluate(state.params, test_images, eval_rng).items()}
+        record = {"epoch": epoch, "step": int(state.step), "train_loss": m["loss"],
+                  "train_rec": m["rec"], "train_kl": m["kl"], "test_loss": tm["loss"],
+                  "test_rec": tm["rec"], "test_kl": tm["kl"], "epoch_seconds": epoch_s,
+                  "skipped_steps": int(m["nonfinite_steps"]), "time": time.time()}
+        metrics.write(record)
+        host_state = jax.device_get(state)
+        ckpt.save(int(state.step), host_state)
+        best.save(int(state.step), host_state, metrics={"test_loss": tm["loss"]})
+        pbar.update(1)
+        pbar.set_postfix(train=f"{m['loss']:.2f}", test=f"{tm['loss']:.2f}", s=f"{epoch_s:.1f}")
+        tqdm.write(f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})"
+                   f"  test {tm['loss']:.2f}  {epoch_s:.1f}s"
+                   + (f"  skipped {int(m['nonfinite_steps'])} steps" if m["nonfinite_steps"] else ""),
+                   file=sys.stderr)
+    finally:
+      pbar.close()
   ckpt.close()
   best.close()
+  if preemption.requested and epoch < c.epochs:
+    print(f"SIGTERM: checkpoint after epoch {epoch} saved; run again to resume", file=sys.stderr)
+    raise SystemExit(143)  # 128 + SIGTERM
   if epoch < c.epochs:
     print(f"stopped after epoch {epoch} of {c.epochs} as asked; run again to continue",
           file=sys.stderr)
@@ -222,4 +244,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run_main(main))
+  cli.exit_main(main)

@@ -10,6 +10,9 @@ import optax
 from vae_jax.models import VAE, init_vae, vae_fns
 from vae_jax.objectives import batch_loss, iwae_bound
 
+# optax >= 0.2.4 has optax.tree.norm; optax.global_norm is its deprecated name.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
 
 @flax.struct.dataclass
 class VAEState:
@@ -29,14 +32,19 @@ def to_unit(images_u8):
 
 
 def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1.0,
-                     likelihood: str = "bernoulli"):
+                     likelihood: str = "bernoulli", skip_nonfinite: bool = False):
   """Returns `train_epoch(state, images_u8, epoch) -> (state, metrics)`, jittable.
 
   Shuffles the device-resident uint8 images [N, 28, 28, 1] with a key folded
   from `epoch`, then scans the update over N // batch_size batches (the last
   partial batch is dropped). Per-step keys are fold_in(step_rng, step), with
   (shuffle_rng, step_rng) = split(base_rng).
-  Metrics are per-image means over the epoch: loss, rec, kl.
+
+  With skip_nonfinite, an update whose loss or gradient norm is not finite
+  leaves params and optimizer state unchanged (only `step` advances).
+  Metrics: loss, rec, kl (per-image means over the epoch's finite steps) and
+  nonfinite_steps (a count; the means are NaN when it is > 0 and
+  skip_nonfinite is off).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -53,7 +61,11 @@ def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                         opt_state=opt_state)
-    return new, {"loss": loss, "rec": aux["rec"], "kl": aux["kl"]}
+    finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
+    if skip_nonfinite:
+      kept = state.replace(step=state.step + 1)
+      new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+    return new, {"loss": loss, "rec": aux["rec"], "kl": aux["kl"], "finite": finite}
 
   def train_epoch(state, images_u8, epoch):
     n = images_u8.shape[0]
@@ -64,7 +76,14 @@ def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1
     idx = perm[:steps * batch_size].reshape(steps, batch_size)
     state, m = jax.lax.scan(lambda s, i: step(s, to_unit(jnp.take(images_u8, i, axis=0))),
                             state, idx)
-    return state, jax.tree.map(jnp.mean, m)
+    finite = m.pop("finite")
+    out = {"nonfinite_steps": jnp.sum(~finite)}
+    if skip_nonfinite:
+      count = jnp.maximum(jnp.sum(finite), 1)
+      out.update({k: jnp.sum(jnp.where(finite, v, 0.0)) / count for k, v in m.items()})
+    else:
+      out.update(jax.tree.map(jnp.mean, m))
+    return state, out
 
   return train_epoch
 
