@@ -25,7 +25,7 @@ for k, v in json.loads(sys.argv[3]).items():
   setattr(layers, k, v)
 peak = matmul_peak()
 t = train_bench("simple", 128, iters, peak, gemm=gemm)
-f = forward_bench("simple", 64, 3 * iters, peak)
+f = forward_bench("simple", 64, 3 * iters, peak, gemm=gemm)
 print(json.dumps({"train": t["images_per_sec"], "forward": f["images_per_sec"],
                   "train_gflops": t["gflops"], "forward_gflops": f["gflops"], "peak": peak}))
 """

@@ -143,8 +143,9 @@ def train_bench(preset: str, batch: int, iters: int, peak: float,
           "xla_memory_bytes": mem}
 
 
-def forward_bench(preset: str, batch: int, iters: int, peak: float) -> dict:
-  model = dj.make_model(preset)
+def forward_bench(preset: str, batch: int, iters: int, peak: float,
+                  gemm: Optional[bool] = None) -> dict:
+  model = dj.make_model(preset, gemm_conv=gemm)
   params = _init_params(model)
   eps_fn = jax.jit(lambda p, x, t: model.apply(p, x, t))
   x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
