@@ -5,12 +5,13 @@ training step. Everything is a pure function or a Flax module holding only
 parameters; samplers take a plain `eps_fn(x_t, t)`.
 """
 
-from ddpm_jax import parallel
+from ddpm_jax import parallel, parameterization
 from ddpm_jax.diffusion import (extract, p_mean_from_eps, predict_eps_from_x0,
                                 predict_x0_from_eps, q_posterior_mean_variance, q_sample)
 from ddpm_jax.layers import Conv, ConvTranspose2x, conv_gemm, conv_transpose_2x, timestep_embedding
-from ddpm_jax.losses import eps_loss
-from ddpm_jax.samplers import (ddim_sample, ddim_timesteps, ddpm_sample,
+from ddpm_jax.losses import diffusion_loss, eps_loss
+from ddpm_jax.parameterization import eps_fn_from_model, loss_weight, snr
+from ddpm_jax.samplers import (ddim_sample, ddim_timesteps, ddpm_sample, dpm_solver_sample,
                                trajectory_timesteps)
 from ddpm_jax.schedules import Schedule, make_schedule, schedule_from_betas
 from ddpm_jax.train import (TrainState, create_train_state, ema_update, learning_rate_schedule,
@@ -18,9 +19,11 @@ from ddpm_jax.train import (TrainState, create_train_state, ema_update, learning
 from ddpm_jax.unet import PRESETS, SimpleUNet, UNet, make_model
 
 __all__ = [
-    "Conv", "ConvTranspose2x", "PRESETS", "parallel", "Schedule", "SimpleUNet", "TrainState", "UNet", "conv_gemm", "conv_transpose_2x",
-    "create_train_state", "ddim_sample", "ddim_timesteps", "ddpm_sample", "ema_update",
-    "eps_loss", "extract", "learning_rate_schedule", "make_model", "make_optimizer",
+    "Conv", "ConvTranspose2x", "PRESETS", "parallel", "parameterization", "Schedule",
+    "SimpleUNet", "TrainState", "UNet", "conv_gemm", "conv_transpose_2x",
+    "create_train_state", "ddim_sample", "ddim_timesteps", "ddpm_sample", "diffusion_loss",
+    "dpm_solver_sample", "ema_update", "eps_fn_from_model", "eps_loss", "extract",
+    "loss_weight", "snr", "learning_rate_schedule", "make_model", "make_optimizer",
     "make_schedule", "make_train_step", "model_eps_fn", "p_mean_from_eps",
     "predict_eps_from_x0", "predict_x0_from_eps", "q_posterior_mean_variance", "q_sample",
     "schedule_from_betas", "timestep_embedding", "trajectory_timesteps",

@@ -1,4 +1,5 @@
-"""Training losses for eps-prediction DDPM."""
+"""Training losses: the DDPM objective for eps, x0 or v networks, with optional
+per-timestep weighting (see `ddpm_jax.parameterization`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import q_sample
+from ddpm_jax.parameterization import loss_weight, target
 from ddpm_jax.schedules import Schedule
 
 LOSS_TYPES = ("mse", "l1")
@@ -27,22 +29,27 @@ def elementwise_loss(pred: jnp.ndarray, target: jnp.ndarray, loss_type: str) -> 
   return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
 
 
-def eps_loss(eps_model: EpsModel, params, schedule: Schedule, rng: jax.Array,
-             x0: jnp.ndarray, loss_type: str = "mse") -> jnp.ndarray:
-  """The simplified DDPM objective E_{t, eps} |eps - eps_theta(x_t, t)|^2.
+def diffusion_loss(model: EpsModel, params, schedule: Schedule, rng: jax.Array,
+                   x0: jnp.ndarray, loss_type: str = "mse", parameterization: str = "eps",
+                   weighting: str = "none", **weight_options) -> jnp.ndarray:
+  """E_{t, eps} w(t) |target - model(x_t, t)|^2 (or |.| for l1).
 
-  t ~ Uniform{0, ..., T-1} per example and eps ~ N(0, I) are drawn from `rng`.
+  t ~ Uniform{0, ..., T-1} per example and eps ~ N(0, I) are drawn from `rng`;
+  the target is eps, x0 or v (`parameterization`), and w(t) is
+  `loss_weight(schedule, t, parameterization, weighting, **weight_options)`.
 
   Args:
-    eps_model: (params, x_t, t, rng) -> predicted eps.
+    model: (params, x_t, t, rng) -> prediction [B, H, W, C].
     params: model parameters.
     schedule: the noise schedule.
     rng: PRNG key.
     x0: [B, H, W, C] clean images.
-    loss_type: "mse" (the seeds' default) or "l1".
+    loss_type: "mse" (the seeds') or "l1".
+    parameterization: what the model predicts: "eps", "x0" or "v".
+    weighting: "none", "min_snr" or "p2".
 
   Returns:
-    Scalar mean loss over the batch.
+    Scalar mean weighted loss over the batch.
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -50,5 +57,17 @@ def eps_loss(eps_model: EpsModel, params, schedule: Schedule, rng: jax.Array,
   t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
   x_t = q_sample(schedule, x0, t, noise)
-  eps = eps_model(params, x_t, t, m_rng)
-  return jnp.mean(elementwise_loss(eps.astype(jnp.float32), noise, loss_type))
+  pred = model(params, x_t, t, m_rng)
+  per_example = elementwise_loss(pred.astype(jnp.float32),
+                                 target(schedule, x0, t, noise, parameterization), loss_type)
+  if weighting != "none":
+    per_example = per_example * loss_weight(schedule, t, parameterization, weighting,
+                                            **weight_options)
+  return jnp.mean(per_example)
+
+
+def eps_loss(eps_model: EpsModel, params, schedule: Schedule, rng: jax.Array,
+             x0: jnp.ndarray, loss_type: str = "mse") -> jnp.ndarray:
+  """The simplified DDPM objective E_{t, eps} |eps - eps_theta(x_t, t)|^2:
+  `diffusion_loss` with an eps network and no weighting."""
+  return diffusion_loss(eps_model, params, schedule, rng, x0, loss_type)

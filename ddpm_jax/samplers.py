@@ -52,6 +52,27 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
   return ts[::-1].astype(np.int32)
 
 
+def logsnr_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+  """`num_steps` decreasing timesteps from T-1 to 0, evenly spaced in
+  log-SNR lambda_t = log(a_t / s_t) (the spacing DPM-Solver is analysed in),
+  each the discrete timestep nearest its target and made distinct."""
+  T = schedule.num_timesteps
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= T:
+    raise ValueError(f"num_steps must be an integer in [1, {T}] (T), got {num_steps!r}")
+  n = int(num_steps)
+  ab = np.asarray(schedule.alphas_cumprod, np.float64)
+  lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # decreasing in t
+  targets = np.linspace(lam[-1], lam[0], n)
+  ts = np.array([int(np.argmin(np.abs(lam - l))) for l in targets])
+  ts[0] = T - 1
+  for i in range(1, n):  # strictly decreasing from T-1 ...
+    ts[i] = min(ts[i], ts[i - 1] - 1)
+  ts[-1] = max(ts[-1], 0)
+  for i in range(n - 2, -1, -1):  # ... and not below 0
+    ts[i] = max(ts[i], ts[i + 1] + 1)
+  return ts.astype(np.int32)
+
+
 def _check_shape(shape: Sequence[int]):
   if len(shape) < 2 or any(int(s) < 1 for s in shape):
     raise ValueError(f"shape must be (B, ...) with positive sizes, got {tuple(shape)}")
@@ -79,12 +100,20 @@ def trajectory_timesteps(step_timesteps: Sequence[int], every: int) -> list:
   return labels
 
 
-def _run(step_fn, x_T, ts, ts_prev, trajectory_every):
-  """Scans step_fn over (t, t_prev); optionally keeps every k-th state."""
+def _run(step_fn, x_T, ts, ts_prev, trajectory_every, aux=None):
+  """Scans step_fn over (t, t_prev); optionally keeps every k-th state.
+
+  step_fn(x, t, t_prev) -> x; with `aux` (extra carried state, e.g. a
+  multistep solver's history) step_fn(x, aux, t, t_prev) -> (x, aux).
+  """
   n = len(ts)
   xs = (jnp.arange(n), jnp.asarray(ts), jnp.asarray(ts_prev))
+  if aux is None:
+    step = lambda c, t, t_prev: (step_fn(c[0], t, t_prev), None)
+  else:
+    step = lambda c, t, t_prev: step_fn(c[0], c[1], t, t_prev)
   if trajectory_every is None:
-    x, _ = jax.lax.scan(lambda x, s: (step_fn(x, s[1], s[2]), None), x_T, xs)
+    (x, _), _ = jax.lax.scan(lambda c, s: (step(c, s[1], s[2]), None), (x_T, aux), xs)
     return x
   every = int(trajectory_every)
   if every < 1:
@@ -93,15 +122,15 @@ def _run(step_fn, x_T, ts, ts_prev, trajectory_every):
   frames = jnp.zeros((num_frames,) + x_T.shape, x_T.dtype).at[0].set(x_T)
 
   def body(carry, s):
-    x, frames = carry
+    c, frames = carry
     j, t, t_prev = s
-    x = step_fn(x, t, t_prev)
+    c = step(c, t, t_prev)
     write, idx = _frame_index(j, n, every)
-    frames = jax.lax.cond(write, lambda f: jax.lax.dynamic_update_index_in_dim(f, x, idx, 0),
+    frames = jax.lax.cond(write, lambda f: jax.lax.dynamic_update_index_in_dim(f, c[0], idx, 0),
                           lambda f: f, frames)
-    return (x, frames), None
+    return (c, frames), None
 
-  (x, frames), _ = jax.lax.scan(body, (x_T, frames), xs)
+  ((x, _), frames), _ = jax.lax.scan(body, ((x_T, aux), frames), xs)
   return x, frames
 
 
@@ -240,3 +269,68 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
     return x_new.astype(dtype)
 
   return _run(step, x_T, ts, ts_prev, trajectory_every)
+
+
+def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
+                      num_steps: int = 20, *, spacing: str = "logsnr", clip_x0=False,
+                      trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
+                      dtype=jnp.float32):
+  """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the
+  probability-flow ODE in data-prediction form, deterministic given x_T.
+
+  With lambda_t = log(a_t / s_t) (a_t = sqrt(ab_t), s_t = sqrt(1 - ab_t)),
+  h = lambda_s - lambda_t and D the data prediction:
+
+    x_s = (s_s / s_t) x_t - a_s expm1(-h) D,
+    D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h,
+
+  first order (D = x0_t) on the first step. After the last visited timestep
+  the sample is its x0 prediction (a first-order step to noise level 0).
+
+  Args:
+    eps_fn, schedule, rng, shape, clip_x0, trajectory_every, x_T, dtype: as
+      in `ddim_sample` (rng only draws x_T).
+    num_steps: model evaluations, in [1, T].
+    spacing: "logsnr" (default: even steps in lambda, from T-1 to 0, see
+      `logsnr_timesteps`) or a `ddim_timesteps` spacing. Uneven lambda steps
+      make the second-order extrapolation overshoot: with "linspace" and 20
+      steps a Gaussian's sd of 0.3 comes out 0.39 (0.303 with "logsnr").
+
+  Returns:
+    x0 [*shape], or (x0, frames) when trajectory_every is set.
+  """
+  _check_shape(shape)
+  shape = tuple(int(s) for s in shape)
+  if spacing == "logsnr":
+    ts = logsnr_timesteps(schedule, num_steps)
+  else:
+    ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+  ts_next = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  if x_T is None:
+    x_T = jax.random.normal(jax.random.split(rng)[0], shape, dtype)
+  elif tuple(x_T.shape) != shape:
+    raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+  B = shape[0]
+  log_ab = jnp.log(schedule.alphas_cumprod)
+  log_1m_ab = jnp.log1p(-schedule.alphas_cumprod)
+  lam = 0.5 * (log_ab - log_1m_ab)
+
+  def step(x, aux, t, s):
+    x0_prev, h_prev, has_prev = aux
+    tb = jnp.full((B,), t, jnp.int32)
+    x32 = x.astype(jnp.float32)
+    x0 = _maybe_clip(predict_x0_from_eps(schedule, x32, tb, eps_fn(x, tb).astype(jnp.float32)),
+                     clip_x0)
+    final = s < 0
+    s_ = jnp.maximum(s, 0)
+    h = jnp.where(final, 1.0, lam[s_] - lam[t])  # unused on the final step
+    r = h_prev / h
+    second = has_prev & ~final
+    d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
+    ratio = jnp.exp(0.5 * (log_1m_ab[s_] - log_1m_ab[t]))  # s_s / s_t
+    x_next = ratio * x32 - jnp.exp(0.5 * log_ab[s_]) * jnp.expm1(-h) * d
+    x_next = jnp.where(final, x0, x_next)
+    return x_next.astype(dtype), (x0, h, jnp.asarray(True))
+
+  aux = (jnp.zeros(shape, jnp.float32), jnp.ones((), jnp.float32), jnp.asarray(False))
+  return _run(step, x_T, ts, ts_next, trajectory_every, aux=aux)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax.losses import LOSS_TYPES, eps_loss
+from ddpm_jax.losses import LOSS_TYPES, diffusion_loss
+from ddpm_jax.parameterization import loss_weight
 from ddpm_jax.schedules import Schedule
 
 # optax >= 0.2.4 has optax.tree.norm; optax.global_norm is its deprecated name.
@@ -121,7 +122,8 @@ def model_eps_fn(model: nn.Module, params, *, train: bool = False, rng=None) -> 
 def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation, *,
                     base_rng: jax.Array, ema_decay: float = 0.999, ema_warmup: bool = True,
                     loss_type: str = "mse", axis_name: Optional[str] = None,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, parameterization: str = "eps",
+                    weighting: str = "none", weight_options: Optional[dict] = None) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
   The step's key is `fold_in(base_rng, state.step)`; it draws t, the noise
@@ -138,12 +140,18 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     axis_name: if set, gradients and metrics are averaged over this axis.
     skip_nonfinite: when the loss or gradient norm is not finite, keep params,
       optimizer state and EMA unchanged (only `step` advances).
+    parameterization: what the model predicts: "eps", "x0" or "v".
+    weighting: loss weighting, "none", "min_snr" or "p2" (options such as
+      min_snr_gamma in `weight_options`; see `parameterization.loss_weight`).
 
   `batch` is [B, H, W, C] float images in [-1, 1]. Metrics: loss, grad_norm,
   finite (1.0 when loss and gradient norm are finite, else 0.0).
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+  # Fail at construction, not inside the jitted step.
+  loss_weight(schedule, jnp.zeros((1,), jnp.int32), parameterization, weighting,
+              **(weight_options or {}))
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
 
@@ -152,7 +160,8 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
 
   def train_step(state: TrainState, batch: jnp.ndarray):
     rng = jax.random.fold_in(base_rng, state.step)
-    loss_fn = lambda p: eps_loss(apply, p, schedule, rng, batch, loss_type)
+    loss_fn = lambda p: diffusion_loss(apply, p, schedule, rng, batch, loss_type,
+                                       parameterization, weighting, **(weight_options or {}))
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     if axis_name is not None:
       loss, grads = jax.lax.pmean((loss, grads), axis_name)

@@ -99,7 +99,7 @@ def test_sampler_argument_errors(call, match):
     call(dj.make_schedule("linear", 10))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1", "dpm_solver"])
 def test_samplers_recover_gaussian_data(sampler):
   """With the exact eps of Gaussian data, samples have the data's mean and variance."""
   mu, sd = 0.5, 0.3
@@ -111,8 +111,10 @@ def test_samplers_recover_gaussian_data(sampler):
     x = dj.ddpm_sample(eps_fn, s, rng, shape, variance="beta_tilde")
   elif sampler == "ddim_eta0":  # the probability-flow ODE is accurate with few steps
     x = dj.ddim_sample(eps_fn, s, rng, shape, 50, eta=0.0)
-  else:  # eta = 1 is exact only with all steps (with few it under-disperses)
+  elif sampler == "ddim_eta1":  # exact only with all steps (with few it under-disperses)
     x = dj.ddim_sample(eps_fn, s, rng, shape, 200, eta=1.0)
+  else:  # second order: 20 steps suffice (DDIM eta=0 needs 50)
+    x = dj.dpm_solver_sample(eps_fn, s, rng, shape, 20)
   x = jax.jit(lambda v: v)(x)
   assert float(x.mean()) == pytest.approx(mu, abs=0.02)
   assert float(x.std()) == pytest.approx(sd, rel=0.07)
@@ -142,3 +144,36 @@ def test_respaced_ancestral_beta_variance_last_step_is_noise_free():
   # One step from t = 99 straight to x0: x0_hat = x_T / sqrt(ab_99), no noise.
   expected = x_T / jnp.sqrt(s.alphas_cumprod[99])
   np.testing.assert_allclose(f(jax.random.key(1)), expected, rtol=1e-5)
+
+
+def test_dpm_solver_deterministic_traced_once_and_frames():
+  s = dj.make_schedule("linear", 100)
+  traces = []
+
+  def eps_fn(x, t):
+    traces.append(1)
+    return toy_eps_fn(100)(x, t)
+
+  x_T = jax.random.normal(jax.random.key(3), SHAPE)
+  f = jax.jit(lambda r: dj.dpm_solver_sample(eps_fn, s, r, SHAPE, 12, x_T=x_T,
+                                             trajectory_every=5))
+  x, frames = f(jax.random.key(0))
+  x2, _ = f(jax.random.key(1))  # the key only draws x_T, given here
+  np.testing.assert_array_equal(x, x2)
+  assert len(traces) == 1 and frames.shape == (1 + 3,) + SHAPE
+  np.testing.assert_array_equal(frames[0], x_T)
+  np.testing.assert_array_equal(frames[-1], x)
+  ts = dj.samplers.logsnr_timesteps(s, 12)
+  assert ts[0] == 99 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+  with pytest.raises(ValueError, match="num_steps"):
+    dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), SHAPE, 101)
+
+
+def test_dpm_solver_one_step_is_the_x0_prediction_at_T():
+  """One step: no history, so the output is x0_hat(x_T, T-1)."""
+  s = dj.make_schedule("linear", 50)
+  x_T = jax.random.normal(jax.random.key(4), SHAPE)
+  x = dj.dpm_solver_sample(toy_eps_fn(50), s, jax.random.key(0), SHAPE, 1, x_T=x_T)
+  t = jnp.full((SHAPE[0],), 49, jnp.int32)
+  np.testing.assert_allclose(x, dj.predict_x0_from_eps(s, x_T, t, toy_eps_fn(50)(x_T, t)),
+                             rtol=1e-5, atol=1e-5)
