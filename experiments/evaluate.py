@@ -172,8 +172,9 @@ def parse_steps(text: str) -> list:
 def build_parser():
   p = cli._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="a DDPM or VAE run's workdir")
-  p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
-                 help="DDPM runs: ancestral (ddpm) or ddim (default: the run's sampler)")
+  p.add_argument("--sampler", choices=mnist_ddpm.SAMPLERS, default=None,
+                 help="DDPM runs: ancestral (ddpm), ddim or dpm (DPM-Solver++ 2M; default: "
+                      "the run's sampler)")
   p.add_argument("--steps", type=int, default=None,
                  help="DDPM runs: sampler steps (default: T for ddpm, the run's "
                       f"--sample_steps or {mnist_ddpm.DDIM_DEFAULT_STEPS} for ddim)")
@@ -214,7 +215,8 @@ def main(argv=None) -> None:
     T = config.timesteps
     sampler = a.sampler or config.sampler
     eta = config.eta if a.eta is None else a.eta
-    steps = a.steps or (T if sampler == "ddpm" else config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS)
+    steps = a.steps or {"ddpm": T, "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
+                         "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS}[sampler]
     for s in [steps] + (sweep or []):
       if not 1 <= s <= T:
         raise cli.UsageError(f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
@@ -267,7 +269,7 @@ def main(argv=None) -> None:
     n = a.sweep_num_samples or a.num_samples
     b = min(batch, n)
     rows = []
-    for sampler_name in ("ddpm", "ddim"):
+    for sampler_name in mnist_ddpm.SAMPLERS:
       for s in sweep:
         fn = ddpm_sampler(config, model, schedule, sampler_name, s, 0.0, b)
         imgs, spi = draw(fn, params, rng, n, b, f"sweep {sampler_name} {s} steps")
@@ -307,7 +309,7 @@ def format_sweep(rows: list) -> str:
 def plot_sweep(rows: list, base: dict, path: str, n: int) -> None:
   plt = plotting.plt
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for sampler_name, marker in (("ddpm", "o"), ("ddim", "s")):
+  for sampler_name, marker in (("ddpm", "o"), ("ddim", "s"), ("dpm", "^")):
     rs = [r for r in rows if r["sampler"] == sampler_name]
     ax1.plot([r["steps"] for r in rs], [r["fd"] for r in rs], marker=marker, label=sampler_name)
     ax2.plot([r["steps"] for r in rs], [1e3 * r["seconds_per_image"] for r in rs],

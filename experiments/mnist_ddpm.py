@@ -43,10 +43,15 @@ class Config:
   warmup_steps: int = cli.flag(500, "linear warmup steps before the cosine decay")
   grad_clip: float = cli.flag(1.0, "global gradient-norm clip")
   ema_decay: float = cli.flag(0.999, "EMA decay of the parameters used for sampling")
-  loss: str = cli.flag("mse", "eps loss: mse or l1")
-  sampler: str = cli.flag("ddpm", "sampler for the grids: ddpm (ancestral, all T steps) or ddim")
+  loss: str = cli.flag("mse", "loss on the target: mse or l1")
+  parameterization: str = cli.flag("eps", "what the U-Net predicts: eps (the seeds'), x0 or v")
+  loss_weighting: str = cli.flag("none", "per-timestep loss weight: none, min_snr "
+                                 "(Min-SNR-gamma) or p2")
+  min_snr_gamma: float = cli.flag(5.0, "gamma of --loss_weighting min_snr")
+  sampler: str = cli.flag("ddpm", "sampler for the grids: ddpm (ancestral, all T steps), ddim "
+                          "or dpm (DPM-Solver++ 2M)")
   sample_steps: Optional[int] = cli.flag(None, "sampler steps (1..T); default: T for ddpm "
-                                         "(fewer respace the chain), 50 for ddim")
+                                         "(fewer respace the chain), 50 for ddim, 20 for dpm")
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
   clip_x0: bool = cli.flag(True, "clip the predicted x0 to [-1, 1] while sampling")
@@ -63,6 +68,8 @@ class Config:
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DDIM_DEFAULT_STEPS = 50  # DDIM steps when --sample_steps is not given
+DPM_DEFAULT_STEPS = 20  # DPM-Solver++ steps when --sample_steps is not given
+SAMPLERS = ("ddpm", "ddim", "dpm")
 
 PRESETS = {
     "default": {"_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); "
@@ -84,6 +91,10 @@ def make_schedule(config: Config) -> dj.Schedule:
   if config.schedule in ("linear", "quadratic"):
     options = dict(beta_start=config.beta_start, beta_end=config.beta_end)
   return dj.make_schedule(config.schedule, config.timesteps, **options)
+
+
+def weight_options(config: Config) -> dict:
+  return {"min_snr_gamma": config.min_snr_gamma} if config.loss_weighting == "min_snr" else {}
 
 
 def validate(config: Config) -> None:
@@ -111,7 +122,14 @@ def validate(config: Config) -> None:
   need(config.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {config.warmup_steps}")
   need(0 <= config.ema_decay < 1, f"--ema_decay must lie in [0, 1), got {config.ema_decay}")
   need(config.loss in ("mse", "l1"), f"--loss must be mse or l1, got {config.loss!r}")
-  need(config.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {config.sampler!r}")
+  need(config.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {config.sampler!r}")
+  need(config.parameterization in dj.parameterization.PARAMETERIZATIONS,
+       f"--parameterization must be one of {dj.parameterization.PARAMETERIZATIONS}, "
+       f"got {config.parameterization!r}")
+  need(config.loss_weighting in dj.parameterization.WEIGHTINGS,
+       f"--loss_weighting must be one of {dj.parameterization.WEIGHTINGS}, "
+       f"got {config.loss_weighting!r}")
+  need(config.min_snr_gamma > 0, f"--min_snr_gamma must be > 0, got {config.min_snr_gamma}")
   need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
   need(config.variance in ("beta", "beta_tilde"), f"--variance must be beta or beta_tilde, got {config.variance!r}")
   if config.sample_steps is not None:
@@ -141,13 +159,18 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
   split = mesh.devices.size > 1 and shape[0] % mesh.devices.size == 0
 
   def sample(params, rng):
-    eps_fn = dj.model_eps_fn(model, params)
+    eps_fn = dj.eps_fn_from_model(dj.model_eps_fn(model, params), schedule,
+                                  config.parameterization)
     if split:
       eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
                             clip_x0=config.clip_x0, trajectory_every=trajectory_every,
                             num_steps=config.sample_steps)
+    if config.sampler == "dpm":
+      return dj.dpm_solver_sample(eps_fn, schedule, rng, shape,
+                                  config.sample_steps or DPM_DEFAULT_STEPS,
+                                  clip_x0=config.clip_x0, trajectory_every=trajectory_every)
     return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
                           eta=config.eta, clip_x0=config.clip_x0,
                           trajectory_every=trajectory_every)
@@ -155,6 +178,9 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:
+  if config.sampler == "dpm":
+    return dj.samplers.logsnr_timesteps(make_schedule(config),
+                                        config.sample_steps or DPM_DEFAULT_STEPS)
   default = config.timesteps if config.sampler == "ddpm" else DDIM_DEFAULT_STEPS
   return dj.ddim_timesteps(config.timesteps, config.sample_steps or default)
 
@@ -204,7 +230,10 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
 
   train_step = dj.make_train_step(model, schedule, tx, base_rng=train_rng,
                                   ema_decay=config.ema_decay, loss_type=config.loss,
-                                  skip_nonfinite=config.skip_nonfinite)
+                                  skip_nonfinite=config.skip_nonfinite,
+                                  parameterization=config.parameterization,
+                                  weighting=config.loss_weighting,
+                                  weight_options=weight_options(config))
   lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
                                     min(config.warmup_steps, total_steps))
 
@@ -326,7 +355,8 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"))
   if history:
     plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
-                         os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss",
+                         os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss on {config.parameterization}"
+                         + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
                          title="DDPM training loss", logy=True)
     print(f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
           f"outputs in {workdir}", file=sys.stderr)

@@ -144,3 +144,13 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
   assert saved is not None and saved >= 3
   run(workdir, "--stop_after_steps", "2")
   assert int(final_params(workdir).step) == saved + 2
+
+
+def test_v_prediction_min_snr_and_dpm_solver_job(tmp_path):
+  run(tmp_path, "--parameterization", "v", "--loss_weighting", "min_snr", "--sampler", "dpm",
+      "--sample_steps", "5", "--steps", "2", "--num_samples", "4")
+  records = cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
+  assert records and all(np.isfinite(r["loss"]) for r in records)
+  assert (tmp_path / "samples_final.png").exists() and (tmp_path / "trajectory.png").exists()
+  stored = json.loads((tmp_path / "config.json").read_text())
+  assert (stored["parameterization"], stored["loss_weighting"]) == ("v", "min_snr")
