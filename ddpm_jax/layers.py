@@ -109,6 +109,21 @@ def _wino_out(m):
   return (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
 
 
+def _wino_tiles(xc, H, W):
+  """B^T d B for every 4x4 tile of xc padded by 1 (and to even H, W): [16, b, H'/2, W'/2, C]."""
+  Hp, Wp = H + H % 2, W + W % 2
+  xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
+  rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
+  return jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+
+
+def _interleave(y):
+  """y[a][b] [n, H, W, C] -> [n, 2H, 2W, C] with pixel (2p + a, 2q + b) = y[a][b] at (p, q)."""
+  out = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [n, H, 2(a), W, 2(b), C]
+  n, H, _, W, _, C = out.shape
+  return out.reshape(n, 2 * H, 2 * W, C)
+
+
 def _conv3x3_winograd(x, w):
   """`_conv(x, w)` for a 3x3 kernel, stride 1, padding 1, by Winograd F(2x2, 3x3).
 
@@ -131,15 +146,11 @@ def _conv3x3_winograd(x, w):
   u = jnp.einsum("ai,ijcd,bj->abcd", g, w, g).reshape(16, cin, cout)
 
   def one(xc):
-    b = xc.shape[0]
-    xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
-    rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
-    v = jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+    v = _wino_tiles(xc, H, W)
     m = jax.lax.dot_general(v.reshape(16, -1, cin), u, (((2,), (1,)), ((0,), (0,))))
-    m = m.reshape(4, 4, b, Hp // 2, Wp // 2, cout)
+    m = m.reshape((4, 4) + v.shape[1:4] + (cout,))
     # Rows then columns; output pixel (2p + a, 2q + b) is y_ab at tile (p, q).
-    y = jnp.stack([jnp.stack(_wino_out(s), axis=3) for s in _wino_out(m)], axis=2)
-    return y.reshape(b, Hp, Wp, cout)[:, :H, :W]
+    return _interleave([_wino_out(s) for s in _wino_out(m)])[:, :H, :W]
 
   return _chunked(one, (x,), (Hp // 2) * (Wp // 2), 16 * cin * x.dtype.itemsize)
 
@@ -164,9 +175,7 @@ def _wgrad3x3_winograd(x, g):
   Hp, Wp = H + H % 2, W + W % 2
 
   def one(xc, gc):
-    xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
-    rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
-    v = jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+    v = _wino_tiles(xc, H, W)
     gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
     grows = _wino_grad_out([gp[:, a::2] for a in range(2)])
     gh = jnp.stack([t for r in grows for t in _wino_grad_out([r[:, :, b::2] for b in range(2)])])
@@ -250,10 +259,8 @@ def _phase_conv(x, kernels, pads):
         kh, kw, cin, cout = k.shape
         cols_x = _patches(xc, kh, kw, p).reshape(-1, kh * kw * cin)
         cols.append(jnp.dot(cols_x, k.reshape(-1, cout)).reshape(xc.shape[:3] + (cout,)))
-      rows.append(jnp.stack(cols, axis=3))  # [b, H, W, 2(b), C]
-    y = jnp.stack(rows, axis=2)  # [b, H, 2(a), W, 2(b), C]
-    b, H, _, W, _, C = y.shape
-    return y.reshape(b, 2 * H, 2 * W, C)
+      rows.append(cols)
+    return _interleave(rows)
 
   k_total = sum(k.shape[0] * k.shape[1] for ka in kernels for k in ka)
   return _chunked(one, (x,), x.shape[1] * x.shape[2], k_total * x.shape[3] * x.dtype.itemsize)
