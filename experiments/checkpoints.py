@@ -12,6 +12,7 @@ as `OSError`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -191,6 +192,22 @@ class Checkpointer:
       self.wait()
     finally:
       self._mngr.close()
+
+
+def resume_or_init(ckpt: Checkpointer, init, config, preset: str, workdir: str) -> tuple:
+  """(state, latest step or None): the latest checkpoint restored onto the
+  shapes of `init()`, or `init()` when there is none. Only then, with the
+  checkpoint readable, is `workdir/config.json` rewritten with `config`, so a
+  refused run leaves the workdir as it was."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
+  else:
+    state = init()
+  cli.write_json_atomic(os.path.join(workdir, "config.json"),
+                        {"preset": preset, **dataclasses.asdict(config)})
+  return state, latest
 
 
 def restore_latest(directory: str, init) -> tuple:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import ddpm_jax as dj
 from experiments import cli, plotting
-from experiments.checkpoints import Checkpointer, restore_latest
+from experiments.checkpoints import Checkpointer, restore_latest, resume_or_init
 from experiments.files import Preemption
 from experiments.data import load_mnist
 
@@ -214,15 +214,9 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   init = functools.partial(dj.create_train_state, init_rng, model, tx, image_shape)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  latest = ckpt.latest_step()
+  state, latest = resume_or_init(ckpt, init, config, preset, workdir)
   if latest is not None:
-    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
     print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
-  else:
-    state = init()
-  # Only now, with the checkpoint readable, does the workdir take this config.
-  cli.write_json_atomic(os.path.join(workdir, "config.json"),
-                        {"preset": preset, **dataclasses.asdict(config)})
   state = dj.parallel.replicate(state, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import vae_jax as vj
 from experiments import cli, plotting
 from experiments.files import Preemption
-from experiments.checkpoints import Checkpointer, restore_latest
+from experiments.checkpoints import Checkpointer, restore_latest, resume_or_init
 from experiments.data import load_mnist
 
 
@@ -129,14 +129,7 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   init = functools.partial(vj.create_state, init_rng, vae, tx, c.latent_dim)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   best = Checkpointer(os.path.join(workdir, "best"), best_metric="test_loss", best_mode="min")
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(c, workdir))
-  else:
-    state = init()
-  # Only now, with the checkpoint readable, does the workdir take this config.
-  cli.write_json_atomic(os.path.join(workdir, "config.json"),
-                        {"preset": preset, **dataclasses.asdict(c)})
+  state, latest = resume_or_init(ckpt, init, c, preset, workdir)
   epoch = int(state.step) // steps_per_epoch
   if latest is not None:
     print(f"resumed after epoch {epoch}", file=sys.stderr)
