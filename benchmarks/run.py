@@ -9,7 +9,8 @@ Times, in one process so ratios hold on a noisy machine:
   weight-gradient convolutions on and off on the seed SimpleUNet;
 - the sampler: one U-Net forward on 64 images (what each sampler step costs)
   and whole DDIM-50 and DDPM-1000 samplers for 64 images;
-- the VAE epoch (784-400-20, batch 128, one compiled scan);
+- the VAE epoch (784-400-20, batch 128, one compiled scan), and the same
+  epoch's matrix products alone (the floor under any implementation here);
 - the seeds' PyTorch models and loops (`benchmarks/torch_ref.py`), when torch
   is installed: `train_ratio`, `sampler_ratio` and `vae_ratio` are JAX over
   PyTorch throughput (higher is better), null without torch.
@@ -211,6 +212,36 @@ def vae_bench(images_u8: np.ndarray, epochs: int) -> dict:
           "images_per_sec": images_u8.shape[0] / min(times)}
 
 
+def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
+  """The VAE epoch's matrix products alone, as one compiled scan: the forward
+  784-400-(20+20)-400-784 products and the backward products that training
+  needs (every weight gradient, every input gradient but the data's). No
+  activations, loss, sampling or Adam: a lower bound on any epoch's time on
+  this machine, and its GFLOP/s is what XLA:CPU reaches on these shapes."""
+  k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
+  ws = (0.03 * jax.random.normal(k1, (784, 400)), 0.03 * jax.random.normal(k2, (400, 40)),
+        0.03 * jax.random.normal(k3, (20, 400)), 0.03 * jax.random.normal(k4, (400, 784)))
+  xs = jax.random.uniform(k5, (steps, batch, 784))
+
+  def body(w, x):
+    w1, w2, w3, w4 = w
+    h = x @ w1
+    z = (h @ w2)[:, :20]
+    h2 = z @ w3
+    g = h2 @ w4  # stands in for the output gradient: same shape, data-dependent
+    gh2 = g @ w4.T
+    gz = gh2 @ w3.T
+    gh = jnp.pad(gz, ((0, 0), (0, 20))) @ w2.T
+    grads = (x.T @ gh, h.T @ jnp.pad(gz, ((0, 0), (0, 20))), z.T @ gh2, h2.T @ g)
+    return jax.tree.map(lambda a, b: a - 1e-9 * b, w, grads), None
+
+  fn = jax.jit(lambda w, xs: jax.lax.scan(body, w, xs)[0])
+  jax.block_until_ready(fn(ws, xs))
+  dt = _time(lambda: jax.block_until_ready(fn(ws, xs)), 1)
+  flops = 2 * steps * batch * (3 * (784 * 400 + 400 * 40 + 20 * 400 + 400 * 784) - 784 * 400)
+  return {"seconds": dt, "gflops": flops / 1e9, "gflops_per_sec": flops / dt / 1e9}
+
+
 def mnist_like(n: int = 60000) -> np.ndarray:
   """Random uint8 digits-shaped data: the VAE epoch's cost does not depend on pixels."""
   return np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
@@ -291,6 +322,11 @@ def main(argv=None) -> None:
   vae = vae_bench(mnist_like(), 2 if quick else 3)
   out["vae"] = vae
   print(f"VAE epoch (784-400-20, batch 128, 60k images): {vae['epoch_seconds']:.2f} s", flush=True)
+  floor = vae_gemm_floor()
+  out["vae_gemm_floor"] = floor
+  print(f"VAE epoch's matrix products alone ({floor['gflops']:.0f} GFLOP): {floor['seconds']:.2f} s "
+        f"at {floor['gflops_per_sec']:.0f} GFLOP/s; at the matmul peak they would take "
+        f"{floor['gflops'] / peak:.2f} s", flush=True)
 
   jax_train = next(r["images_per_sec"] for r in rows if r["preset"] == "simple" and
                    r["dtype"] == "float32") if "simple" in presets else None
@@ -299,11 +335,14 @@ def main(argv=None) -> None:
     tt = torch_ref.ddpm_train_throughput(a.batch, iters=iters)
     tf = torch_ref.forward_throughput(64, iters=3 * iters)
     tv = min(torch_ref.vae_epoch_seconds(mnist_like()) for _ in range(2 if quick else 3))
+    tvs = min(torch_ref.vae_epoch_seconds_seed_loop(mnist_like()) for _ in range(2 if quick else 3))
     out["torch"] = {"train": tt, "forward": tf, "vae_epoch_seconds": tv,
+                    "vae_epoch_seconds_seed_loop": tvs,
                     "threads": torch_ref.torch.get_num_threads()}
     print(f"\nPyTorch {machine['torch']} ({out['torch']['threads']} threads): train simple "
           f"{tt['images_per_sec']:.1f} img/s, forward 64 {tf['images_per_sec']:.0f} img/s, "
-          f"VAE epoch {tv:.2f} s", flush=True)
+          f"VAE epoch {tv:.2f} s (preloaded tensor), {tvs:.2f} s (seed loop: DataLoader)",
+          flush=True)
   else:
     print("\nPyTorch reference skipped: " + ("--no_torch" if a.no_torch else
           "torch is not installed (pip install torch==2.13.0)"), flush=True)
@@ -311,9 +350,15 @@ def main(argv=None) -> None:
   out["train_ratio"] = _ratio(jax_train, t and t["train"]["images_per_sec"])
   out["sampler_ratio"] = _ratio(fwd["images_per_sec"], t and t["forward"]["images_per_sec"])
   out["vae_ratio"] = _ratio(t and t["vae_epoch_seconds"], vae["epoch_seconds"])
+  out["vae_ratio_seed_loop"] = _ratio(t and t["vae_epoch_seconds_seed_loop"], vae["epoch_seconds"])
+  # The best vae_ratio any implementation could reach here: PyTorch's epoch
+  # over the time of the matrix products alone.
+  out["vae_ratio_bound"] = _ratio(t and t["vae_epoch_seconds"], floor["seconds"])
   fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
   print(f"train_ratio {fmt(out['train_ratio'])} (target >= 1.0), sampler_ratio "
-        f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0)")
+        f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0; "
+        f"{fmt(out['vae_ratio_seed_loop'])} against the seed's DataLoader loop; matrix products "
+        f"alone would give {fmt(out['vae_ratio_bound'])})")
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["device_peak_bytes"] = _device_peak_bytes()
   if a.json:

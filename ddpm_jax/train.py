@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ddpm_jax.guidance import drop_labels
 from ddpm_jax.losses import LOSS_TYPES, diffusion_loss
 from ddpm_jax.parameterization import loss_weight
 from ddpm_jax.schedules import Schedule
@@ -113,17 +114,26 @@ def ema_decay_at(step, decay: float, warmup: bool = True):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def model_eps_fn(model: nn.Module, params, *, train: bool = False, rng=None) -> Callable:
-  """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers."""
+def model_eps_fn(model: nn.Module, params, *, labels=None, train: bool = False,
+                 rng=None) -> Callable:
+  """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers.
+
+  labels: for a class-conditional U-Net, the class of each image [B] (the
+  null label `model.num_classes` for unconditional samples); None: the
+  unconditional net, or the null label for a conditional one. For
+  classifier-free guidance use `guidance.classifier_free_eps_fn`.
+  """
   rngs = {"dropout": rng} if (train and rng is not None) else None
-  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=train, rngs=rngs)
+  extra = {} if labels is None else {"y": labels}
+  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=train, rngs=rngs, **extra)
 
 
 def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation, *,
                     base_rng: jax.Array, ema_decay: float = 0.999, ema_warmup: bool = True,
                     loss_type: str = "mse", axis_name: Optional[str] = None,
                     skip_nonfinite: bool = False, parameterization: str = "eps",
-                    weighting: str = "none", weight_options: Optional[dict] = None) -> Callable:
+                    weighting: str = "none", weight_options: Optional[dict] = None,
+                    label_dropout: float = 0.1) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
   The step's key is `fold_in(base_rng, state.step)`; it draws t, the noise
@@ -143,9 +153,14 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     parameterization: what the model predicts: "eps", "x0" or "v".
     weighting: loss weighting, "none", "min_snr" or "p2" (options such as
       min_snr_gamma in `weight_options`; see `parameterization.loss_weight`).
+    label_dropout: for a class-conditional model, the probability that an
+      example's label is replaced by the null label (classifier-free
+      guidance training); unused by unconditional models.
 
-  `batch` is [B, H, W, C] float images in [-1, 1]. Metrics: loss, grad_norm,
-  finite (1.0 when loss and gradient norm are finite, else 0.0).
+  `batch` is [B, H, W, C] float images in [-1, 1], or for a class-conditional
+  model (`model.num_classes > 0`) a pair (images, labels [B] int in
+  0..num_classes-1). Metrics: loss, grad_norm, finite (1.0 when loss and
+  gradient norm are finite, else 0.0).
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -155,12 +170,29 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
 
-  def apply(params, x_t, t, rng):
-    return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng})
+  num_classes = getattr(model, "num_classes", 0)
+  if not 0.0 <= label_dropout <= 1.0:
+    raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout!r}")
 
-  def train_step(state: TrainState, batch: jnp.ndarray):
+  def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
-    loss_fn = lambda p: diffusion_loss(apply, p, schedule, rng, batch, loss_type,
+    if num_classes:
+      if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError("a class-conditional model trains on (images, labels) batches")
+      images, labels = batch
+      label_rng, rng = jax.random.split(rng)
+      labels = drop_labels(label_rng, labels, num_classes, label_dropout)
+      extra = {"y": labels}
+    else:
+      if isinstance(batch, (tuple, list)):
+        raise ValueError("labels were given to an unconditional model; build the U-Net with "
+                         "num_classes > 0 to train it class-conditionally")
+      images, extra = batch, {}
+
+    def apply(params, x_t, t, rng):
+      return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng}, **extra)
+
+    loss_fn = lambda p: diffusion_loss(apply, p, schedule, rng, images, loss_type,
                                        parameterization, weighting, **(weight_options or {}))
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     if axis_name is not None:

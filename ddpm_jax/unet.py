@@ -31,6 +31,30 @@ def check_image_shape(shape, factor: int):
                      "downsampling factor; choose another size or a model with fewer levels")
 
 
+def label_embedding(num_classes: int, dim: int, y, batch: int, dtype):
+  """Class embedding [B, dim] for a class-conditional U-Net, or None.
+
+  Labels y [B] lie in 0..num_classes, where num_classes is the null label
+  (unconditional; classifier-free guidance trains with it and samples with
+  it). y=None means the null label for every example. The table has
+  num_classes + 1 rows and starts at zero, so a fresh conditional model
+  behaves like an unconditional one.
+  """
+  if num_classes == 0:
+    if y is not None:
+      raise ValueError("labels were given to an unconditional U-Net; build it with "
+                       "num_classes > 0 to condition on classes")
+    return None
+  if y is None:
+    y = jnp.full((batch,), num_classes, jnp.int32)
+  y = jnp.asarray(y)
+  if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers of shape ({batch},), got {y.dtype} {y.shape}")
+  table = nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.zeros,
+                   dtype=dtype, name="label_embedding")
+  return table(y)
+
+
 class SimpleUNet(nn.Module):
   """The seed notebook's SimpleUNet.
 
@@ -38,6 +62,9 @@ class SimpleUNet(nn.Module):
     channels: widths of the three levels (seed: 64, 128, 256).
     time_dim: sinusoidal embedding and time-MLP width (seed: 256).
     out_channels: output channels; None means the input's.
+    num_classes: 0 (the seed's unconditional net) or the number of classes:
+      a label embedding (null label = num_classes) is added to the time
+      embedding, see `label_embedding`.
     gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU, for
       layers with >= 32 channels.
     dtype: computation dtype; parameters stay float32.
@@ -46,14 +73,16 @@ class SimpleUNet(nn.Module):
   channels: Sequence[int] = (64, 128, 256)
   time_dim: int = 256
   out_channels: Optional[int] = None
+  num_classes: int = 0
   gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
 
   downsample_factor = 4
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
-    """x: [B, H, W, C], t: [B] int or float -> eps [B, H, W, out_channels]."""
+  def __call__(self, x, t, train: bool = False, y=None):
+    """x: [B, H, W, C], t: [B] int or float, y: [B] labels or None
+    -> eps [B, H, W, out_channels]."""
     check_image_shape(x.shape, self.downsample_factor)
     c1, c2, c3 = self.channels
     conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
@@ -64,8 +93,10 @@ class SimpleUNet(nn.Module):
     out_ch = self.out_channels or x.shape[-1]
     x = x.astype(self.dtype)
 
-    emb = nn.relu(dense(self.time_dim, name="time_mlp")(
-        timestep_embedding(t, self.time_dim).astype(self.dtype)))
+    emb = dense(self.time_dim, name="time_mlp")(
+        timestep_embedding(t, self.time_dim).astype(self.dtype))
+    label = label_embedding(self.num_classes, self.time_dim, y, x.shape[0], self.dtype)
+    emb = nn.relu(emb if label is None else emb + label)
     proj = lambda c, name: dense(c, name=name)(emb)[:, None, None, :]
 
     h1 = nn.relu(conv(c1, name="conv1")(x) + proj(c1, "time_proj1"))
@@ -135,6 +166,9 @@ class UNet(nn.Module):
     upsample: "nearest" (nearest-neighbour then 3x3 conv) or
       "conv_transpose" (4x4 stride-2 transposed conv, as in the tutorial).
     out_channels: output channels; None means the input's.
+    num_classes: 0 (unconditional) or the number of classes: a label
+      embedding (null label = num_classes) is added to the time embedding,
+      see `label_embedding`.
     gemm_conv: GEMM/Winograd convolutions (same maths); None: on CPU, for
       layers with >= 32 channels.
     dtype: computation dtype; parameters stay float32.
@@ -149,6 +183,7 @@ class UNet(nn.Module):
   num_heads: int = 4
   upsample: str = "nearest"
   out_channels: Optional[int] = None
+  num_classes: int = 0
   gemm_conv: Optional[bool] = None
   dtype: Any = jnp.float32
 
@@ -157,8 +192,8 @@ class UNet(nn.Module):
     return 2 ** (len(self.channel_mults) - 1)
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
-    """x: [B, H, W, C], t: [B] -> eps [B, H, W, out_channels]."""
+  def __call__(self, x, t, train: bool = False, y=None):
+    """x: [B, H, W, C], t: [B], y: [B] labels or None -> eps [B, H, W, out_channels]."""
     check_image_shape(x.shape, self.downsample_factor)
     if self.upsample not in ("nearest", "conv_transpose"):
       raise ValueError(f"upsample must be 'nearest' or 'conv_transpose', got {self.upsample!r}")
@@ -172,6 +207,8 @@ class UNet(nn.Module):
     emb_dim = 4 * ch
     emb = timestep_embedding(t, ch).astype(self.dtype)
     emb = nn.Dense(emb_dim, dtype=self.dtype)(nn.gelu(nn.Dense(emb_dim, dtype=self.dtype)(emb)))
+    label = label_embedding(self.num_classes, emb_dim, y, x.shape[0], self.dtype)
+    emb = emb if label is None else emb + label
 
     h = conv(ch)(x.astype(self.dtype))
     skips = [h]

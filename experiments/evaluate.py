@@ -10,9 +10,21 @@ classifier score, class histogram and diversity. The same metrics for a floor
 each with the same sample count, come with every table.
 
 Writes `W/eval/<sampler>_<steps>steps_n<N>.json` (or `vae_prior_n<N>.json`)
-and a grid of the first 100 samples beside it. `--sweep 10,20,50,100,250,1000`
-also runs DDPM and DDIM at each step count and writes
-`W/eval/steps_sweep_n<N>.json` and `.png` (seconds per image and FD-MNIST).
+and a grid of the first 100 samples beside it. DDPM runs can add:
+
+* `--sweep 10,20,50,100,250,1000`: each sampler of `--sweep_samplers`
+  (ddpm, ddim, dpm) at each step count, on the same checkpoint:
+  `W/eval/steps_sweep_n<N>.json` and `.png` (seconds per image and FD-MNIST).
+  Rows of samplers not rerun are kept from an earlier sweep of the same
+  checkpoint and N.
+* `--vlb`: the variational bound in bits/dim on `--vlb_num_images` MNIST test
+  images (discretised Gaussian decoder, all T terms per image; see
+  `ddpm_jax.likelihood`): `W/eval/vlb_n<N>.json` and `.png` (the bound's
+  terms against t).
+* `--guidance 0,1,3` (class-conditional runs): samples of every digit at each
+  classifier-free guidance scale, scored by the MNIST classifier (accuracy
+  per class: is a "3" drawn as a 3?) and by FD-MNIST:
+  `W/eval/guidance_n<N>.json` and `.png`.
 """
 
 from __future__ import annotations
@@ -187,9 +199,28 @@ def build_parser():
                       "counts, e.g. 10,20,50,100,250,1000")
   p.add_argument("--sweep_num_samples", type=int, default=None,
                  help="images per sweep point (default: --num_samples)")
+  p.add_argument("--sweep_samplers", default=",".join(mnist_ddpm.SAMPLERS),
+                 help="samplers of the sweep (default: all)")
+  p.add_argument("--vlb", action="store_true",
+                 help="DDPM runs: the variational bound in bits/dim on MNIST test images")
+  p.add_argument("--vlb_num_images", type=int, default=100,
+                 help="test images for --vlb (each costs T network calls)")
+  p.add_argument("--guidance", default=None, metavar="SCALES",
+                 help="class-conditional DDPM runs: per-class accuracy and FD of samples at "
+                      "these classifier-free guidance scales, e.g. 0,1,3")
   p.add_argument("--skip_main", action="store_true",
-                 help="with --sweep: only the sweep")
+                 help="with --sweep, --vlb or --guidance: only those")
   return p
+
+
+def parse_scales(text: str) -> list:
+  try:
+    scales = [float(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise cli.UsageError(f"--guidance must be comma-separated numbers, got {text!r}") from None
+  if not scales or min(scales) < 0:
+    raise cli.UsageError(f"--guidance scales must be >= 0, got {text!r}")
+  return scales
 
 
 def main(argv=None) -> None:
@@ -206,10 +237,19 @@ def main(argv=None) -> None:
   sweep = parse_steps(a.sweep) if a.sweep else None
   if a.sweep_num_samples is not None and a.sweep_num_samples < 10:
     raise cli.UsageError(f"--sweep_num_samples must be >= 10, got {a.sweep_num_samples}")
-  if a.skip_main and not sweep:
-    raise cli.UsageError("--skip_main needs --sweep")
-  if kind == "vae" and (sweep or a.sampler or a.steps):
-    raise cli.UsageError("--sampler, --steps and --sweep apply to DDPM runs only")
+  sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
+  for x in sweep_samplers:
+    if x not in mnist_ddpm.SAMPLERS:
+      raise cli.UsageError(f"--sweep_samplers: unknown sampler {x!r}; choose from "
+                           f"{mnist_ddpm.SAMPLERS}")
+  scales = parse_scales(a.guidance) if a.guidance else None
+  if a.vlb_num_images < 1:
+    raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
+  if a.skip_main and not (sweep or a.vlb or scales):
+    raise cli.UsageError("--skip_main needs --sweep, --vlb or --guidance")
+  if kind == "vae" and (sweep or a.sampler or a.steps or a.vlb or scales):
+    raise cli.UsageError("--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM "
+                         "runs only")
   if kind == "ddpm":
     config, _ = cli.load_config(mnist_ddpm.Config, workdir)
     T = config.timesteps
@@ -217,6 +257,9 @@ def main(argv=None) -> None:
     eta = config.eta if a.eta is None else a.eta
     steps = a.steps or {"ddpm": T, "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
                          "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS}[sampler]
+    if scales and not config.conditional:
+      raise cli.UsageError(f"--guidance needs a class-conditional run; {workdir} was trained "
+                           "without --conditional")
     for s in [steps] + (sweep or []):
       if not 1 <= s <= T:
         raise cli.UsageError(f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
@@ -268,8 +311,9 @@ def main(argv=None) -> None:
   if sweep:
     n = a.sweep_num_samples or a.num_samples
     b = min(batch, n)
-    rows = []
-    for sampler_name in mnist_ddpm.SAMPLERS:
+    tag = f"steps_sweep_n{n}"
+    rows = earlier_sweep_rows(os.path.join(out_dir, tag + ".json"), step, sweep_samplers)
+    for sampler_name in sweep_samplers:
       for s in sweep:
         fn = ddpm_sampler(config, model, schedule, sampler_name, s, 0.0, b)
         imgs, spi = draw(fn, params, rng, n, b, f"sweep {sampler_name} {s} steps")
@@ -279,13 +323,160 @@ def main(argv=None) -> None:
         rows.append(m)
         tqdm.write(f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
                    f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}", file=sys.stderr)
+    order = {name: i for i, name in enumerate(mnist_ddpm.SAMPLERS)}
+    rows.sort(key=lambda r: (order[r["sampler"]], r["steps"]))
     record = {**_meta("ddpm", workdir, step, n), "sweep": rows,
               "baselines": baseline_metrics(n)}
-    tag = f"steps_sweep_n{n}"
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
     plot_sweep(rows, record["baselines"], os.path.join(out_dir, tag + ".png"), n)
     print(format_sweep(rows))
     print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
+
+  if a.vlb:
+    n = min(a.vlb_num_images, mnist.test_images.shape[0])
+    record = vlb_eval(config, model, schedule, params, mnist.test_images, n, batch,
+                      jax.random.fold_in(rng, 7))
+    record = {**_meta("ddpm", workdir, step, n), **record}
+    tag = f"vlb_n{n}"
+    cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
+    plot_vlb(record, os.path.join(out_dir, tag + ".png"))
+    print(f"variational bound on {n} MNIST test images ({config.variance} variance): "
+          f"{record['bits_per_dim']:.3f} +- {record['bits_per_dim_stderr']:.3f} bits/dim "
+          f"({record['nats_per_image']:.1f} nats per image; prior term "
+          f"{record['prior_bits_per_dim']:.2g}, decoder {record['decoder_bits_per_dim']:.3f})")
+    print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
+
+  if scales:
+    n_per = max(1, -(-a.num_samples // mnist_ddpm.NUM_CLASSES))
+    n = n_per * mnist_ddpm.NUM_CLASSES
+    rows, grids = [], []
+    for w in scales:
+      imgs, labels, spi = draw_classes(config, model, schedule, params, w, n_per, batch,
+                                       jax.random.fold_in(rng, 11))
+      imgs = to_uint8(imgs)
+      m = evaluate_images(net, ref, imgs, a.seed)
+      _, probs = net.embed(imgs)
+      pred = probs.argmax(axis=1)
+      per_class = [float(np.mean(pred[labels == k] == k)) for k in range(mnist_ddpm.NUM_CLASSES)]
+      m.update(guidance_scale=w, accuracy=float(np.mean(pred == labels)),
+               per_class_accuracy=per_class, seconds_per_image=spi,
+               sampler=config.sampler, steps=len(mnist_ddpm.sampler_timesteps(config)))
+      rows.append(m)
+      grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
+      tqdm.write(f"guidance {w:g}: accuracy {m['accuracy']:.3f}, FD-MNIST {m['fd']:.2f}",
+                 file=sys.stderr)
+    tag = f"guidance_n{n}"
+    record = {**_meta("ddpm", workdir, step, n), "rows": rows, "baselines": baseline_metrics(n)}
+    cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
+    plot_guidance(rows, grids, os.path.join(out_dir, tag + ".png"))
+    print(format_guidance(rows))
+    print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
+
+
+def earlier_sweep_rows(path: str, step: int, rerun: list) -> list:
+  """Rows of an earlier sweep of the same checkpoint for samplers not rerun now."""
+  try:
+    old = cli.read_json(path)
+  except (OSError, ValueError):
+    return []
+  if not isinstance(old, dict) or old.get("checkpoint_step") != step:
+    return []
+  return [r for r in old.get("sweep", []) if r.get("sampler") not in rerun]
+
+
+def draw_classes(config, model, schedule, params, scale: float, n_per: int, batch: int, rng):
+  """n_per samples of each digit with classifier-free guidance `scale`:
+  (images [10 n_per, ...], labels [10 n_per], seconds per image)."""
+  labels = np.repeat(np.arange(mnist_ddpm.NUM_CLASSES, dtype=np.int32), n_per)
+  b = min(batch, labels.size)
+  pad = -labels.size % b
+  padded = np.concatenate([labels, labels[:pad]])
+  fn = mnist_ddpm.make_sampler(config, model, schedule, (b, 28, 28, 1), labels=padded[:b],
+                               guidance_scale=scale)
+  compiled = fn.lower(params, rng, padded[:b]).compile()
+  out, t0 = [], time.perf_counter()
+  for i in tqdm(range(padded.size // b), desc=f"guidance {scale:g}", unit="batch",
+                file=sys.stderr, leave=False, dynamic_ncols=True):
+    out.append(np.asarray(compiled(params, jax.random.fold_in(rng, i), padded[i * b:(i + 1) * b])))
+  secs = time.perf_counter() - t0
+  return np.concatenate(out)[:labels.size], labels, secs / padded.size
+
+
+def vlb_eval(config, model, schedule, params, test_images: np.ndarray, n: int, batch: int,
+             rng) -> dict:
+  """Bits/dim of the bound on the first n test images, in batches."""
+  eps_fn_of = lambda p: dj.eps_fn_from_model(dj.model_eps_fn(model, p), schedule,
+                                             config.parameterization)
+  fn = jax.jit(lambda p, x, r: dj.likelihood.vlb_terms(eps_fn_of(p), schedule, r, x,
+                                                       config.variance))
+  totals, priors, terms = [], [], []
+  for i in tqdm(range(0, n, batch), desc="VLB", unit="batch", file=sys.stderr,
+                dynamic_ncols=True):
+    x = mnist_ddpm.to_float(test_images[i:min(i + batch, n)])
+    out = fn(params, x, jax.random.fold_in(rng, i))
+    totals.append(np.asarray(out["total"], np.float64))
+    priors.append(np.asarray(out["prior"], np.float64))
+    terms.append(np.asarray(out["terms"], np.float64).sum(axis=1))
+  total, prior = np.concatenate(totals), np.concatenate(priors)
+  to_bpd = 1.0 / (28 * 28 * np.log(2.0))
+  per_t = np.sum(terms, axis=0) / n * to_bpd
+  bpd = total * to_bpd
+  return {"bits_per_dim": float(bpd.mean()),
+          "bits_per_dim_stderr": float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+          "nats_per_image": float(total.mean()), "prior_bits_per_dim": float(prior.mean() * to_bpd),
+          "decoder_bits_per_dim": float(per_t[0]), "per_t_bits_per_dim": per_t.tolist(),
+          "variance": config.variance, "num_images": n, "images": f"first {n} of the MNIST test split"}
+
+
+def plot_vlb(record: dict, path: str) -> None:
+  plt = plotting.plt
+  per_t = np.asarray(record["per_t_bits_per_dim"])
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  ax1.plot(np.arange(1, per_t.size), per_t[1:], lw=1)
+  ax1.set_yscale("log")
+  ax1.set_xlabel("t")
+  ax1.set_ylabel("bits/dim of the KL term at t")
+  ax1.set_title(f"decoder term (t = 0): {per_t[0]:.3f} bits/dim")
+  ax2.plot(np.arange(per_t.size), np.cumsum(per_t) + record["prior_bits_per_dim"], lw=1)
+  ax2.set_xlabel("t")
+  ax2.set_ylabel("bits/dim from terms 0..t (+ prior)")
+  ax2.set_title(f"total {record['bits_per_dim']:.3f} bits/dim")
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+  fig.suptitle(f"DDPM variational bound on {record['num_images']} MNIST test images")
+  fig.tight_layout()
+  plotting.atomic_savefig(fig, path, dpi=100)
+
+
+def format_guidance(rows: list) -> str:
+  lines = [f"{'scale':>6s} {'accuracy':>8s} {'FD-MNIST':>9s} {'recall':>6s}  per-class accuracy 0..9"]
+  for r in rows:
+    pc = " ".join(f"{v:.2f}" for v in r["per_class_accuracy"])
+    lines.append(f"{r['guidance_scale']:6g} {r['accuracy']:8.3f} {r['fd']:9.2f} "
+                 f"{r['recall']:6.3f}  {pc}")
+  return "\n".join(lines)
+
+
+def plot_guidance(rows: list, grids: list, path: str) -> None:
+  plt = plotting.plt
+  k = len(rows)
+  fig, axes = plt.subplots(1, k + 1, figsize=(4 * (k + 1), 4.3))
+  ax = axes[0]
+  for r in rows:
+    ax.plot(range(10), r["per_class_accuracy"], marker="o",
+            label=f"w={r['guidance_scale']:g} (mean {r['accuracy']:.2f})")
+  ax.set_xticks(range(10))
+  ax.set_xlabel("digit asked for")
+  ax.set_ylabel("fraction classified as that digit")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  for ax, r, g in zip(axes[1:], rows, grids):
+    ax.imshow(plotting.tile(g.astype(np.float32) / 255.0, 10)[..., 0], cmap="gray")
+    ax.set_title(f"w = {r['guidance_scale']:g}: rows 0-9, FD {r['fd']:.1f}")
+    ax.axis("off")
+  fig.tight_layout()
+  plotting.atomic_savefig(fig, path, dpi=100)
 
 
 def report(out_dir: str, tag: str, record: dict, images_u8: np.ndarray) -> None:

@@ -53,15 +53,24 @@ class Config:
   sample_steps: Optional[int] = cli.flag(None, "sampler steps (1..T); default: T for ddpm "
                                          "(fewer respace the chain), 50 for ddim, 20 for dpm")
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
+  temperature: float = cli.flag(1.0, "scale of the noise the ddpm and ddim samplers add at each "
+                                "step (1 = exact; < 1 sharper, less diverse)")
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
   clip_x0: bool = cli.flag(True, "clip the predicted x0 to [-1, 1] while sampling")
-  num_samples: int = cli.flag(64, "images in each sample grid")
+  num_samples: int = cli.flag(64, "images in each sample grid (unconditional runs)")
   sample_every_epochs: int = cli.flag(5, "draw a sample grid every this many epochs")
   checkpoint_every_steps: int = cli.flag(1000, "save a checkpoint every this many steps")
   log_every_steps: int = cli.flag(50, "write metrics.jsonl every this many steps")
   seed: int = cli.flag(0, "random seed")
   skip_nonfinite: bool = cli.flag(False, "skip updates whose loss or gradient is not finite "
                                   "(default: stop with an error, keeping the last checkpoint)")
+  conditional: bool = cli.flag(False, "train class-conditionally on the digit labels (label "
+                               "embedding, classifier-free guidance); grids get one row per digit")
+  label_dropout: float = cli.flag(0.1, "with --conditional: probability of training on the null "
+                                  "label instead of the digit")
+  guidance_scale: float = cli.flag(3.0, "with --conditional: classifier-free guidance weight of "
+                                   "the grids (0 unconditional, 1 conditional, > 1 guided)")
+  samples_per_class: int = cli.flag(8, "with --conditional: grid columns (samples per digit)")
   compute_dtype: str = cli.flag("float32", "U-Net compute dtype: float32, or bfloat16 for "
                                 "GPU/TPU mixed precision (parameters and optimizer stay float32)")
 
@@ -131,6 +140,14 @@ def validate(config: Config) -> None:
        f"got {config.loss_weighting!r}")
   need(config.min_snr_gamma > 0, f"--min_snr_gamma must be > 0, got {config.min_snr_gamma}")
   need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
+  need(config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}")
+  need(config.temperature == 1 or config.sampler != "dpm",
+       "--temperature applies to the ddpm and ddim samplers; dpm (DPM-Solver++) adds no noise")
+  need(0 <= config.label_dropout <= 1,
+       f"--label_dropout must lie in [0, 1], got {config.label_dropout}")
+  need(config.guidance_scale >= 0, f"--guidance_scale must be >= 0, got {config.guidance_scale}")
+  need(config.samples_per_class >= 1,
+       f"--samples_per_class must be >= 1, got {config.samples_per_class}")
   need(config.variance in ("beta", "beta_tilde"), f"--variance must be beta or beta_tilde, got {config.variance!r}")
   if config.sample_steps is not None:
     need(1 <= config.sample_steps <= config.timesteps,
@@ -145,35 +162,61 @@ def validate(config: Config) -> None:
        f"divisible by it; choose a model with fewer levels (e.g. simple, tiny)")
 
 
+NUM_CLASSES = 10  # MNIST digits
+
+
+def build_model(config: Config):
+  """The configured U-Net (class-conditional with --conditional)."""
+  return dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype],
+                       num_classes=NUM_CLASSES if config.conditional else 0)
+
+
+def grid_labels(config: Config) -> np.ndarray:
+  """Digit-major labels of the conditional grid: samples_per_class of each digit."""
+  return np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), config.samples_per_class)
+
+
 def to_float(images_u8: jnp.ndarray) -> jnp.ndarray:
   """uint8 [B, H, W, C] -> float32 in [-1, 1] (the seeds' Normalize(0.5, 0.5))."""
   return images_u8.astype(jnp.float32) / 127.5 - 1.0
 
 
-def make_sampler(config: Config, model, schedule, shape, trajectory_every=None):
+def make_sampler(config: Config, model, schedule, shape, trajectory_every=None, labels=None,
+                 guidance_scale=None):
   """A jitted `sample(params, rng) -> images` (and frames) for the configured sampler.
 
+  labels [shape[0]]: for a conditional model, the digit of each sample, with
+  classifier-free guidance of `guidance_scale` (default --guidance_scale);
+  None samples a conditional model unconditionally (null label). The
+  returned function also takes the labels as a third argument, `sample(
+  params, rng, labels)`, to draw other digits without recompiling.
   With several devices and a batch they divide, each device denoises its slice.
   """
   mesh = dj.parallel.make_mesh()
   split = mesh.devices.size > 1 and shape[0] % mesh.devices.size == 0
+  scale = config.guidance_scale if guidance_scale is None else guidance_scale
 
-  def sample(params, rng):
-    eps_fn = dj.eps_fn_from_model(dj.model_eps_fn(model, params), schedule,
-                                  config.parameterization)
+  def sample(params, rng, y=None):
+    y = labels if y is None else y  # labels can also be passed per call
+    if y is None:
+      eps_fn = dj.eps_fn_from_model(dj.model_eps_fn(model, params), schedule,
+                                    config.parameterization)
+    else:
+      cond = dj.model_cond_eps_fn(model, params, schedule, config.parameterization)
+      eps_fn = dj.classifier_free_eps_fn(cond, jnp.asarray(y), scale, model.num_classes)
     if split:
       eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
                             clip_x0=config.clip_x0, trajectory_every=trajectory_every,
-                            num_steps=config.sample_steps)
+                            num_steps=config.sample_steps, temperature=config.temperature)
     if config.sampler == "dpm":
       return dj.dpm_solver_sample(eps_fn, schedule, rng, shape,
                                   config.sample_steps or DPM_DEFAULT_STEPS,
                                   clip_x0=config.clip_x0, trajectory_every=trajectory_every)
     return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
                           eta=config.eta, clip_x0=config.clip_x0,
-                          trajectory_every=trajectory_every)
+                          trajectory_every=trajectory_every, temperature=config.temperature)
   return jax.jit(sample)
 
 
@@ -200,10 +243,11 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
   # uint8 on every device and shuffled there; each device gathers its slice of a batch.
   images = jax.device_put(mnist.train_images, rep)
+  train_labels = jax.device_put(mnist.train_labels.astype(np.int32), rep)
   n_train, image_shape = images.shape[0], tuple(images.shape[1:])
 
   schedule = make_schedule(config)
-  model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
+  model = build_model(config)
   batch = config.batch_size
   steps_per_epoch = n_train // batch
   total_steps = config.steps or config.epochs * steps_per_epoch
@@ -227,27 +271,37 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
                                   skip_nonfinite=config.skip_nonfinite,
                                   parameterization=config.parameterization,
                                   weighting=config.loss_weighting,
-                                  weight_options=weight_options(config))
+                                  weight_options=weight_options(config),
+                                  label_dropout=config.label_dropout)
   lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
                                     min(config.warmup_steps, total_steps))
 
   @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
-  def step_fn(state, images, perm):
+  def step_fn(state, images, labels, perm):
     i = state.step % steps_per_epoch
     idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
     x = jax.lax.with_sharding_constraint(to_float(jnp.take(images, idx, axis=0)), data)
-    return train_step(state, x)
+    if not config.conditional:
+      return train_step(state, x)
+    y = jax.lax.with_sharding_constraint(jnp.take(labels, idx, axis=0), data)
+    return train_step(state, (x, y))
 
   @jax.jit
   def epoch_perm(epoch):
     return jax.random.permutation(jax.random.fold_in(data_rng, epoch), n_train).astype(jnp.int32)
 
-  grid_shape = (config.num_samples,) + image_shape
-  sample = make_sampler(config, model, schedule, grid_shape)
+  if config.conditional:  # one row per digit
+    digits = grid_labels(config)
+    sample = make_sampler(config, model, schedule, (len(digits),) + image_shape, labels=digits)
+    nrow, what = config.samples_per_class, f"rows 0-9, guidance {config.guidance_scale:g}, "
+  else:
+    sample = make_sampler(config, model, schedule, (config.num_samples,) + image_shape)
+    nrow, what = 8, ""
 
   def save_samples(step, name, title):
     imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
-    plotting.save_grid(imgs, os.path.join(workdir, name), nrow=8, title=title)
+    plotting.save_grid(imgs, os.path.join(workdir, name), nrow=nrow,
+                       title=title.replace("(EMA", f"({what}EMA"))
 
   metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
                            keep_up_to_step=latest if latest is not None else None)
@@ -288,7 +342,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
         epoch = step // steps_per_epoch
         if epoch != perm_epoch:
           perm, perm_epoch = epoch_perm(epoch), epoch
-        state, m = step_fn(state, images, perm)
+        state, m = step_fn(state, images, train_labels, perm)
         step += 1
         pending.append((step, m["finite"]))
         loss_sum = loss_sum + jnp.where(m["finite"] > 0, m["loss"], 0.0)
@@ -337,10 +391,12 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   t0 = time.perf_counter()
   save_samples(total_steps, "samples_final.png",
                f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)")
-  print(f"sampled {config.num_samples} images in {time.perf_counter() - t0:.1f} s "
+  n_grid = len(digits) if config.conditional else config.num_samples
+  print(f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s "
         "(compile included)", file=sys.stderr)
   every = max(1, len(ts) // 10)
-  traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every)
+  traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every,
+                             labels=np.arange(8, dtype=np.int32) if config.conditional else None)
   _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
   labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
   labels[0] = f"x_T (t={ts[0]})"  # pure noise
@@ -363,7 +419,7 @@ def load_trained(workdir: str):
   from its latest checkpoint; UsageError when there is none."""
   config, _ = cli.load_config(Config, workdir)
   validate(config)
-  model = dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype])
+  model = build_model(config)
   schedule = make_schedule(config)
   tx = dj.make_optimizer(config.learning_rate, 2, warmup_steps=1,  # structure only
                          grad_clip=config.grad_clip)

@@ -51,10 +51,14 @@ def test_baselines_order_floor_below_ceilings(mnist):
 
 
 def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
+  """A class-conditional smoke DDPM: unconditional samples (null label), the
+  sweep (then one sampler rerun, merged), the bound in bits/dim and guidance."""
   ddpm_dir, vae_dir = tmp_path / "ddpm", tmp_path / "vae"
-  mnist_ddpm.main(["--workdir", str(ddpm_dir), "--preset", "smoke"])
+  mnist_ddpm.main(["--workdir", str(ddpm_dir), "--preset", "smoke", "--conditional", "true",
+                   "--samples_per_class", "1"])
   evaluate.main(["--workdir", str(ddpm_dir), "--num_samples", "20", "--batch_size", "10",
-                 "--sweep", "3", "--sweep_num_samples", "12"])
+                 "--sweep", "3", "--sweep_num_samples", "12", "--sweep_samplers", "ddpm,ddim",
+                 "--vlb", "--vlb_num_images", "3", "--guidance", "2"])
   out = capsys.readouterr().out
   assert "FD-MNIST" in out and "floor: real train images" in out
   rec = json.loads((ddpm_dir / "eval" / "ddim_10steps_n20.json").read_text())
@@ -63,11 +67,25 @@ def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
   assert sum(res["class_counts"]) == 20 and np.isfinite(res["fd"])
   assert set(rec["results"]) == {"DDPM test (ddim, 10 steps)", "floor: real train images",
                                  "ceiling: uniform noise", "ceiling: blurred mean image"}
+  evaluate.main(["--workdir", str(ddpm_dir), "--skip_main", "--sweep", "3",
+                 "--sweep_num_samples", "12", "--sweep_samplers", "dpm", "--batch_size", "12"])
   sweep = json.loads((ddpm_dir / "eval" / "steps_sweep_n12.json").read_text())
   assert [(r["sampler"], r["steps"]) for r in sweep["sweep"]] == [
       ("ddpm", 3), ("ddim", 3), ("dpm", 3)]
   assert all(r["seconds_per_image"] > 0 for r in sweep["sweep"])
   assert os.path.getsize(ddpm_dir / "eval" / "steps_sweep_n12.png") > 0
+  vlb = json.loads((ddpm_dir / "eval" / "vlb_n3.json").read_text())
+  assert vlb["num_images"] == 3 and len(vlb["per_t_bits_per_dim"]) == 100
+  # The bound is its terms' sum and is positive (a discrete likelihood is <= 1).
+  assert vlb["bits_per_dim"] == pytest.approx(vlb["prior_bits_per_dim"]
+                                               + sum(vlb["per_t_bits_per_dim"]), rel=1e-6)
+  assert 0 < vlb["bits_per_dim"] < 100
+  guided = json.loads((ddpm_dir / "eval" / "guidance_n20.json").read_text())
+  assert [r["guidance_scale"] for r in guided["rows"]] == [2.0]
+  for r in guided["rows"]:
+    assert r["num_samples"] == 20 and len(r["per_class_accuracy"]) == 10
+    assert r["accuracy"] == pytest.approx(np.mean(r["per_class_accuracy"]))
+  assert os.path.getsize(ddpm_dir / "eval" / "guidance_n20.png") > 0
 
   mnist_vae.main(["--workdir", str(vae_dir), "--preset", "smoke", "--latent_dim", "2"])
   evaluate.main(["--workdir", str(vae_dir), "--num_samples", "30"])
@@ -80,6 +98,10 @@ def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
     (["--sweep", "2,x"], "comma-separated integers"),
     (["--num_samples", "5"], "--num_samples must be >= 10"),
     (["--eta", "2"], "eta must lie in"),
+    (["--guidance", "1"], "needs a class-conditional run"),
+    (["--guidance", "1,-2"], "scales must be >= 0"),
+    (["--skip_main"], "needs --sweep, --vlb or --guidance"),
+    (["--sweep", "2", "--sweep_samplers", "euler"], "unknown sampler 'euler'"),
 ])
 def test_evaluate_bad_flags(tmp_path, flags, match):
   (tmp_path / "config.json").write_text(json.dumps({"preset": "smoke", "timesteps": 100}))

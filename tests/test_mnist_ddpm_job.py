@@ -72,7 +72,9 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path):
   for flags, expect in [(["--bogus", "1"], "unrecognized arguments: --bogus"),
                         (["--preset", "nope"], "invalid choice: 'nope'"),
                         (["--eta", "2"], "--eta must lie in [0, 1], got 2.0"),
-                        (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]")]:
+                        (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]"),
+                        (["--sampler", "dpm", "--temperature", "0.5"], "dpm (DPM-Solver++) adds no noise"),
+                        (["--label_dropout", "1.5"], "--label_dropout must lie in [0, 1]")]:
     p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
                         str(tmp_path / "w"), *flags], capture_output=True, text=True, env=env)
     assert p.returncode == 2, p.stderr
@@ -86,7 +88,8 @@ def test_help_lists_flags():
   assert p.returncode == 0
   for flag in ["--workdir", "--preset", "--epochs", "--steps", "--batch_size", "--learning_rate",
                "--schedule", "--timesteps", "--model", "--sampler", "--sample_steps",
-               "--num_samples", "--ema_decay", "--seed"]:
+               "--num_samples", "--ema_decay", "--seed", "--conditional", "--guidance_scale",
+               "--temperature"]:
     assert flag in p.stdout
 
 
