@@ -22,8 +22,9 @@ and a grid of the first 100 samples beside it. DDPM runs can add:
   `ddpm_jax.likelihood`): `W/eval/vlb_n<N>.json` and `.png` (the bound's
   terms against t).
 * `--guidance 0,1,3` (class-conditional runs): samples of every digit at each
-  classifier-free guidance scale, scored by the MNIST classifier (accuracy
-  per class: is a "3" drawn as a 3?) and by FD-MNIST:
+  classifier-free guidance scale (with `--sampler` and `--steps`), scored by
+  the MNIST classifier (accuracy per class: is a "3" drawn as a 3?) and by
+  FD-MNIST:
   `W/eval/guidance_n<N>.json` and `.png`.
 """
 
@@ -171,14 +172,16 @@ def run_kind(workdir: str) -> str:
   raise cli.UsageError(f"{workdir}/config.json is neither a DDPM nor a VAE run")
 
 
-def parse_steps(text: str) -> list:
+def parse_list(text: str, flag: str, kind=int, low=1) -> list:
+  """Comma-separated numbers of `kind`, each >= low; UsageError naming `flag` otherwise."""
+  noun = "integers" if kind is int else "numbers"
   try:
-    steps = [int(s) for s in text.split(",") if s.strip()]
+    values = [kind(s) for s in text.split(",") if s.strip()]
   except ValueError:
-    raise cli.UsageError(f"--sweep must be comma-separated integers, got {text!r}") from None
-  if not steps or min(steps) < 1:
-    raise cli.UsageError(f"--sweep step counts must be >= 1, got {text!r}")
-  return steps
+    raise cli.UsageError(f"{flag} must be comma-separated {noun}, got {text!r}") from None
+  if not values or min(values) < low:
+    raise cli.UsageError(f"{flag} values must be >= {low}, got {text!r}")
+  return values
 
 
 def build_parser():
@@ -213,15 +216,6 @@ def build_parser():
   return p
 
 
-def parse_scales(text: str) -> list:
-  try:
-    scales = [float(s) for s in text.split(",") if s.strip()]
-  except ValueError:
-    raise cli.UsageError(f"--guidance must be comma-separated numbers, got {text!r}") from None
-  if not scales or min(scales) < 0:
-    raise cli.UsageError(f"--guidance scales must be >= 0, got {text!r}")
-  return scales
-
 
 def main(argv=None) -> None:
   a = build_parser().parse_args(argv)
@@ -234,7 +228,7 @@ def main(argv=None) -> None:
     raise cli.UsageError(f"--num_samples must be >= 10 (the metrics need a few), got {a.num_samples}")
   if a.eta is not None and not 0 <= a.eta <= 1:
     raise cli.UsageError(f"--eta must lie in [0, 1], got {a.eta}")
-  sweep = parse_steps(a.sweep) if a.sweep else None
+  sweep = parse_list(a.sweep, "--sweep") if a.sweep else None
   if a.sweep_num_samples is not None and a.sweep_num_samples < 10:
     raise cli.UsageError(f"--sweep_num_samples must be >= 10, got {a.sweep_num_samples}")
   sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
@@ -242,7 +236,7 @@ def main(argv=None) -> None:
     if x not in mnist_ddpm.SAMPLERS:
       raise cli.UsageError(f"--sweep_samplers: unknown sampler {x!r}; choose from "
                            f"{mnist_ddpm.SAMPLERS}")
-  scales = parse_scales(a.guidance) if a.guidance else None
+  scales = parse_list(a.guidance, "--guidance", float, 0) if a.guidance else None
   if a.vlb_num_images < 1:
     raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
   if a.skip_main and not (sweep or a.vlb or scales):
@@ -350,8 +344,9 @@ def main(argv=None) -> None:
     n_per = max(1, -(-a.num_samples // mnist_ddpm.NUM_CLASSES))
     n = n_per * mnist_ddpm.NUM_CLASSES
     rows, grids = [], []
+    gconfig = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
     for w in scales:
-      imgs, labels, spi = draw_classes(config, model, schedule, params, w, n_per, batch,
+      imgs, labels, spi = draw_classes(gconfig, model, schedule, params, w, n_per, batch,
                                        jax.random.fold_in(rng, 11))
       imgs = to_uint8(imgs)
       m = evaluate_images(net, ref, imgs, a.seed)
@@ -360,7 +355,7 @@ def main(argv=None) -> None:
       per_class = [float(np.mean(pred[labels == k] == k)) for k in range(mnist_ddpm.NUM_CLASSES)]
       m.update(guidance_scale=w, accuracy=float(np.mean(pred == labels)),
                per_class_accuracy=per_class, seconds_per_image=spi,
-               sampler=config.sampler, steps=len(mnist_ddpm.sampler_timesteps(config)))
+               sampler=sampler, steps=steps)
       rows.append(m)
       grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
       tqdm.write(f"guidance {w:g}: accuracy {m['accuracy']:.3f}, FD-MNIST {m['fd']:.2f}",
@@ -475,8 +470,9 @@ def plot_guidance(rows: list, grids: list, path: str) -> None:
     ax.imshow(plotting.tile(g.astype(np.float32) / 255.0, 10)[..., 0], cmap="gray")
     ax.set_title(f"w = {r['guidance_scale']:g}: rows 0-9, FD {r['fd']:.1f}")
     ax.axis("off")
+  fig.suptitle("Classifier-free guidance: do samples show the digit asked for?")
   fig.tight_layout()
-  plotting.atomic_savefig(fig, path, dpi=100)
+  plotting.atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
 def report(out_dir: str, tag: str, record: dict, images_u8: np.ndarray) -> None:

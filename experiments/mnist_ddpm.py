@@ -53,6 +53,9 @@ class Config:
   sample_steps: Optional[int] = cli.flag(None, "sampler steps (1..T); default: T for ddpm "
                                          "(fewer respace the chain), 50 for ddim, 20 for dpm")
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
+  spacing: Optional[str] = cli.flag(None, "sampler timestep spacing: trailing, linspace or "
+                                    "quadratic (and logsnr for dpm); default: trailing, logsnr "
+                                    "for dpm")
   temperature: float = cli.flag(1.0, "scale of the noise the ddpm and ddim samplers add at each "
                                 "step (1 = exact; < 1 sharper, less diverse)")
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
@@ -140,6 +143,9 @@ def validate(config: Config) -> None:
        f"got {config.loss_weighting!r}")
   need(config.min_snr_gamma > 0, f"--min_snr_gamma must be > 0, got {config.min_snr_gamma}")
   need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
+  spacings = dj.samplers.SPACINGS + (("logsnr",) if config.sampler == "dpm" else ())
+  need(config.spacing is None or config.spacing in spacings,
+       f"--spacing must be one of {spacings} for --sampler {config.sampler}, got {config.spacing!r}")
   need(config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}")
   need(config.temperature == 1 or config.sampler != "dpm",
        "--temperature applies to the ddpm and ddim samplers; dpm (DPM-Solver++) adds no noise")
@@ -209,23 +215,27 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None, 
     if config.sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
                             clip_x0=config.clip_x0, trajectory_every=trajectory_every,
-                            num_steps=config.sample_steps, temperature=config.temperature)
+                            num_steps=config.sample_steps, temperature=config.temperature,
+                            spacing=config.spacing or "trailing")
     if config.sampler == "dpm":
       return dj.dpm_solver_sample(eps_fn, schedule, rng, shape,
                                   config.sample_steps or DPM_DEFAULT_STEPS,
+                                  spacing=config.spacing or "logsnr",
                                   clip_x0=config.clip_x0, trajectory_every=trajectory_every)
     return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
-                          eta=config.eta, clip_x0=config.clip_x0,
+                          eta=config.eta, clip_x0=config.clip_x0, spacing=config.spacing or "trailing",
                           trajectory_every=trajectory_every, temperature=config.temperature)
   return jax.jit(sample)
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:
-  if config.sampler == "dpm":
+  if config.sampler == "dpm" and config.spacing in (None, "logsnr"):
     return dj.samplers.logsnr_timesteps(make_schedule(config),
                                         config.sample_steps or DPM_DEFAULT_STEPS)
-  default = config.timesteps if config.sampler == "ddpm" else DDIM_DEFAULT_STEPS
-  return dj.ddim_timesteps(config.timesteps, config.sample_steps or default)
+  default = {"ddpm": config.timesteps, "ddim": DDIM_DEFAULT_STEPS,
+             "dpm": DPM_DEFAULT_STEPS}[config.sampler]
+  return dj.ddim_timesteps(config.timesteps, config.sample_steps or default,
+                           config.spacing or "trailing")
 
 
 def train_and_evaluate(config: Config, preset: str, workdir: str,

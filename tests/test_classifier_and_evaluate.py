@@ -99,7 +99,7 @@ def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
     (["--num_samples", "5"], "--num_samples must be >= 10"),
     (["--eta", "2"], "eta must lie in"),
     (["--guidance", "1"], "needs a class-conditional run"),
-    (["--guidance", "1,-2"], "scales must be >= 0"),
+    (["--guidance", "1,-2"], "--guidance values must be >= 0"),
     (["--skip_main"], "needs --sweep, --vlb or --guidance"),
     (["--sweep", "2", "--sweep_samplers", "euler"], "unknown sampler 'euler'"),
 ])

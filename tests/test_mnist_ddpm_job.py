@@ -74,7 +74,8 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path):
                         (["--eta", "2"], "--eta must lie in [0, 1], got 2.0"),
                         (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]"),
                         (["--sampler", "dpm", "--temperature", "0.5"], "dpm (DPM-Solver++) adds no noise"),
-                        (["--label_dropout", "1.5"], "--label_dropout must lie in [0, 1]")]:
+                        (["--label_dropout", "1.5"], "--label_dropout must lie in [0, 1]"),
+                        (["--spacing", "logsnr"], "--spacing must be one of")]:
     p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
                         str(tmp_path / "w"), *flags], capture_output=True, text=True, env=env)
     assert p.returncode == 2, p.stderr
@@ -151,7 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
 
 def test_v_prediction_min_snr_and_dpm_solver_job(tmp_path):
   run(tmp_path, "--parameterization", "v", "--loss_weighting", "min_snr", "--sampler", "dpm",
-      "--sample_steps", "5", "--steps", "2", "--num_samples", "4")
+      "--sample_steps", "5", "--steps", "2", "--num_samples", "4", "--spacing", "quadratic")
   records = cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
   assert records and all(np.isfinite(r["loss"]) for r in records)
   assert (tmp_path / "samples_final.png").exists() and (tmp_path / "trajectory.png").exists()
