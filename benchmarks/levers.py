@@ -4,7 +4,9 @@ Each lever runs in a fresh process (XLA flags are read when JAX starts):
 the seed SimpleUNet's train step at batch 128 and one forward on 64 images,
 under each XLA:CPU flag set, with our GEMM convolutions (`conv_gemm`) on and
 off, and with its parts switched off one at a time (Winograd, batch
-chunking). Prints a table; `--json PATH` writes it.
+chunking). Every lever runs with huge pages for malloc (the jobs' process
+set-up, experiments/runtime.py) except the one that times glibc's default.
+Prints a table; `--json PATH` writes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+
+from experiments import runtime
 
 CHILD = r"""
 import json, sys
@@ -46,9 +50,19 @@ LEVERS = [
     ("no thunk runtime", "--xla_cpu_use_thunk_runtime=false", True, {}),
 ]
 
+# The process set-up lever, timed apart: glibc's default malloc, which maps
+# and faults in XLA's per-call buffers afresh (experiments/runtime.py).
+NO_HUGEPAGES = "conv_gemm, no huge pages (glibc default)"
 
-def run_lever(flags: str, gemm: bool, iters: int, overrides: dict) -> dict:
+
+def run_lever(flags: str, gemm: bool, iters: int, overrides: dict,
+              hugepages: bool = True) -> dict:
   env = dict(os.environ)
+  if hugepages:
+    env = runtime.hugepages_env(env, runtime.glibc_version(), runtime.thp_mode()) or env
+  else:
+    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
+                                     if t and t != runtime.TUNABLE)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
   proc = subprocess.run([sys.executable, "-c", CHILD, "1" if gemm else "0", str(iters),
                          json.dumps(overrides)],
@@ -67,9 +81,11 @@ def main(argv=None) -> None:
   iters = 2 if a.quick else 5
   rows = []
   print(f"{'lever':<40} {'train img/s':>11} {'fwd img/s':>10} {'train GF/s':>10}")
-  for name, flags, gemm, overrides in LEVERS:
-    r = dict(run_lever(flags, gemm, iters, overrides), lever=name, xla_flags=flags,
-             gemm_conv=gemm, layer_overrides=overrides)
+  levers = [(name, flags, gemm, overrides, True) for name, flags, gemm, overrides in LEVERS]
+  levers.insert(1, (NO_HUGEPAGES, "", True, {}, False))
+  for name, flags, gemm, overrides, hugepages in levers:
+    r = dict(run_lever(flags, gemm, iters, overrides, hugepages), lever=name, xla_flags=flags,
+             gemm_conv=gemm, layer_overrides=overrides, hugepages=hugepages)
     rows.append(r)
     if "error" in r:
       print(f"{name:<40} failed: {r['error']}", flush=True)

@@ -14,6 +14,10 @@ Times, in one process so ratios hold on a noisy machine:
 - the seeds' PyTorch models and loops (`benchmarks/torch_ref.py`), when torch
   is installed: `train_ratio`, `sampler_ratio` and `vae_ratio` are JAX over
   PyTorch throughput (higher is better), null without torch.
+
+`python -m benchmarks.run` restarts itself once with huge pages for malloc,
+as the jobs do (experiments/runtime.py). PyTorch runs in the same process,
+so it gets the same set-up. The machine line says whether it is on.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 import ddpm_jax as dj
 import vae_jax as vj
 from benchmarks import torch_ref
+from experiments import runtime
 
 
 def cpu_name() -> str:
@@ -276,7 +281,8 @@ def main(argv=None) -> None:
   dev = jax.devices()[0]
   machine = {"device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
              "cpu": cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-             "torch": torch_ref.torch.__version__ if use_torch else None}
+             "torch": torch_ref.torch.__version__ if use_torch else None,
+             "hugepages": runtime.hugepages_active()}
   print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
   peak = matmul_peak(2048 if dev.platform == "cpu" else 8192)
   print(f"fp32 matmul peak (measured): {peak:.1f} GFLOP/s", flush=True)

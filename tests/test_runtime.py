@@ -1,0 +1,71 @@
+"""The jobs' process set-up: huge pages for malloc (experiments/runtime.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import runtime
+
+
+def test_hugepages_env_adds_the_tunable_and_keeps_others():
+  env = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.check=0"}
+  out = runtime.hugepages_env(env, (2, 36), "madvise")
+  assert out["GLIBC_TUNABLES"] == "glibc.malloc.check=0:" + runtime.TUNABLE
+  assert out["PATH"] == "/bin" and env["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
+  assert runtime.hugepages_active(out) and not runtime.hugepages_active(env)
+  assert runtime.hugepages_env({}, (2, 35), "always") == {"GLIBC_TUNABLES": runtime.TUNABLE}
+
+
+@pytest.mark.parametrize("env, glibc, thp", [
+    ({"GLIBC_TUNABLES": runtime.TUNABLE}, (2, 36), "madvise"),  # already set: no restart loop
+    ({runtime.OPT_OUT: "0"}, (2, 36), "madvise"),  # opted out
+    ({}, (2, 34), "madvise"),  # glibc without the tunable
+    ({}, None, "madvise"),  # not glibc (musl, macOS)
+    ({}, (2, 36), "never"),  # transparent huge pages off
+    ({}, (2, 36), None),  # no THP in this kernel
+])
+def test_hugepages_env_leaves_the_process_alone(env, glibc, thp):
+  assert runtime.hugepages_env(env, glibc, thp) is None
+
+
+def test_thp_mode_reads_the_selected_mode(tmp_path):
+  f = tmp_path / "enabled"
+  f.write_text("always [madvise] never\n")
+  assert runtime.thp_mode(str(f)) == "madvise"
+  f.write_text("[never]\n")
+  assert runtime.thp_mode(str(f)) == "never"
+  assert runtime.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_python_m_restarts_with_the_tunable(tmp_path):
+  """`python -m experiments.X` restarts once with the tunable, same arguments."""
+  root = tmp_path / "pkgroot"
+  root.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+  expect = runtime.hugepages_env(env, runtime.glibc_version(), runtime.thp_mode()) is not None
+  code = ("import sys, os; import experiments; "
+          "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])")
+  (root / "probe_main.py").write_text(code)
+  env["PYTHONPATH"] = os.pathsep.join([str(root), os.getcwd()])
+  out = subprocess.run([sys.executable, "-m", "probe_main", "a", "--b=1"], env=env,
+                       capture_output=True, text=True, check=True).stdout.strip()
+  # A module that is not `experiments.X` is not restarted by importing experiments.
+  assert out == "['a', '--b=1']"
+  out = subprocess.run([sys.executable, "-c", "import sys, experiments, os; "
+                        "print(os.environ.get('GLIBC_TUNABLES', ''))"], env=env,
+                       capture_output=True, text=True, check=True).stdout.strip()
+  assert out == ""
+  (root / "experiments_probe").mkdir()
+  (root / "experiments_probe" / "__init__.py").write_text(
+      "from experiments.runtime import reexec_with_hugepages\nreexec_with_hugepages()\n")
+  (root / "experiments_probe" / "show.py").write_text(
+      "import os, sys\nprint(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n")
+  out = subprocess.run([sys.executable, "-m", "experiments_probe.show", "a", "--b=1"], env=env,
+                       capture_output=True, text=True, check=True).stdout.strip()
+  assert out == (f"{runtime.TUNABLE} ['a', '--b=1']" if expect else "['a', '--b=1']")
+  env[runtime.OPT_OUT] = "0"
+  out = subprocess.run([sys.executable, "-m", "experiments_probe.show", "x"], env=env,
+                       capture_output=True, text=True, check=True).stdout.strip()
+  assert out == "['x']"
