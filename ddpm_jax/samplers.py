@@ -40,6 +40,8 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
     raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}] (T), got {num_steps!r}")
   n, T = int(num_steps), int(num_timesteps)
+  if n == 1:  # one step must start from pure noise, whatever the spacing
+    return np.array([T - 1], np.int32)
   if spacing == "trailing":
     ts = np.round(np.arange(1, n + 1) * (T / n)).astype(np.int64) - 1
   elif spacing == "linspace":
@@ -52,17 +54,29 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
   return ts[::-1].astype(np.int32)
 
 
-def logsnr_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+MIN_LOGSNR = -5.1  # log-SNR below which x_t holds no usable signal (sqrt(ab) < 0.006)
+
+
+def logsnr_timesteps(schedule: Schedule, num_steps: int,
+                     min_logsnr: float = MIN_LOGSNR) -> np.ndarray:
   """`num_steps` decreasing timesteps from T-1 to 0, evenly spaced in
   log-SNR lambda_t = log(a_t / s_t) (the spacing DPM-Solver is analysed in),
-  each the discrete timestep nearest its target and made distinct."""
+  each the discrete timestep nearest its target and made distinct.
+
+  The spacing covers [max(lambda_{T-1}, min_logsnr), lambda_0]; the first
+  step still starts at T-1. The floor keeps schedules whose last beta is
+  clipped (cosine: lambda_{T-1} = -9.9, lambda_{T-2} = -6.5) from spending
+  a third of the steps next to pure noise; DPM-Solver's reference code
+  stops the cosine schedule at t = 0.9946 (lambda about -4.8) for the same
+  reason. The linear T=1000 schedule (lambda_{T-1} = -5.06) is unaffected.
+  """
   T = schedule.num_timesteps
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= T:
     raise ValueError(f"num_steps must be an integer in [1, {T}] (T), got {num_steps!r}")
   n = int(num_steps)
   ab = np.asarray(schedule.alphas_cumprod, np.float64)
   lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # decreasing in t
-  targets = np.linspace(lam[-1], lam[0], n)
+  targets = np.linspace(max(lam[-1], min(float(min_logsnr), lam[0])), lam[0], n)
   ts = np.array([int(np.argmin(np.abs(lam - l))) for l in targets])
   ts[0] = T - 1
   for i in range(1, n):  # strictly decreasing from T-1 ...
@@ -273,6 +287,7 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
 
 def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
                       num_steps: int = 20, *, spacing: str = "logsnr", clip_x0=False,
+                      lower_order_final: bool = True,
                       trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
                       dtype=jnp.float32):
   """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the
@@ -286,15 +301,18 @@ def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: 
 
   first order (D = x0_t) on the first step. After the last visited timestep
   the sample is its x0 prediction (a first-order step to noise level 0).
+  With `lower_order_final` (as in the reference DPM-Solver code and
+  diffusers) the step onto the last visited timestep is first order too:
+  when that timestep is t = 0 its lambda step is long and r small, and the
+  extrapolation would overshoot.
 
   Args:
     eps_fn, schedule, rng, shape, clip_x0, trajectory_every, x_T, dtype: as
       in `ddim_sample` (rng only draws x_T).
     num_steps: model evaluations, in [1, T].
     spacing: "logsnr" (default: even steps in lambda, from T-1 to 0, see
-      `logsnr_timesteps`) or a `ddim_timesteps` spacing. Uneven lambda steps
-      make the second-order extrapolation overshoot: with "linspace" and 20
-      steps a Gaussian's sd of 0.3 comes out 0.39 (0.303 with "logsnr").
+      `logsnr_timesteps`) or a `ddim_timesteps` spacing.
+    lower_order_final: first-order step onto the last visited timestep.
 
   Returns:
     x0 [*shape], or (x0, frames) when trajectory_every is set.
@@ -306,6 +324,7 @@ def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: 
   else:
     ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
   ts_next = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+  last_t = int(ts[-1]) if lower_order_final else -2  # -2: never matches
   if x_T is None:
     x_T = jax.random.normal(jax.random.split(rng)[0], shape, dtype)
   elif tuple(x_T.shape) != shape:
@@ -325,7 +344,7 @@ def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: 
     s_ = jnp.maximum(s, 0)
     h = jnp.where(final, 1.0, lam[s_] - lam[t])  # unused on the final step
     r = h_prev / h
-    second = has_prev & ~final
+    second = has_prev & ~final & (s != last_t)
     d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
     ratio = jnp.exp(0.5 * (log_1m_ab[s_] - log_1m_ab[t]))  # s_s / s_t
     x_next = ratio * x32 - jnp.exp(0.5 * log_ab[s_]) * jnp.expm1(-h) * d

@@ -51,6 +51,7 @@ from sample_quality import classifier as clf
 from sample_quality import metrics as qm
 
 REFERENCE = "MNIST test split (10,000 images)"
+_TEST_READABLE: dict = {}  # readable fraction of the reference set, once computed
 EXTRACTOR = "sample_quality MNIST CNN, 128-d penultimate features"
 
 
@@ -146,19 +147,21 @@ def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, 
 
 def format_table(rows: dict) -> str:
   head = (f"{'set':34s} {'n':>6s} {'FD-MNIST':>9s} {'KID +- stderr':>17s} {'prec':>6s} {'recall':>6s} "
-          f"{'CS':>6s} {'TV':>5s} {'divers':>7s}")
+          f"{'CS':>6s} {'TV':>5s} {'divers':>7s} {'readable':>8s}")
   lines = [head, "-" * len(head)]
   for name, m in rows.items():
     kid = f"{m['kid']:.3g} +- {m['kid_stderr']:.2g}"
     lines.append(f"{name[:34]:34s} {m['num_samples']:6d} {m['fd']:9.3f} {kid:>17s} "
                  f"{m['precision']:6.3f} {m['recall']:6.3f} {m['classifier_score']:6.2f} "
-                 f"{m['class_tv_from_uniform']:5.3f} {m['diversity']:7.2f}")
+                 f"{m['class_tv_from_uniform']:5.3f} {m['diversity']:7.2f} "
+                 f"{m['readable']:8.3f}")
   return "\n".join(lines)
 
 
 def _meta(kind: str, workdir: str, step: int, n: int) -> dict:
   return {"run": kind, "workdir": workdir, "checkpoint_step": step, "num_samples": n,
-          "reference": REFERENCE, "extractor": EXTRACTOR,
+          "reference": REFERENCE, "reference_readable": _TEST_READABLE.get("value"),
+          "readable_threshold": qm.READABLE_THRESHOLD, "extractor": EXTRACTOR,
           "extractor_sha256": clf.WEIGHTS_SHA256, "device": jax.devices()[0].device_kind,
           "jax": jax.__version__, "time": time.time()}
 
@@ -264,6 +267,10 @@ def main(argv=None) -> None:
   mnist = load_mnist()
   net = FeatureNet()
   ref = reference_features(net, mnist.test_images)
+  test_readable = qm.readable_fraction(net.embed(mnist.test_images)[1])
+  _TEST_READABLE["value"] = test_readable
+  print(f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",
+        file=sys.stderr)
   rng = jax.random.key(a.seed)
   cache_baselines: dict = {}
 
@@ -353,12 +360,18 @@ def main(argv=None) -> None:
       _, probs = net.embed(imgs)
       pred = probs.argmax(axis=1)
       per_class = [float(np.mean(pred[labels == k] == k)) for k in range(mnist_ddpm.NUM_CLASSES)]
+      sure = probs.max(axis=1) >= qm.READABLE_THRESHOLD
+      per_class_readable = [float(np.mean(sure[labels == k]))
+                            for k in range(mnist_ddpm.NUM_CLASSES)]
       m.update(guidance_scale=w, accuracy=float(np.mean(pred == labels)),
-               per_class_accuracy=per_class, seconds_per_image=spi,
+               per_class_accuracy=per_class, per_class_readable=per_class_readable,
+               readable_and_correct=float(np.mean(sure & (pred == labels))),
+               seconds_per_image=spi,
                sampler=sampler, steps=steps)
       rows.append(m)
       grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
-      tqdm.write(f"guidance {w:g}: accuracy {m['accuracy']:.3f}, FD-MNIST {m['fd']:.2f}",
+      tqdm.write(f"guidance {w:g}: accuracy {m['accuracy']:.3f}, readable {m['readable']:.3f}, "
+                 f"FD-MNIST {m['fd']:.2f}",
                  file=sys.stderr)
     tag = f"guidance_n{n}"
     record = {**_meta("ddpm", workdir, step, n), "rows": rows, "baselines": baseline_metrics(n)}
@@ -444,11 +457,13 @@ def plot_vlb(record: dict, path: str) -> None:
 
 
 def format_guidance(rows: list) -> str:
-  lines = [f"{'scale':>6s} {'accuracy':>8s} {'FD-MNIST':>9s} {'recall':>6s}  per-class accuracy 0..9"]
+  lines = [f"{'scale':>6s} {'accuracy':>8s} {'readable':>8s} {'FD-MNIST':>9s} {'recall':>6s}  "
+           "per-class accuracy 0..9 / per-class readable 0..9"]
   for r in rows:
     pc = " ".join(f"{v:.2f}" for v in r["per_class_accuracy"])
-    lines.append(f"{r['guidance_scale']:6g} {r['accuracy']:8.3f} {r['fd']:9.2f} "
-                 f"{r['recall']:6.3f}  {pc}")
+    pr = " ".join(f"{v:.2f}" for v in r["per_class_readable"])
+    lines.append(f"{r['guidance_scale']:6g} {r['accuracy']:8.3f} {r['readable']:8.3f} "
+                 f"{r['fd']:9.2f} {r['recall']:6.3f}  {pc} / {pr}")
   return "\n".join(lines)
 
 

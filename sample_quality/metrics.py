@@ -180,6 +180,18 @@ def mean_pairwise_distance(f: np.ndarray, max_points: Optional[int] = 5000, seed
   return float(total / (n * (n - 1)))  # the diagonal adds zeros
 
 
+READABLE_THRESHOLD = 0.9
+
+
+def readable_fraction(probs: np.ndarray, threshold: float = READABLE_THRESHOLD) -> float:
+  """Share of images that the classifier assigns one class with probability
+  >= threshold: probs [N, K] -> a number in [0, 1]."""
+  p = np.asarray(probs, np.float64)
+  if p.ndim != 2 or p.shape[0] < 1:
+    raise ValueError(f"probs must be [N, K] with N >= 1, got shape {p.shape}")
+  return float(np.mean(p.max(axis=1) >= threshold))
+
+
 def all_metrics(real: np.ndarray, fake: np.ndarray, fake_probs: np.ndarray, *, k: int = 3,
                 kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
   """Every metric above for one set of samples against the reference features."""
@@ -189,5 +201,6 @@ def all_metrics(real: np.ndarray, fake: np.ndarray, fake_probs: np.ndarray, *, k
   out.update(precision_recall(real, fake, k))
   out.update(classifier_score(fake_probs, splits=min(10, fake.shape[0])))
   out.update(class_histogram(fake_probs))
+  out["readable"] = readable_fraction(fake_probs)
   out["diversity"] = mean_pairwise_distance(fake, seed=seed)
   return out

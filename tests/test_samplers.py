@@ -177,3 +177,58 @@ def test_dpm_solver_one_step_is_the_x0_prediction_at_T():
   t = jnp.full((SHAPE[0],), 49, jnp.int32)
   np.testing.assert_allclose(x, dj.predict_x0_from_eps(s, x_T, t, toy_eps_fn(50)(x_T, t)),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", dj.samplers.SPACINGS)
+def test_one_step_starts_from_pure_noise_for_every_spacing(spacing):
+  """A single step must be taken at T-1, never at t = 0 (pure noise labelled clean)."""
+  np.testing.assert_array_equal(dj.ddim_timesteps(1000, 1, spacing), [999])
+  s = dj.make_schedule("linear", 1000)
+  x = dj.ddim_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(0), (2000, 2, 2, 1), 1,
+                     spacing=spacing)
+  assert float(x.std()) < 0.05  # the x0 prediction at T-1 is the data mean, not noise (sd 1)
+
+
+def test_dpm_solver_final_step_is_first_order():
+  """With lower_order_final the step onto the last timestep is first order, so
+  with 3 steps (first order, then the final, then x0) DPM-Solver++ is DDIM."""
+  s = dj.make_schedule("linear", 100)
+  eps_fn = gaussian_eps_fn(s, 0.5, 0.3)
+  x_T = jax.random.normal(jax.random.key(3), (64, 2, 2, 1))
+  for spacing in ("linspace", "trailing"):
+    dpm = dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing,
+                               x_T=x_T)
+    ddim = dj.ddim_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing, x_T=x_T)
+    np.testing.assert_allclose(dpm, ddim, rtol=2e-4, atol=2e-4)
+    second = dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing,
+                                  x_T=x_T, lower_order_final=False)
+    assert float(jnp.abs(second - ddim).max()) > 1e-2
+
+
+@pytest.mark.parametrize("spacing,steps,tol", [
+    ("logsnr", 10, 0.01), ("logsnr", 20, 0.01), ("quadratic", 10, 0.01),
+    ("quadratic", 20, 0.01), ("linspace", 20, 0.05)])
+def test_dpm_solver_gaussian_accuracy_by_spacing(spacing, steps, tol):
+  """Sample sd against the probability-flow ODE's answer for N(0.5, 0.3^2) data
+  (0.3035 for the linear T=1000 schedule from x_T ~ N(0, I)). A second-order
+  step onto t = 0 overshoots with linspace (0.388 at 20 steps)."""
+  s = dj.make_schedule("linear", 1000)
+  x = dj.dpm_solver_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11),
+                           (4000, 2, 2, 1), steps, spacing=spacing)
+  assert float(x.std()) == pytest.approx(0.3035, abs=tol)
+
+
+def test_logsnr_spacing_does_not_crowd_pure_noise_on_cosine():
+  """Cosine's clipped last beta puts lambda_{T-1} far below lambda_{T-2}; even
+  log-SNR steps over that range spent 7 of 20 steps within 10 timesteps of T-1."""
+  s = dj.make_schedule("cosine", 1000)
+  ts = dj.samplers.logsnr_timesteps(s, 20)
+  assert ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
+  assert np.sum(ts >= 990) <= 2
+  x = dj.dpm_solver_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11),
+                           (4000, 2, 2, 1), 10)
+  assert float(x.std()) == pytest.approx(0.3035, abs=0.01)  # 0.2685 with the crowded steps
+  # The linear schedule's spacing is unchanged by the floor.
+  lin = dj.make_schedule("linear", 1000)
+  np.testing.assert_array_equal(dj.samplers.logsnr_timesteps(lin, 20),
+                                dj.samplers.logsnr_timesteps(lin, 20, min_logsnr=-1e9))

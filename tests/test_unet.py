@@ -22,10 +22,30 @@ def test_simple_preset_matches_pytorch_parameter_count():
   assert n_params(init_shapes(dj.make_model("simple"), (1, 28, 28, 1))) == 2_755_201
 
 
-@pytest.mark.parametrize("preset,count", [("simple_half", 689_473), ("tiny", 408_193),
+@pytest.mark.parametrize("preset,count", [("simple_half", 689_473), ("simple_half_emb", 734_881),
+                                          ("tiny", 408_193),
                                           ("test", 44_889)])
 def test_preset_parameter_counts(preset, count):
   assert n_params(init_shapes(dj.make_model(preset), (1, 28, 28, 1))) == count
+
+
+def test_conditional_simple_unet_embeds_in_every_block():
+  """A class-conditional SimpleUNet adds the time + label embedding to the two
+  bottleneck and two decoder convs too; the unconditional seed net does not."""
+  cond = init_shapes(dj.make_model("simple", num_classes=10), (1, 28, 28, 1))
+  for name in ("time_proj_mid1", "time_proj_mid2", "time_proj4", "time_proj5"):
+    assert name in cond
+    assert name not in init_shapes(dj.make_model("simple"), (1, 28, 28, 1))
+  model = dj.make_model("simple_half", num_classes=10)
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  t = jnp.array([5, 5])
+  params = model.init(jax.random.key(1), x, t)["params"]
+  params = jax.tree.map(lambda p: p, params)
+  # The decoder's last projection changes the output for any label.
+  bumped = dict(params, time_proj5=jax.tree.map(lambda p: p + 0.5, params["time_proj5"]))
+  a = model.apply({"params": params}, x, t, y=jnp.array([1, 2]))
+  b = model.apply({"params": bumped}, x, t, y=jnp.array([1, 2]))
+  assert float(jnp.abs(a - b).max()) > 1e-3
 
 
 @pytest.mark.parametrize("preset,shape", [("simple", (2, 28, 28, 1)), ("simple", (2, 32, 32, 3)),
