@@ -62,7 +62,7 @@ def diffusion_loss(model: EpsModel, params, schedule: Schedule, rng: jax.Array,
                                  target(schedule, x0, t, noise, parameterization), loss_type)
   if weighting != "none":
     per_example = per_example * loss_weight(schedule, t, parameterization, weighting,
-                                            **weight_options)
+                                            loss_type=loss_type, **weight_options)
   return jnp.mean(per_example)
 
 

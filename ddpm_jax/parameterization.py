@@ -102,8 +102,8 @@ def eps_fn_from_model(model_fn: Callable, schedule: Schedule, parameterization: 
 
 def loss_weight(schedule: Schedule, t: jnp.ndarray, parameterization: str,
                 weighting: str = "none", *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
-                p2_gamma: float = 1.0) -> jnp.ndarray:
-  """Per-example weights [B] for the squared error of a `parameterization` target.
+                p2_gamma: float = 1.0, loss_type: str = "mse") -> jnp.ndarray:
+  """Per-example weights [B] for the error of a `parameterization` target.
 
   - "none": 1 (the plain MSE of that target; for eps, the DDPM L_simple).
   - "min_snr": Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) on the x0
@@ -112,8 +112,13 @@ def loss_weight(schedule: Schedule, t: jnp.ndarray, parameterization: str,
   - "p2": perception-prioritized weighting (Choi et al. 2022): the eps loss
     weighted by 1 / (k + SNR)^gamma, carried over to the other targets by
     the error relations above.
+
+  With loss_type "l1" the errors relate by the square roots of those factors
+  (|eps err| = sqrt(SNR) |x0 err|), so the conversion uses them.
   """
   _check(parameterization)
+  if loss_type not in ("mse", "l1"):
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected 'mse' or 'l1'")
   if weighting not in WEIGHTINGS:
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
   r = snr(schedule, t)
@@ -121,6 +126,8 @@ def loss_weight(schedule: Schedule, t: jnp.ndarray, parameterization: str,
     return jnp.ones_like(r)
   # Factor c with |eps err|^2 = c |target err|^2.
   c = {"eps": jnp.ones_like(r), "x0": r, "v": r / (1.0 + r)}[parameterization]
+  if loss_type == "l1":
+    c = jnp.sqrt(c)
   if weighting == "min_snr":
     if not min_snr_gamma > 0:
       raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma!r}")

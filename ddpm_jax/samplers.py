@@ -353,3 +353,71 @@ def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: 
 
   aux = (jnp.zeros(shape, jnp.float32), jnp.ones((), jnp.float32), jnp.asarray(False))
   return _run(step, x_T, ts, ts_next, trajectory_every, aux=aux)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm")
+# Steps and spacing each sampler uses when not told: ancestral over all T
+# steps, DDIM over 50, DPM-Solver++(2M) over 20 evenly spaced in log-SNR.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm": 20}
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpm": "logsnr"}
+
+
+def _resolve(schedule: Schedule, sampler: str, num_steps: Optional[int], spacing: Optional[str]):
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+  T = schedule.num_timesteps
+  steps = num_steps if num_steps is not None else (DEFAULT_STEPS[sampler] or T)
+  steps = min(steps, T) if num_steps is None else steps
+  spacing = spacing or DEFAULT_SPACING[sampler]
+  allowed = SPACINGS + (("logsnr",) if sampler == "dpm" else ())
+  if spacing not in allowed:
+    raise ValueError(f"spacing {spacing!r} does not apply to the {sampler} sampler; "
+                     f"expected one of {allowed}")
+  return steps, spacing
+
+
+def sampler_timesteps(schedule: Schedule, sampler: str = "dpm", num_steps: Optional[int] = None,
+                      spacing: Optional[str] = None) -> np.ndarray:
+  """The decreasing timesteps `sample(..., sampler, num_steps, spacing=spacing)` visits."""
+  steps, spacing = _resolve(schedule, sampler, num_steps, spacing)
+  if spacing == "logsnr":
+    return logsnr_timesteps(schedule, steps)
+  return ddim_timesteps(schedule.num_timesteps, steps, spacing)
+
+
+def sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
+           sampler: str = "dpm", num_steps: Optional[int] = None, *,
+           spacing: Optional[str] = None, clip_x0=False, eta: float = 0.0,
+           variance: str = "beta", temperature: float = 1.0,
+           trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
+           dtype=jnp.float32):
+  """One entry point to every sampler: `sample(eps_fn, schedule, rng, shape)`.
+
+  Args:
+    eps_fn: (x_t [B, ...], t [B] int32) -> eps.
+    schedule, rng, shape, clip_x0, trajectory_every, x_T, dtype: as in
+      `ddpm_sample`.
+    sampler: "ddpm" (ancestral), "ddim" or "dpm" (DPM-Solver++(2M)).
+    num_steps: steps in [1, T]; None: `DEFAULT_STEPS` (T for ddpm, 50 for
+      ddim, 20 for dpm).
+    spacing: None (`DEFAULT_SPACING`), or "trailing", "linspace",
+      "quadratic", and "logsnr" for dpm.
+    eta: DDIM stochasticity (ddim only).
+    variance: "beta" or "beta_tilde" (ddpm only).
+    temperature: noise scale of ddpm and ddim (dpm adds no noise: must be 1).
+
+  Returns:
+    x0 [*shape], or (x0, frames) when trajectory_every is set; the frames'
+    timesteps are `trajectory_timesteps(sampler_timesteps(...), every)`.
+  """
+  steps, spacing = _resolve(schedule, sampler, num_steps, spacing)
+  common = dict(clip_x0=clip_x0, trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
+  if sampler == "ddpm":
+    return ddpm_sample(eps_fn, schedule, rng, shape, variance=variance, num_steps=steps,
+                       spacing=spacing, temperature=temperature, **common)
+  if sampler == "ddim":
+    return ddim_sample(eps_fn, schedule, rng, shape, steps, eta=eta, spacing=spacing,
+                       temperature=temperature, **common)
+  if temperature != 1.0:
+    raise ValueError("temperature applies to the ddpm and ddim samplers; dpm adds no noise")
+  return dpm_solver_sample(eps_fn, schedule, rng, shape, steps, spacing=spacing, **common)

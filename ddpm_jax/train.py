@@ -147,7 +147,8 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
     ema_decay: EMA decay in [0, 1).
     ema_warmup: warm the decay up over the first steps.
     loss_type: "mse" or "l1".
-    axis_name: if set, gradients and metrics are averaged over this axis.
+    axis_name: if set, gradients and metrics are averaged over this axis,
+      and each replica's key is folded with its axis index.
     skip_nonfinite: when the loss or gradient norm is not finite, keep params,
       optimizer state and EMA unchanged (only `step` advances).
     parameterization: what the model predicts: "eps", "x0" or "v".
@@ -176,6 +177,8 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
+    if axis_name is not None:  # each replica draws its own t, noise, dropout and labels
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     if num_classes:
       if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError("a class-conditional model trains on (images, labels) batches")

@@ -79,9 +79,9 @@ class Config:
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DDIM_DEFAULT_STEPS = 50  # DDIM steps when --sample_steps is not given
-DPM_DEFAULT_STEPS = 20  # DPM-Solver++ steps when --sample_steps is not given
-SAMPLERS = ("ddpm", "ddim", "dpm")
+DDIM_DEFAULT_STEPS = dj.samplers.DEFAULT_STEPS["ddim"]
+DPM_DEFAULT_STEPS = dj.samplers.DEFAULT_STEPS["dpm"]
+SAMPLERS = dj.SAMPLERS
 
 PRESETS = {
     "default": {"_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); "
@@ -212,30 +212,16 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None, 
       eps_fn = dj.classifier_free_eps_fn(cond, jnp.asarray(y), scale, model.num_classes)
     if split:
       eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
-    if config.sampler == "ddpm":
-      return dj.ddpm_sample(eps_fn, schedule, rng, shape, variance=config.variance,
-                            clip_x0=config.clip_x0, trajectory_every=trajectory_every,
-                            num_steps=config.sample_steps, temperature=config.temperature,
-                            spacing=config.spacing or "trailing")
-    if config.sampler == "dpm":
-      return dj.dpm_solver_sample(eps_fn, schedule, rng, shape,
-                                  config.sample_steps or DPM_DEFAULT_STEPS,
-                                  spacing=config.spacing or "logsnr",
-                                  clip_x0=config.clip_x0, trajectory_every=trajectory_every)
-    return dj.ddim_sample(eps_fn, schedule, rng, shape, config.sample_steps or DDIM_DEFAULT_STEPS,
-                          eta=config.eta, clip_x0=config.clip_x0, spacing=config.spacing or "trailing",
-                          trajectory_every=trajectory_every, temperature=config.temperature)
+    return dj.sample(eps_fn, schedule, rng, shape, config.sampler, config.sample_steps,
+                     spacing=config.spacing, clip_x0=config.clip_x0, eta=config.eta,
+                     variance=config.variance, temperature=config.temperature,
+                     trajectory_every=trajectory_every)
   return jax.jit(sample)
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:
-  if config.sampler == "dpm" and config.spacing in (None, "logsnr"):
-    return dj.samplers.logsnr_timesteps(make_schedule(config),
-                                        config.sample_steps or DPM_DEFAULT_STEPS)
-  default = {"ddpm": config.timesteps, "ddim": DDIM_DEFAULT_STEPS,
-             "dpm": DPM_DEFAULT_STEPS}[config.sampler]
-  return dj.ddim_timesteps(config.timesteps, config.sample_steps or default,
-                           config.spacing or "trailing")
+  return dj.sampler_timesteps(make_schedule(config), config.sampler, config.sample_steps,
+                              config.spacing)
 
 
 def train_and_evaluate(config: Config, preset: str, workdir: str,

@@ -8,17 +8,16 @@ every load. `python -m experiments.train_classifier` reproduces them.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
-
+from ddpm_jax import param_files
 from ddpm_jax.layers import Conv
+from ddpm_jax.param_files import WeightsError, params_sha256, save_params  # noqa: F401
 
 WEIGHTS_PATH = os.path.join(os.path.dirname(__file__), "weights", "mnist_cnn.npz")
 # sha256 of the weights' contents (see `params_sha256`), written by
@@ -51,42 +50,11 @@ class MNISTClassifier(nn.Module):
     return logits, h
 
 
-def params_sha256(params: Mapping) -> str:
-  """sha256 over (name, dtype, shape, bytes) of every leaf, names sorted."""
-  h = hashlib.sha256()
-  for name, leaf in sorted((("/".join(k), np.asarray(v)) for k, v in
-                            flatten_dict(params).items())):
-    h.update(f"{name}:{leaf.dtype.str}:{leaf.shape};".encode())
-    h.update(np.ascontiguousarray(leaf).tobytes())
-  return h.hexdigest()
-
-
-def save_params(params: Mapping, path: str) -> str:
-  """Writes params as a flat npz (no pickle); returns their `params_sha256`."""
-  flat = {"/".join(k): np.asarray(v, np.float32) for k, v in flatten_dict(params).items()}
-  with open(path, "wb") as f:
-    np.savez(f, **flat)
-  return params_sha256(unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
-
-
-class WeightsError(RuntimeError):
-  """The classifier weights are missing, unreadable or fail their hash check."""
-
-
 def load_params(path: str = WEIGHTS_PATH, sha256: str | None = WEIGHTS_SHA256) -> dict:
   """Loads classifier params from an npz, checking their hash (None skips the check)."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      flat = {tuple(k.split("/")): z[k] for k in z.files}
-  except (OSError, ValueError) as e:
-    raise WeightsError(f"cannot read classifier weights {path}: {e}") from e
-  params = unflatten_dict(flat)
-  if sha256 is not None:
-    digest = params_sha256(params)
-    if digest != sha256:
-      raise WeightsError(f"classifier weights {path} have sha256 {digest}, expected {sha256}; "
-                         "reinstall the package or rerun `python -m experiments.train_classifier`")
-  return jax.tree.map(jnp.asarray, params)
+  return param_files.load_params(
+      path, sha256, what="classifier weights",
+      hint="reinstall the package or rerun `python -m experiments.train_classifier`")
 
 
 def make_apply(model: MNISTClassifier | None = None,

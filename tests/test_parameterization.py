@@ -77,3 +77,17 @@ def test_diffusion_loss_is_zero_for_the_exact_target_only(kind, weighting):
   w = dj.loss_weight(s, t, kind, weighting)
   loss = dj.diffusion_loss(wrong, None, s, rng, x0, "mse", kind, weighting)
   assert float(loss) == pytest.approx(0.01 * float(jnp.mean(w)), rel=1e-4)
+
+
+def test_l1_loss_weights_use_square_roots_of_the_conversions(setup):
+  """|eps err| = sqrt(SNR) |x0 err| and sqrt(SNR / (1 + SNR)) |v err|: with an
+  L1 loss the weights carry the square roots of the squared-error factors."""
+  s, _, _, t, _ = setup
+  r = P.snr(s, t)
+  w_eps = jnp.minimum(r, 5.0) / r
+  for kind, c in (("eps", jnp.ones_like(r)), ("x0", r), ("v", r / (1 + r))):
+    np.testing.assert_allclose(P.loss_weight(s, t, kind, "min_snr", loss_type="l1"),
+                               w_eps * jnp.sqrt(c), rtol=1e-5)
+    np.testing.assert_allclose(P.loss_weight(s, t, kind, "min_snr"), w_eps * c, rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_type"):
+    P.loss_weight(s, t, "x0", "min_snr", loss_type="huber")

@@ -81,3 +81,19 @@ def test_nonfinite_step_is_flagged_and_optionally_skipped(skip):
     assert not all(leaves_ok)
   good, m = step(state, jnp.zeros((4, 8, 8, 1)))
   assert float(m["finite"]) == 1.0
+
+
+def test_replicas_draw_their_own_noise_under_axis_name():
+  """With axis_name, each replica folds its axis index into the step key. Two
+  replicas given the same images then draw different t and noise, so the
+  averaged loss is not the single-device loss (with shared keys it was)."""
+  model, schedule, tx, state = setup()
+  images = jnp.tanh(jax.random.normal(jax.random.key(1), (4, 8, 8, 1)))
+  batch = jnp.stack([images, images])  # identical data on both replicas
+  step = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2), axis_name="r")
+  states, metrics = jax.jit(jax.vmap(step, in_axes=(None, 0), axis_name="r"))(state, batch)
+  jax.tree.map(lambda a: np.testing.assert_allclose(a[0], a[1], rtol=1e-6, atol=1e-7),
+               states.params)  # the pmean'd update is the same on both
+  single = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2)))
+  _, m = single(state, images)
+  assert abs(float(metrics["loss"][0]) - float(m["loss"])) > 1e-4 * float(m["loss"])
