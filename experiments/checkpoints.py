@@ -194,13 +194,19 @@ class Checkpointer:
       self._mngr.close()
 
 
-def resume_or_init(ckpt: Checkpointer, init, config, preset: str, workdir: str) -> tuple:
+def resume_or_init(ckpt: Checkpointer, init, config, preset: str, workdir: str,
+                   total_steps: Optional[int] = None, unit: str = "--steps") -> tuple:
   """(state, latest step or None): the latest checkpoint restored onto the
   shapes of `init()`, or `init()` when there is none. Only then, with the
   checkpoint readable, is `workdir/config.json` rewritten with `config`, so a
-  refused run leaves the workdir as it was."""
+  refused run leaves the workdir as it was. A run asking for fewer than
+  `total_steps` steps than the checkpoint holds is refused (UsageError)."""
   from experiments import cli  # pylint: disable=import-outside-toplevel
   latest = ckpt.latest_step()
+  if latest is not None and total_steps is not None and latest > total_steps:
+    raise UsageError(f"{workdir} has trained {latest} steps; {unit} asks for {total_steps} in "
+                     "all, fewer than already done. Ask for at least as many, or use a new "
+                     "workdir")
   if latest is not None:
     state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
   else:

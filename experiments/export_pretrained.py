@@ -47,7 +47,8 @@ def main(argv=None) -> None:
   config, model, schedule, params, step = mnist_ddpm.load_trained(a.workdir)
   if not config.conditional:
     raise cli.UsageError("the pretrained model must be class-conditional (--conditional true)")
-  history = cli.MetricsLog.read(os.path.join(a.workdir, "metrics.jsonl"))
+  history = cli.MetricsLog.read(os.path.join(a.workdir, "metrics.jsonl"),
+                                required=("loss", "time", "images_per_sec"))
   file_name = dj.pretrained.REGISTRY[a.name][0]
   path = os.path.join(dj.pretrained.WEIGHTS_DIR, file_name)
   os.makedirs(dj.pretrained.WEIGHTS_DIR, exist_ok=True)

@@ -116,6 +116,9 @@ def validate(config: Config) -> None:
       raise cli.UsageError(msg)
   need(config.model in dj.PRESETS, f"--model {config.model!r} unknown; choose from {sorted(dj.PRESETS)}")
   need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
+  need(config.timesteps <= MAX_TIMESTEPS,
+       f"--timesteps must be <= {MAX_TIMESTEPS}, got {config.timesteps}")
+  need(config.seed >= 0, f"--seed must be >= 0, got {config.seed}")
   need(config.beta_start <= config.beta_end,
        f"--beta_start {config.beta_start} exceeds --beta_end {config.beta_end}")
   try:
@@ -169,6 +172,7 @@ def validate(config: Config) -> None:
 
 
 NUM_CLASSES = 10  # MNIST digits
+MAX_TIMESTEPS = 100_000
 
 
 def build_model(config: Config):
@@ -254,7 +258,8 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   init = functools.partial(dj.create_train_state, init_rng, model, tx, image_shape)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, latest = resume_or_init(ckpt, init, config, preset, workdir)
+  state, latest = resume_or_init(ckpt, init, config, preset, workdir, total_steps,
+                                 "--steps" if config.steps else "--epochs")
   if latest is not None:
     print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
   state = dj.parallel.replicate(state, mesh)
@@ -398,7 +403,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   labels[0] = f"x_T (t={ts[0]})"  # pure noise
   plotting.save_strip(np.asarray(frames), labels, os.path.join(workdir, "trajectory.png"),
                       title="Denoising trajectory: from noise to image")
-  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"))
+  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
   if history:
     plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
                          os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss on {config.parameterization}"

@@ -129,7 +129,8 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   init = functools.partial(vj.create_state, init_rng, vae, tx, c.latent_dim)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   best = Checkpointer(os.path.join(workdir, "best"), best_metric="test_loss", best_mode="min")
-  state, latest = resume_or_init(ckpt, init, c, preset, workdir)
+  state, latest = resume_or_init(ckpt, init, c, preset, workdir, c.epochs * steps_per_epoch,
+                                 "--epochs")
   epoch = int(state.step) // steps_per_epoch
   if latest is not None:
     print(f"resumed after epoch {epoch}", file=sys.stderr)
@@ -190,7 +191,8 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
           file=sys.stderr)
     return {}
 
-  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"))
+  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"),
+                                required=("epoch", "train_loss", "test_loss", "epoch_seconds"))
   ep = [r["epoch"] for r in history]
   plotting.save_curves({"train": (ep, [r["train_loss"] for r in history]),
                         "test": (ep, [r["test_loss"] for r in history])},
