@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -89,10 +90,55 @@ def preset_config(config_cls, presets: dict, preset: Optional[str]):
   return dataclasses.replace(config_cls(), **overrides)
 
 
+_LOCKS: dict = {}  # workdir -> open directory fd holding its flock, for the process's life
+
+
+def _lock_holder(fd: int) -> Optional[int]:
+  """The pid holding a flock on the file of `fd`, from /proc/locks (Linux), or None."""
+  st = os.fstat(fd)
+  try:
+    with open("/proc/locks", encoding="ascii") as f:
+      for line in f:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].split(":")[-1] == str(st.st_ino):
+          return int(parts[4])
+  except (OSError, ValueError):
+    pass
+  return None
+
+
+def lock_workdir(workdir: str) -> None:
+  """Takes an exclusive lock on `workdir` for the rest of this process (an
+  flock on the folder itself: nothing is written, and the kernel releases it
+  when the process dies). UsageError naming the holder's pid if another job
+  has it."""
+  workdir = os.path.abspath(workdir)
+  if workdir in _LOCKS:
+    return
+  fd = os.open(workdir, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    pid = _lock_holder(fd)
+    os.close(fd)
+    who = f"pid {pid}" if pid is not None else "another process"
+    raise UsageError(f"workdir {workdir} is in use by another job ({who}); wait for it to end, "
+                     "or use another workdir") from None
+  _LOCKS[workdir] = fd
+
+
+def unlock_workdir(workdir: str) -> None:
+  fd = _LOCKS.pop(os.path.abspath(workdir), None)
+  if fd is not None:
+    os.close(fd)  # closing the descriptor releases the flock
+
+
 def prepare_workdir(workdir: str) -> None:
-  """Creates `workdir` and checks that files can be written there (OSError if
-  not), before a job changes anything in it."""
+  """Creates `workdir`, locks it for this process (see `lock_workdir`) and
+  checks that files can be written there (OSError if not), before a job
+  changes anything in it."""
   os.makedirs(workdir, exist_ok=True)
+  lock_workdir(workdir)
   with tempfile.TemporaryFile(dir=workdir) as f:
     f.write(b"ok\n")
     f.flush()

@@ -431,7 +431,10 @@ def load_trained(workdir: str):
 
 def main(argv=None) -> None:
   args = cli.resolve_config(Config, PRESETS, argv, description=__doc__)
-  train_and_evaluate(args.config, args.preset, args.workdir, args.stop_after)
+  try:
+    train_and_evaluate(args.config, args.preset, args.workdir, args.stop_after)
+  finally:
+    cli.unlock_workdir(args.workdir)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,32 @@ def test_served_arrays_are_checked():
 def test_evaluate_refuses_up_front(finished_run, flags, text, capsys):
   code, err = _run(["--workdir", str(finished_run), *flags], capsys, main=evaluate.main)
   assert code == 2 and text in err, err
+
+
+def test_second_job_on_a_locked_workdir_is_refused(tmp_path):
+  """While one job holds the workdir, a second gets one line naming its pid."""
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time; from experiments import cli; "
+                             f"cli.lock_workdir({str(workdir)!r}); print('locked', flush=True); "
+                             "time.sleep(60)"], cwd=root, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(workdir),
+                        "--preset", "smoke"], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"in use by another job (pid {holder.pid})" in lines[0], p.stderr
+    assert os.listdir(workdir) == []
+  finally:
+    holder.kill()
+    holder.wait()
+  time.sleep(0.1)
+  cli.lock_workdir(str(workdir))  # released when the holder died
+  cli.unlock_workdir(str(workdir))
