@@ -2,8 +2,11 @@
 
 Orbax writes each step to a temporary directory and renames it when complete,
 so a crash never leaves a half-written step that `latest_step` would pick.
-Once a step is complete, its files' SHA-256 go into `<step>/sha256.json`,
-and a restore checks them before Orbax reads anything. A step that cannot be
+Each save waits for the step to be complete and then writes its files'
+SHA-256 into `<step>/sha256.json`; a restore checks them before Orbax reads
+anything. A step without a manifest (a crash between the two) is never used
+silently: a training job opening the folder moves it to
+`<workdir>/checkpoints_unverified/` and resumes from the newest verified step. A step that cannot be
 read back (truncated or corrupted files, or a tree that does not match the
 run's model) raises `CheckpointError`, a `UsageError` that names the step's
 folder; file-system failures while saving (full or read-only disk) come out
@@ -13,9 +16,12 @@ as `OSError`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sys
 import weakref
 from typing import Any, Optional
 
@@ -29,12 +35,23 @@ class CheckpointError(UsageError):
   """A checkpoint that exists but cannot be restored."""
 
 
+# How TensorStore (under Orbax) reports file-system failures: a ValueError
+# whose text starts with an absl status code, not an OSError.
+_STATUS_ERRNO = (("RESOURCE_EXHAUSTED", errno.ENOSPC), ("No space left", errno.ENOSPC),
+                 ("PERMISSION_DENIED", errno.EACCES), ("Read-only file system", errno.EROFS))
+
+
 def _os_error(e: BaseException) -> Optional[OSError]:
-  """The OSError in e's cause/context chain, if any."""
+  """The OSError in e's cause/context chain, if any (TensorStore's status
+  errors for a full, read-only or forbidden disk count as one)."""
   seen = set()
   while e is not None and id(e) not in seen:
     if isinstance(e, OSError):
       return e
+    text = str(e)
+    for status, code in _STATUS_ERRNO:
+      if status in text:
+        return OSError(code, text.strip().splitlines()[0][:300] if text.strip() else status)
     seen.add(id(e))
     e = e.__cause__ or e.__context__
   return None
@@ -94,6 +111,41 @@ def verify_manifest(folder: str) -> Optional[str]:
   return None
 
 
+def set_aside_unhashed_steps(directory: str) -> list:
+  """Moves every complete step folder of `directory` that has no manifest to
+  `<directory>_unverified/<step>` (kept, never deleted), with one stderr line
+  each; returns the steps moved."""
+  moved = []
+  if not os.path.isdir(directory):
+    return moved
+  for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
+    folder = os.path.join(directory, name)
+    if not (name.isdigit() and os.path.isdir(folder)):
+      continue
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+      continue
+    aside_root = directory.rstrip(os.sep) + "_unverified"
+    os.makedirs(aside_root, exist_ok=True)
+    dest, k = os.path.join(aside_root, name), 1
+    while os.path.exists(dest):
+      dest, k = os.path.join(aside_root, f"{name}.{k}"), k + 1
+    os.replace(folder, dest)
+    moved.append(int(name))
+    print(f"note: checkpoint step {name} has no {MANIFEST} (a crash before its hashes were "
+          f"written), so it is not trusted: moved to {dest}; resuming from the newest verified "
+          "checkpoint", file=sys.stderr)
+  return moved
+
+
+def remove_temporary_folders(directory: str) -> None:
+  """Removes Orbax's `*.orbax-checkpoint-tmp*` folders (saves that never completed)."""
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 _OPEN = weakref.WeakSet()  # Checkpointers not yet closed
 
 
@@ -111,9 +163,12 @@ def close_all_quietly() -> None:
 class Checkpointer:
   """Keeps the latest `max_to_keep` steps; optionally a separate best-by-metric dir."""
 
-  def __init__(self, directory: str, max_to_keep: int = 1,
-               best_metric: Optional[str] = None, best_mode: str = "min"):
+  def __init__(self, directory: str, max_to_keep: int = 2,
+               best_metric: Optional[str] = None, best_mode: str = "min",
+               set_aside_unverified: bool = False):
     self.directory = os.path.abspath(directory)  # Orbax needs absolute paths
+    if set_aside_unverified:
+      set_aside_unhashed_steps(self.directory)
     options = dict(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     if best_metric is not None:
       options.update(best_fn=lambda m: m[best_metric], best_mode=best_mode)
@@ -135,19 +190,19 @@ class Checkpointer:
       raise OSError(err.errno, f"saving a checkpoint in {self.directory}: {err.strerror or err}",
                     err.filename) from e
 
-  def _record_hashes(self) -> None:
-    """Writes the manifest of every complete step that lacks one."""
-    for step in self._mngr.all_steps():
-      folder = os.path.join(self.directory, str(step))
-      if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, MANIFEST)):
-        write_manifest(folder)
-
   def save(self, step: int, state: Any, metrics: Optional[dict] = None, force: bool = True) -> None:
-    """Starts an async save of `state` at `step` (call `wait` before exiting)."""
+    """Saves `state` at `step` and, once the step is complete, its manifest.
+
+    Only steps this call wrote get a manifest: error paths and restores never
+    certify files they did not write.
+    """
     self._io(self._mngr.wait_until_finished)
-    self._record_hashes()
-    self._io(self._mngr.save, int(step), args=ocp.args.StandardSave(state), metrics=metrics,
-             force=force)
+    saved = self._io(self._mngr.save, int(step), args=ocp.args.StandardSave(state),
+                     metrics=metrics, force=force)
+    self._io(self._mngr.wait_until_finished)
+    folder = os.path.join(self.directory, str(int(step)))
+    if saved is not False and os.path.isdir(folder):
+      write_manifest(folder)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None, hint: str = "") -> Any:
     """Restores onto `abstract_state` (e.g. `jax.eval_shape` of the initialiser).
@@ -184,14 +239,16 @@ class Checkpointer:
 
   def wait(self) -> None:
     self._io(self._mngr.wait_until_finished)
-    self._record_hashes()
 
   def close(self) -> None:
+    """Waits for the last save and closes; then no save is in flight, so any
+    Orbax temporary folder left (an interrupted save) is removed."""
     _OPEN.discard(self)
     try:
       self.wait()
     finally:
       self._mngr.close()
+      remove_temporary_folders(self.directory)
 
 
 def resume_or_init(ckpt: Checkpointer, init, config, preset: str, workdir: str,

@@ -354,6 +354,20 @@ class MetricsLog:
 EXIT_INTERNAL, EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 1, 2, 3, 4
 
 
+def silence_background_threads() -> None:
+  """On an error exit: no log records or thread tracebacks from Orbax's and
+  TensorStore's writer threads, which would bury the one-line message."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  logging.disable(logging.CRITICAL)
+  threading.excepthook = lambda args: None
+  try:
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.set_verbosity(absl_logging.FATAL)
+  except ImportError:
+    pass
+
+
 def run_main(fn, argv=None) -> int:
   """Runs fn(argv), turning the expected failures into one stderr line each.
 
@@ -374,6 +388,12 @@ def run_main(fn, argv=None) -> int:
   try:
     try:
       fn(argv)
+    except BaseException as e:
+      if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C must not break the clean-up
+        import signal  # pylint: disable=import-outside-toplevel
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+      silence_background_threads()
+      raise
     finally:
       close_all_quietly()
   except (UsageError, DataError, ValueError, FloatingPointError) as e:

@@ -257,7 +257,7 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   init_rng, train_rng, data_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
   init = functools.partial(dj.create_train_state, init_rng, model, tx, image_shape)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), set_aside_unverified=True)
   state, latest = resume_or_init(ckpt, init, config, preset, workdir, total_steps,
                                  "--steps" if config.steps else "--epochs")
   if latest is not None:
@@ -373,46 +373,58 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
     finally:
       pbar.close()
 
-  check_finite()
-  if end_step < total_steps:
-    if last_saved != step:
-      ckpt.save(step, jax.device_get(state))
+    check_finite()
+    if end_step < total_steps:
+      if last_saved != step:
+        ckpt.save(step, jax.device_get(state))
+      ckpt.close()
+      if preemption.requested:
+        print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
+        raise SystemExit(143)  # 128 + SIGTERM
+      print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
+            file=sys.stderr)
+      return state
+
+    if last_saved != total_steps:
+      ckpt.save(total_steps, jax.device_get(state))
+
+    def leave_if_preempted(stage):
+      """SIGTERM after the last step: the final checkpoint is complete; stop here."""
+      if preemption.requested:
+        ckpt.close()
+        print(f"SIGTERM {stage}: the final checkpoint (step {total_steps}) is complete; run "
+              "again to draw the final samples", file=sys.stderr)
+        raise SystemExit(143)
+
+    ckpt.wait()
+    leave_if_preempted("after the last training step")
+    ts = sampler_timesteps(config)
+    t0 = time.perf_counter()
+    save_samples(total_steps, "samples_final.png",
+                 f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)")
+    n_grid = len(digits) if config.conditional else config.num_samples
+    print(f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s "
+          "(compile included)", file=sys.stderr)
+    leave_if_preempted("while drawing the final samples")
+    every = max(1, len(ts) // 10)
+    traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every,
+                               labels=np.arange(8, dtype=np.int32) if config.conditional else None)
+    _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
+    labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
+    labels[0] = f"x_T (t={ts[0]})"  # pure noise
+    plotting.save_strip(np.asarray(frames), labels, os.path.join(workdir, "trajectory.png"),
+                        title="Denoising trajectory: from noise to image")
+    leave_if_preempted("while drawing the trajectory")
+    history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
+    if history:
+      plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
+                           os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss on {config.parameterization}"
+                           + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
+                           title="DDPM training loss", logy=True)
+      print(f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
+            f"outputs in {workdir}", file=sys.stderr)
     ckpt.close()
-    if preemption.requested:
-      print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
-      raise SystemExit(143)  # 128 + SIGTERM
-    print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
-          file=sys.stderr)
     return state
-
-  if last_saved != total_steps:
-    ckpt.save(total_steps, jax.device_get(state))
-
-  ts = sampler_timesteps(config)
-  t0 = time.perf_counter()
-  save_samples(total_steps, "samples_final.png",
-               f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)")
-  n_grid = len(digits) if config.conditional else config.num_samples
-  print(f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s "
-        "(compile included)", file=sys.stderr)
-  every = max(1, len(ts) // 10)
-  traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every,
-                             labels=np.arange(8, dtype=np.int32) if config.conditional else None)
-  _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
-  labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
-  labels[0] = f"x_T (t={ts[0]})"  # pure noise
-  plotting.save_strip(np.asarray(frames), labels, os.path.join(workdir, "trajectory.png"),
-                      title="Denoising trajectory: from noise to image")
-  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
-  if history:
-    plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
-                         os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss on {config.parameterization}"
-                         + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
-                         title="DDPM training loss", logy=True)
-    print(f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
-          f"outputs in {workdir}", file=sys.stderr)
-  ckpt.close()
-  return state
 
 
 def load_trained(workdir: str):

@@ -127,8 +127,9 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   tx = make_optimizer(c, steps_per_epoch)
   init_rng, train_rng, eval_rng, pic_rng = jax.random.split(jax.random.key(c.seed), 4)
   init = functools.partial(vj.create_state, init_rng, vae, tx, c.latent_dim)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  best = Checkpointer(os.path.join(workdir, "best"), best_metric="test_loss", best_mode="min")
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), set_aside_unverified=True)
+  best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, best_metric="test_loss",
+                      best_mode="min")
   state, latest = resume_or_init(ckpt, init, c, preset, workdir, c.epochs * steps_per_epoch,
                                  "--epochs")
   epoch = int(state.step) // steps_per_epoch

@@ -190,3 +190,130 @@ def test_second_job_on_a_locked_workdir_is_refused(tmp_path):
   time.sleep(0.1)
   cli.lock_workdir(str(workdir))  # released when the holder died
   cli.unlock_workdir(str(workdir))
+
+
+def test_closing_never_certifies_steps_it_did_not_write(finished_run, tmp_path):
+  """Error paths close the Checkpointer: that must not write a manifest for a
+  step whose files it never wrote (they may be corrupt)."""
+  from experiments.checkpoints import MANIFEST, Checkpointer
+  workdir = _copy(finished_run, tmp_path)
+  manifest = workdir / "checkpoints" / "6" / MANIFEST
+  manifest.unlink()
+  ck = Checkpointer(str(workdir / "checkpoints"))
+  ck.close()
+  assert not manifest.exists()
+
+
+def test_unhashed_checkpoint_is_set_aside_and_the_run_resumes(finished_run, tmp_path, capsys):
+  """A step without a manifest (SIGKILL between Orbax's rename and the hashes)
+  with a flipped byte is never restored: it is moved aside, kept, and the run
+  resumes from the newest verified step and ends as the uninterrupted run."""
+  from experiments.checkpoints import MANIFEST
+  from tests.test_crash_safety import restore
+  workdir = _copy(finished_run, tmp_path)
+  step6 = workdir / "checkpoints" / "6"
+  (step6 / MANIFEST).unlink()
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step6) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    b = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([b[0] ^ 0xFF]))
+  code, err = _run(["--workdir", str(workdir)], capsys)
+  assert code == 0, err
+  assert "checkpoint step 6 has no sha256.json" in err and "moved to" in err, err
+  assert (workdir / "checkpoints_unverified" / "6").is_dir()
+  assert (workdir / "checkpoints" / "6" / MANIFEST).exists()
+  a, b = restore(workdir), restore(finished_run)
+  jax_tree_equal = [np.array_equal(x, y) for x, y in zip(_leaves(a), _leaves(b))]
+  assert all(jax_tree_equal)
+
+
+def _leaves(tree):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_tensorstore_disk_full_is_exit_4_in_one_line(tmp_path, monkeypatch, capsys):
+  """TensorStore reports a full disk as ValueError('RESOURCE_EXHAUSTED ...')."""
+  import logging
+  import threading
+  from experiments import checkpoints
+  real_save = checkpoints.ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):
+    if step >= 3:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/1\": "
+                       "[OS error 28: No space left on device]")
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", save)
+  hook = threading.excepthook
+  try:
+    code, err = _run(["--workdir", str(tmp_path / "w"), "--preset", "smoke"], capsys)
+  finally:
+    threading.excepthook = hook
+    logging.disable(logging.NOTSET)
+  assert code == 4, err
+  lines = [l for l in err.strip().splitlines() if "error" in l.lower()]
+  assert len(lines) == 1 and "RESOURCE_EXHAUSTED" in lines[0], err
+  assert "Traceback" not in err
+
+
+def _popen_job(workdir, *flags):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.Popen([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
+                           str(workdir), *flags], cwd=root, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, proc, timeout=300):
+  import time
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and not cond():
+    time.sleep(0.01)
+  return cond()
+
+
+def _tmp_folders(workdir):
+  return [d for d, _, _ in os.walk(workdir) if "orbax-checkpoint-tmp" in d]
+
+
+def test_sigterm_during_final_sampling_keeps_the_final_checkpoint(tmp_path):
+  import signal
+  workdir = tmp_path / "w"
+  flags = ["--preset", "smoke", "--sampler", "ddpm", "--sample_steps", "100",
+           "--num_samples", "64"]
+  proc = _popen_job(workdir, *flags)
+  manifest = workdir / "checkpoints" / "6" / "sha256.json"
+  assert _wait_for(manifest.exists, proc), proc.communicate()[1][-2000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  if proc.returncode == 0:
+    pytest.skip("the job finished before the signal arrived")
+  assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+  assert "final checkpoint (step 6) is complete" in err
+  assert manifest.exists() and sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+  assert not _tmp_folders(workdir)
+  code = _popen_job(workdir).wait(timeout=300)
+  assert code == 0 and (workdir / "samples_final.png").exists()
+
+
+def test_double_ctrl_c_ends_cleanly(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "w"
+  proc = _popen_job(workdir, "--preset", "smoke", "--steps", "400", "--checkpoint_every_steps",
+                    "1", "--log_every_steps", "1")
+  assert _wait_for(lambda: len(cli.MetricsLog.read(str(workdir / "metrics.jsonl"), quiet=True))
+                   >= 5, proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err[-3000:]
+  assert not _tmp_folders(workdir)
