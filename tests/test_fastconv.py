@@ -1,0 +1,80 @@
+"""The CPU-fast convolutions forced on (gemm_conv=True) against lax at
+precision HIGHEST: forward, input gradient and weight gradient, with a check
+that the custom path (im2col GEMM, Winograd, stride-2 phases, transposed
+phases) actually ran."""
+
+import collections
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import layers
+from ddpm_jax.layers import Conv, ConvTranspose2x
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@pytest.fixture
+def ran(monkeypatch):
+  """Counts trace-time calls of the custom kernels."""
+  counts = collections.Counter()
+  for name in ("_conv_gemm", "_conv3x3_winograd", "_wgrad3x3_winograd", "_wgrad",
+               "_dx_stride2", "_dx_stride1", "_conv_transpose_2x", "_phase_conv"):
+    real = getattr(layers, name)
+
+    def wrapped(*args, _real=real, _name=name, **kwargs):
+      counts[_name] += 1
+      return _real(*args, **kwargs)
+    monkeypatch.setattr(layers, name, wrapped)
+  return counts
+
+
+def _compare(fast, ref, x, key, atol=2e-4):
+  p = ref.init(key, x)
+  np.testing.assert_allclose(fast.apply(p, x), ref.apply(p, x), atol=atol, rtol=1e-4)
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.sin(mod.apply(p, x)) * jnp.cos(x.sum()))
+  g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(p, x)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(p, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-3), g_fast, g_ref)
+
+
+@pytest.mark.parametrize("case", ["winograd", "im2col", "one_by_one", "stride2_phases",
+                                  "stride2_odd", "chunked_winograd", "chunked_im2col"])
+def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
+  kernel, strides, size, cin, cout, batch = (3, 3), (1, 1), 8, 16, 24, 3
+  if case == "im2col":
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 10**6)
+  if case == "one_by_one":
+    kernel = (1, 1)
+  if case.startswith("stride2"):
+    strides, size = (2, 2), (8 if case == "stride2_phases" else 9)
+  if case.startswith("chunked"):
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 4000)
+    batch = 6
+    if case == "chunked_im2col":
+      monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 10**6)
+  x = jax.random.normal(key, (batch, size, size + 2, cin))
+  pad = tuple((k // 2, k // 2) for k in kernel)
+  fast = Conv(cout, kernel, strides=strides, padding=pad, gemm_conv=True)
+  ref = nn.Conv(cout, kernel, strides=strides, padding=pad, precision=HIGHEST)
+  _compare(fast, ref, x, key)
+  if case in ("winograd", "chunked_winograd"):
+    assert ran["_conv3x3_winograd"] and ran["_wgrad3x3_winograd"] and ran["_dx_stride1"]
+  else:
+    assert ran["_conv_gemm"] and ran["_wgrad"] and not ran["_conv3x3_winograd"]
+  if case == "stride2_phases":
+    assert ran["_dx_stride2"] and ran["_phase_conv"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2000])
+def test_custom_conv_transpose_matches_lax(key, ran, chunk_bytes, monkeypatch):
+  if chunk_bytes:
+    monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+  x = jax.random.normal(key, (4, 5, 7, 12))
+  fast = ConvTranspose2x(10, gemm_conv=True)
+  ref = nn.ConvTranspose(10, (4, 4), strides=(2, 2), padding="SAME", precision=HIGHEST)
+  _compare(fast, ref, x, key)
+  assert ran["_conv_transpose_2x"] and ran["_phase_conv"] and ran["_conv_gemm"] and ran["_wgrad"]
