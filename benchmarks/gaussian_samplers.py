@@ -21,15 +21,18 @@ MU, SD = 0.5, 0.3
 
 def gaussian_eps_fn(schedule):
   """E[eps | x_t] when x0 ~ N(MU, SD^2) independently per pixel."""
+
   def eps_fn(x, t):
     ab = dj.extract(schedule.alphas_cumprod, t, x.shape)
     return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * SD**2 + 1 - ab)
+
   return eps_fn
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--schedule", default="linear")
   p.add_argument("--timesteps", type=int, default=1000)
   p.add_argument("--steps", default="5,10,20,50,100")
@@ -38,11 +41,10 @@ def main(argv=None) -> None:
   eps_fn = gaussian_eps_fn(s)
   shape, rng = (4000, 2, 2, 1), jax.random.key(11)
   samplers = {
-      "ddpm": lambda n: dj.ddpm_sample(eps_fn, s, rng, shape, variance="beta_tilde", num_steps=n),
-      "ddim": lambda n: dj.ddim_sample(eps_fn, s, rng, shape, n, eta=0.0),
-      "dpm": lambda n: dj.dpm_solver_sample(eps_fn, s, rng, shape, n),
-      "dpm (linspace)": lambda n: dj.dpm_solver_sample(eps_fn, s, rng, shape, n,
-                                                       spacing="linspace"),
+    "ddpm": lambda n: dj.ddpm_sample(eps_fn, s, rng, shape, variance="beta_tilde", num_steps=n),
+    "ddim": lambda n: dj.ddim_sample(eps_fn, s, rng, shape, n, eta=0.0),
+    "dpm": lambda n: dj.dpm_solver_sample(eps_fn, s, rng, shape, n),
+    "dpm (linspace)": lambda n: dj.dpm_solver_sample(eps_fn, s, rng, shape, n, spacing="linspace"),
   }
   steps = [int(x) for x in a.steps.split(",")]
   print(f"{a.schedule} schedule, T={a.timesteps}; target mean {MU}, sd {SD}")

@@ -39,15 +39,15 @@ _NO_CHUNKS = {"CHUNK_BYTES": 2**62}
 
 # (name, XLA flags, conv_gemm on, ddpm_jax.layers overrides)
 LEVERS = [
-    ("conv_gemm (default)", "", True, {}),
-    ("XLA convolutions", "", False, {}),
-    ("conv_gemm without Winograd", "", True, _NO_WINOGRAD),
-    ("conv_gemm without batch chunks", "", True, _NO_CHUNKS),
-    ("conv_gemm, neither", "", True, dict(_NO_WINOGRAD, **_NO_CHUNKS)),
-    ("oneDNN (xla_cpu_use_onednn)", "--xla_cpu_use_onednn=true", True, {}),
-    ("XNNPACK (xla_cpu_use_xnnpack)", "--xla_cpu_use_xnnpack=true", True, {}),
-    ("fast math", "--xla_cpu_enable_fast_math=true", True, {}),
-    ("no thunk runtime", "--xla_cpu_use_thunk_runtime=false", True, {}),
+  ("conv_gemm (default)", "", True, {}),
+  ("XLA convolutions", "", False, {}),
+  ("conv_gemm without Winograd", "", True, _NO_WINOGRAD),
+  ("conv_gemm without batch chunks", "", True, _NO_CHUNKS),
+  ("conv_gemm, neither", "", True, dict(_NO_WINOGRAD, **_NO_CHUNKS)),
+  ("oneDNN (xla_cpu_use_onednn)", "--xla_cpu_use_onednn=true", True, {}),
+  ("XNNPACK (xla_cpu_use_xnnpack)", "--xla_cpu_use_xnnpack=true", True, {}),
+  ("fast math", "--xla_cpu_enable_fast_math=true", True, {}),
+  ("no thunk runtime", "--xla_cpu_use_thunk_runtime=false", True, {}),
 ]
 
 # The process set-up lever, timed apart: glibc's default malloc, which maps
@@ -55,18 +55,22 @@ LEVERS = [
 NO_HUGEPAGES = "conv_gemm, no huge pages (glibc default)"
 
 
-def run_lever(flags: str, gemm: bool, iters: int, overrides: dict,
-              hugepages: bool = True) -> dict:
+def run_lever(flags: str, gemm: bool, iters: int, overrides: dict, hugepages: bool = True) -> dict:
   env = dict(os.environ)
   if hugepages:
     env = runtime.hugepages_env(env, runtime.glibc_version(), runtime.thp_mode()) or env
   else:
-    env["GLIBC_TUNABLES"] = ":".join(t for t in env.get("GLIBC_TUNABLES", "").split(":")
-                                     if t and t != runtime.TUNABLE)
+    env["GLIBC_TUNABLES"] = ":".join(
+      t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != runtime.TUNABLE
+    )
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-  proc = subprocess.run([sys.executable, "-c", CHILD, "1" if gemm else "0", str(iters),
-                         json.dumps(overrides)],
-                        capture_output=True, text=True, env=env, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-c", CHILD, "1" if gemm else "0", str(iters), json.dumps(overrides)],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
   if proc.returncode != 0:
     err = (proc.stderr.strip().splitlines() or ["?"])[-1]
     return {"error": err[:200]}
@@ -84,14 +88,22 @@ def main(argv=None) -> None:
   levers = [(name, flags, gemm, overrides, True) for name, flags, gemm, overrides in LEVERS]
   levers.insert(1, (NO_HUGEPAGES, "", True, {}, False))
   for name, flags, gemm, overrides, hugepages in levers:
-    r = dict(run_lever(flags, gemm, iters, overrides, hugepages), lever=name, xla_flags=flags,
-             gemm_conv=gemm, layer_overrides=overrides, hugepages=hugepages)
+    r = dict(
+      run_lever(flags, gemm, iters, overrides, hugepages),
+      lever=name,
+      xla_flags=flags,
+      gemm_conv=gemm,
+      layer_overrides=overrides,
+      hugepages=hugepages,
+    )
     rows.append(r)
     if "error" in r:
       print(f"{name:<40} failed: {r['error']}", flush=True)
     else:
-      print(f"{name:<40} {r['train']:>11.1f} {r['forward']:>10.0f} {r['train_gflops'] or 0:>10.1f}",
-            flush=True)
+      print(
+        f"{name:<40} {r['train']:>11.1f} {r['forward']:>10.0f} {r['train_gflops'] or 0:>10.1f}",
+        flush=True,
+      )
   if a.json:
     with open(a.json, "w", encoding="utf-8") as f:
       json.dump(rows, f, indent=2)

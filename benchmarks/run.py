@@ -103,8 +103,9 @@ def _train_setup(preset: str, gemm: Optional[bool], dtype):
   schedule = dj.make_schedule("linear", 1000)
   tx = dj.make_optimizer(1e-3, 1000)
   init = lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)),
-                 donate_argnums=0)
+  step = jax.jit(
+    dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)), donate_argnums=0
+  )
   return init, step
 
 
@@ -122,8 +123,9 @@ def model_flops(preset: str, batch: int, dtype=jnp.float32) -> Optional[float]:
   return flops
 
 
-def train_bench(preset: str, batch: int, iters: int, peak: float,
-                gemm: Optional[bool] = None, dtype=jnp.float32) -> dict:
+def train_bench(
+  preset: str, batch: int, iters: int, peak: float, gemm: Optional[bool] = None, dtype=jnp.float32
+) -> dict:
   """Train-step throughput; gemm: `gemm_conv` (None: the backend's default)."""
   init, step = _train_setup(preset, gemm, dtype)
   state = init()
@@ -142,15 +144,24 @@ def train_bench(preset: str, batch: int, iters: int, peak: float,
   run()
   dt = _time(run, iters)
   gflops = flops / dt / 1e9 if flops else None
-  return {"preset": preset, "batch": batch, "gemm_conv": dj.layers.use_gemm_conv(gemm),
-          "dtype": jnp.dtype(dtype).name, "images_per_sec": batch / dt, "step_ms": 1e3 * dt,
-          "compile_s": compile_s, "gflop_per_step": flops / 1e9 if flops else None,
-          "gflops": gflops, "fraction_of_peak": gflops / peak if gflops else None,
-          "xla_memory_bytes": mem}
+  return {
+    "preset": preset,
+    "batch": batch,
+    "gemm_conv": dj.layers.use_gemm_conv(gemm),
+    "dtype": jnp.dtype(dtype).name,
+    "images_per_sec": batch / dt,
+    "step_ms": 1e3 * dt,
+    "compile_s": compile_s,
+    "gflop_per_step": flops / 1e9 if flops else None,
+    "gflops": gflops,
+    "fraction_of_peak": gflops / peak if gflops else None,
+    "xla_memory_bytes": mem,
+  }
 
 
-def forward_bench(preset: str, batch: int, iters: int, peak: float,
-                  gemm: Optional[bool] = None) -> dict:
+def forward_bench(
+  preset: str, batch: int, iters: int, peak: float, gemm: Optional[bool] = None
+) -> dict:
   model = dj.make_model(preset, gemm_conv=gemm)
   params = _init_params(model)
   eps_fn = jax.jit(lambda p, x, t: model.apply(p, x, t))
@@ -166,9 +177,16 @@ def forward_bench(preset: str, batch: int, iters: int, peak: float,
   compiled(params, x, t).block_until_ready()
   dt = _time(lambda: compiled(params, x, t).block_until_ready(), iters)
   gflops = flops / dt / 1e9 if flops else None
-  return {"preset": preset, "batch": batch, "images_per_sec": batch / dt, "forward_ms": 1e3 * dt,
-          "compile_s": compile_s, "gflops": gflops,
-          "fraction_of_peak": gflops / peak if gflops else None, "xla_memory_bytes": mem}
+  return {
+    "preset": preset,
+    "batch": batch,
+    "images_per_sec": batch / dt,
+    "forward_ms": 1e3 * dt,
+    "compile_s": compile_s,
+    "gflops": gflops,
+    "fraction_of_peak": gflops / peak if gflops else None,
+    "xla_memory_bytes": mem,
+  }
 
 
 def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
@@ -189,18 +207,27 @@ def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
   t0 = time.perf_counter()
   compiled(params, jax.random.key(2)).block_until_ready()
   dt = time.perf_counter() - t0
-  return {"preset": preset, "batch": batch, "sampler": sampler, "steps": steps,
-          "images_per_sec": batch / dt, "seconds": dt, "ms_per_step": 1e3 * dt / steps,
-          "compile_s": compile_s}
+  return {
+    "preset": preset,
+    "batch": batch,
+    "sampler": sampler,
+    "steps": steps,
+    "images_per_sec": batch / dt,
+    "seconds": dt,
+    "ms_per_step": 1e3 * dt / steps,
+    "compile_s": compile_s,
+  }
 
 
 def vae_bench(images_u8: np.ndarray, epochs: int) -> dict:
-  import optax  # pylint: disable=import-outside-toplevel
+  import optax
+
   vae = vj.make_vae("mlp", 20, 400)
   tx = optax.adam(1e-3)
   state = vj.create_state(jax.random.key(0), vae, tx, 20)
-  train_epoch = jax.jit(vj.make_train_epoch(vae, tx, base_rng=jax.random.key(1), batch_size=128),
-                        donate_argnums=0)
+  train_epoch = jax.jit(
+    vj.make_train_epoch(vae, tx, base_rng=jax.random.key(1), batch_size=128), donate_argnums=0
+  )
   images = jax.device_put(images_u8)
   t0 = time.perf_counter()
   compiled = train_epoch.lower(state, images, 0).compile()
@@ -213,8 +240,11 @@ def vae_bench(images_u8: np.ndarray, epochs: int) -> dict:
     state, m = compiled(state, images, e)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
-  return {"epoch_seconds": min(times), "compile_s": compile_s,
-          "images_per_sec": images_u8.shape[0] / min(times)}
+  return {
+    "epoch_seconds": min(times),
+    "compile_s": compile_s,
+    "images_per_sec": images_u8.shape[0] / min(times),
+  }
 
 
 def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
@@ -224,8 +254,12 @@ def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
   activations, loss, sampling or Adam: a lower bound on any epoch's time on
   this machine, and its GFLOP/s is what XLA:CPU reaches on these shapes."""
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
-  ws = (0.03 * jax.random.normal(k1, (784, 400)), 0.03 * jax.random.normal(k2, (400, 40)),
-        0.03 * jax.random.normal(k3, (20, 400)), 0.03 * jax.random.normal(k4, (400, 784)))
+  ws = (
+    0.03 * jax.random.normal(k1, (784, 400)),
+    0.03 * jax.random.normal(k2, (400, 40)),
+    0.03 * jax.random.normal(k3, (20, 400)),
+    0.03 * jax.random.normal(k4, (400, 784)),
+  )
   xs = jax.random.uniform(k5, (steps, batch, 784))
 
   def body(w, x):
@@ -257,15 +291,21 @@ def _ratio(a, b):
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true",
-                 help="the seed SimpleUNet only, fewer iterations, DDPM-1000 estimated from "
-                      "DDIM-50's per-step time (a few minutes on 2 CPU cores)")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="the seed SimpleUNet only, fewer iterations, DDPM-1000 estimated from "
+    "DDIM-50's per-step time (a few minutes on 2 CPU cores)",
+  )
   p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-  p.add_argument("--presets", default=None,
-                 help="comma-separated train presets (default: simple,simple_half,tiny; "
-                      "simple with --quick)")
+  p.add_argument(
+    "--presets",
+    default=None,
+    help="comma-separated train presets (default: simple,simple_half,tiny; simple with --quick)",
+  )
   p.add_argument("--batch", type=int, default=128, help="train batch size")
   p.add_argument("--bf16", action="store_true", help="also time bf16 compute (GPU/TPU)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
@@ -279,17 +319,25 @@ def main(argv=None) -> None:
   use_torch = torch_ref.available() and not a.no_torch
 
   dev = jax.devices()[0]
-  machine = {"device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
-             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-             "torch": torch_ref.torch.__version__ if use_torch else None,
-             "hugepages": runtime.hugepages_active()}
+  machine = {
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "device_count": jax.device_count(),
+    "cpu": cpu_name(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "torch": torch_ref.torch.__version__ if use_torch else None,
+    "hugepages": runtime.hugepages_active(),
+  }
   print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
   peak = matmul_peak(2048 if dev.platform == "cpu" else 8192)
   print(f"fp32 matmul peak (measured): {peak:.1f} GFLOP/s", flush=True)
   out = {"machine": machine, "matmul_peak_gflops": peak, "quick": quick}
 
-  print(f"\n{'train':<12} {'batch':>5} {'dtype':>8} {'gemm':>5} {'img/s':>8} {'ms':>7} "
-        f"{'GFLOP/s':>8} {'%peak':>6} {'compile s':>9} {'XLA MB':>7}")
+  print(
+    f"\n{'train':<12} {'batch':>5} {'dtype':>8} {'gemm':>5} {'img/s':>8} {'ms':>7} "
+    f"{'GFLOP/s':>8} {'%peak':>6} {'compile s':>9} {'XLA MB':>7}"
+  )
   rows = []
   # The backend's default convolutions first, then the other kind for the seed net.
   cases = [(name, None, jnp.float32) for name in presets]
@@ -300,17 +348,23 @@ def main(argv=None) -> None:
   for name, gemm, dtype in cases:
     r = train_bench(name, a.batch, iters, peak, gemm, dtype)
     rows.append(r)
-    print(f"{name:<12} {r['batch']:>5} {r['dtype']:>8} {str(r['gemm_conv']):>5} "
-          f"{r['images_per_sec']:>8.1f} "
-          f"{r['step_ms']:>7.0f} {r['gflops'] or 0:>8.1f} {100 * (r['fraction_of_peak'] or 0):>5.0f}% "
-          f"{r['compile_s']:>9.1f} {(r['xla_memory_bytes'] or 0) / 2**20:>7.0f}", flush=True)
+    print(
+      f"{name:<12} {r['batch']:>5} {r['dtype']:>8} {str(r['gemm_conv']):>5} "
+      f"{r['images_per_sec']:>8.1f} "
+      f"{r['step_ms']:>7.0f} {r['gflops'] or 0:>8.1f} {100 * (r['fraction_of_peak'] or 0):>5.0f}% "
+      f"{r['compile_s']:>9.1f} {(r['xla_memory_bytes'] or 0) / 2**20:>7.0f}",
+      flush=True,
+    )
   out["train"] = rows
 
   fwd = forward_bench("simple", 64, 3 * iters, peak)
   out["forward"] = fwd
-  print(f"\nforward simple, 64 images: {fwd['images_per_sec']:.0f} img/s "
-        f"({fwd['forward_ms']:.1f} ms, {fwd['gflops'] or 0:.0f} GFLOP/s, "
-        f"{100 * (fwd['fraction_of_peak'] or 0):.0f}% of peak)", flush=True)
+  print(
+    f"\nforward simple, 64 images: {fwd['images_per_sec']:.0f} img/s "
+    f"({fwd['forward_ms']:.1f} ms, {fwd['gflops'] or 0:.0f} GFLOP/s, "
+    f"{100 * (fwd['fraction_of_peak'] or 0):.0f}% of peak)",
+    flush=True,
+  )
   samplers = [sampler_bench("simple", 64, "ddim", 50)]
   if not quick:
     samplers.append(sampler_bench("simple", 64, "ddpm", 1000))
@@ -320,9 +374,12 @@ def main(argv=None) -> None:
     est["images_per_sec"] = 64 / est["seconds"]
     samplers.append(est)
   for s in samplers:
-    print(f"sampler {s['sampler']} {s['steps']} steps, 64 images: {s['seconds']:.1f} s "
-          f"({s['images_per_sec']:.2f} img/s, {s['ms_per_step']:.0f} ms/step"
-          f"{', estimated' if s.get('estimated') else ''})", flush=True)
+    print(
+      f"sampler {s['sampler']} {s['steps']} steps, 64 images: {s['seconds']:.1f} s "
+      f"({s['images_per_sec']:.2f} img/s, {s['ms_per_step']:.0f} ms/step"
+      f"{', estimated' if s.get('estimated') else ''})",
+      flush=True,
+    )
   out["samplers"] = samplers
 
   vae = vae_bench(mnist_like(), 2 if quick else 3)
@@ -330,28 +387,43 @@ def main(argv=None) -> None:
   print(f"VAE epoch (784-400-20, batch 128, 60k images): {vae['epoch_seconds']:.2f} s", flush=True)
   floor = vae_gemm_floor()
   out["vae_gemm_floor"] = floor
-  print(f"VAE epoch's matrix products alone ({floor['gflops']:.0f} GFLOP): {floor['seconds']:.2f} s "
-        f"at {floor['gflops_per_sec']:.0f} GFLOP/s; at the matmul peak they would take "
-        f"{floor['gflops'] / peak:.2f} s", flush=True)
+  print(
+    f"VAE epoch's matrix products alone ({floor['gflops']:.0f} GFLOP): {floor['seconds']:.2f} s "
+    f"at {floor['gflops_per_sec']:.0f} GFLOP/s; at the matmul peak they would take "
+    f"{floor['gflops'] / peak:.2f} s",
+    flush=True,
+  )
 
-  jax_train = next(r["images_per_sec"] for r in rows if r["preset"] == "simple" and
-                   r["dtype"] == "float32") if "simple" in presets else None
+  jax_train = (
+    next(r["images_per_sec"] for r in rows if r["preset"] == "simple" and r["dtype"] == "float32")
+    if "simple" in presets
+    else None
+  )
   out["torch"] = None
   if use_torch:
     tt = torch_ref.ddpm_train_throughput(a.batch, iters=iters)
     tf = torch_ref.forward_throughput(64, iters=3 * iters)
     tv = min(torch_ref.vae_epoch_seconds(mnist_like()) for _ in range(2 if quick else 3))
     tvs = min(torch_ref.vae_epoch_seconds_seed_loop(mnist_like()) for _ in range(2 if quick else 3))
-    out["torch"] = {"train": tt, "forward": tf, "vae_epoch_seconds": tv,
-                    "vae_epoch_seconds_seed_loop": tvs,
-                    "threads": torch_ref.torch.get_num_threads()}
-    print(f"\nPyTorch {machine['torch']} ({out['torch']['threads']} threads): train simple "
-          f"{tt['images_per_sec']:.1f} img/s, forward 64 {tf['images_per_sec']:.0f} img/s, "
-          f"VAE epoch {tv:.2f} s (preloaded tensor), {tvs:.2f} s (seed loop: DataLoader)",
-          flush=True)
+    out["torch"] = {
+      "train": tt,
+      "forward": tf,
+      "vae_epoch_seconds": tv,
+      "vae_epoch_seconds_seed_loop": tvs,
+      "threads": torch_ref.torch.get_num_threads(),
+    }
+    print(
+      f"\nPyTorch {machine['torch']} ({out['torch']['threads']} threads): train simple "
+      f"{tt['images_per_sec']:.1f} img/s, forward 64 {tf['images_per_sec']:.0f} img/s, "
+      f"VAE epoch {tv:.2f} s (preloaded tensor), {tvs:.2f} s (seed loop: DataLoader)",
+      flush=True,
+    )
   else:
-    print("\nPyTorch reference skipped: " + ("--no_torch" if a.no_torch else
-          "torch is not installed (pip install torch==2.13.0)"), flush=True)
+    print(
+      "\nPyTorch reference skipped: "
+      + ("--no_torch" if a.no_torch else "torch is not installed (pip install torch==2.13.0)"),
+      flush=True,
+    )
   t = out["torch"]
   out["train_ratio"] = _ratio(jax_train, t and t["train"]["images_per_sec"])
   out["sampler_ratio"] = _ratio(fwd["images_per_sec"], t and t["forward"]["images_per_sec"])
@@ -361,10 +433,12 @@ def main(argv=None) -> None:
   # over the time of the matrix products alone.
   out["vae_ratio_bound"] = _ratio(t and t["vae_epoch_seconds"], floor["seconds"])
   fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-  print(f"train_ratio {fmt(out['train_ratio'])} (target >= 1.0), sampler_ratio "
-        f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0; "
-        f"{fmt(out['vae_ratio_seed_loop'])} against the seed's DataLoader loop; matrix products "
-        f"alone would give {fmt(out['vae_ratio_bound'])})")
+  print(
+    f"train_ratio {fmt(out['train_ratio'])} (target >= 1.0), sampler_ratio "
+    f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0; "
+    f"{fmt(out['vae_ratio_seed_loop'])} against the seed's DataLoader loop; matrix products "
+    f"alone would give {fmt(out['vae_ratio_bound'])})"
+  )
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["device_peak_bytes"] = _device_peak_bytes()
   if a.json:

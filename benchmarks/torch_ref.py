@@ -25,7 +25,6 @@ def available() -> bool:
 if torch is not None:
 
   class SinusoidalPositionEmbedding(nn.Module):
-
     def __init__(self, dim):
       super().__init__()
       self.dim = dim
@@ -42,16 +41,18 @@ if torch is not None:
 
     def __init__(self, in_channels=1, time_dim=256):
       super().__init__()
-      self.time_mlp = nn.Sequential(SinusoidalPositionEmbedding(time_dim),
-                                    nn.Linear(time_dim, time_dim), nn.ReLU())
+      self.time_mlp = nn.Sequential(
+        SinusoidalPositionEmbedding(time_dim), nn.Linear(time_dim, time_dim), nn.ReLU()
+      )
       self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
       self.conv2 = nn.Conv2d(64, 128, 3, stride=2, padding=1)
       self.conv3 = nn.Conv2d(128, 256, 3, stride=2, padding=1)
       self.time_proj1 = nn.Linear(time_dim, 64)
       self.time_proj2 = nn.Linear(time_dim, 128)
       self.time_proj3 = nn.Linear(time_dim, 256)
-      self.bottleneck = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+      self.bottleneck = nn.Sequential(
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU()
+      )
       self.up1 = nn.ConvTranspose2d(256, 128, 4, stride=2, padding=1)
       self.conv4 = nn.Conv2d(256, 128, 3, padding=1)
       self.up2 = nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1)
@@ -158,7 +159,7 @@ def vae_epoch_seconds(images_u8, batch: int = 128) -> float:
   t0 = time.perf_counter()
   perm = torch.randperm(data.shape[0])
   for i in range(0, data.shape[0], batch):
-    _vae_step(model, opt, data[perm[i:i + batch]])
+    _vae_step(model, opt, data[perm[i : i + batch]])
   return time.perf_counter() - t0
 
 
@@ -171,10 +172,10 @@ def vae_epoch_seconds_seed_loop(images_u8, batch: int = 128) -> float:
   needed: the dataset does ToTensor's arithmetic itself and skips its PIL
   round trip, so this is a little faster than the notebook."""
   import io
+
   from torch.utils.data import DataLoader, Dataset
 
   class Digits(Dataset):
-
     def __init__(self, images):
       self.images = images.reshape(-1, 28, 28)
 
@@ -195,7 +196,9 @@ def vae_epoch_seconds_seed_loop(images_u8, batch: int = 128) -> float:
     loss = _vae_step(model, opt, data)
     train_loss += loss.item()
     if batch_idx % 100 == 0:
-      print(f"[{batch_idx * len(data)}/{len(loader.dataset)}]\tLoss: "
-            f"{loss.item() / len(data):.6f}", file=log)
+      print(
+        f"[{batch_idx * len(data)}/{len(loader.dataset)}]\tLoss: {loss.item() / len(data):.6f}",
+        file=log,
+      )
   print(f"Average loss: {train_loss / len(loader.dataset):.4f}", file=log)
   return time.perf_counter() - t0

@@ -18,8 +18,9 @@ def extract(coef: jnp.ndarray, t: jnp.ndarray, x_shape) -> jnp.ndarray:
   return out.reshape(out.shape + (1,) * (len(x_shape) - out.ndim))
 
 
-def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray,
-             noise: jnp.ndarray) -> jnp.ndarray:
+def q_sample(
+  schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.ndarray
+) -> jnp.ndarray:
   """Samples x_t ~ q(x_t | x0) = N(sqrt(ab_t) x0, (1 - ab_t) I) in closed form.
 
   Args:
@@ -31,45 +32,57 @@ def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray,
   Returns:
     x_t: [B, H, W, C].
   """
-  return (extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
-          + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, x0.shape) * x0
+    + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise
+  )
 
 
-def q_posterior_mean_variance(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray,
-                              t: jnp.ndarray):
+def q_posterior_mean_variance(
+  schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray
+):
   """Mean and variance of q(x_{t-1} | x_t, x0).
 
   Returns:
     (mean [B, H, W, C], variance [B, 1, 1, 1], log_variance [B, 1, 1, 1]); the
     log-variance is clipped at t = 0 so it stays finite.
   """
-  mean = (extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0
-          + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t)
+  mean = (
+    extract(schedule.posterior_mean_coef1, t, x_t.shape) * x0
+    + extract(schedule.posterior_mean_coef2, t, x_t.shape) * x_t
+  )
   var = extract(schedule.posterior_variance, t, x_t.shape)
   log_var = extract(schedule.posterior_log_variance_clipped, t, x_t.shape)
   return mean, var, log_var
 
 
-def predict_x0_from_eps(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                        eps: jnp.ndarray) -> jnp.ndarray:
+def predict_x0_from_eps(
+  schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray
+) -> jnp.ndarray:
   """x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t). All arrays [B, H, W, C]."""
-  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-          - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+  return (
+    extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+    - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+  )
 
 
-def predict_eps_from_x0(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                        x0: jnp.ndarray) -> jnp.ndarray:
+def predict_eps_from_x0(
+  schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, x0: jnp.ndarray
+) -> jnp.ndarray:
   """eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t). All arrays [B, H, W, C]."""
-  return ((extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0)
-          / extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+  return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - x0) / extract(
+    schedule.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+  )
 
 
-def p_mean_from_eps(schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray,
-                    eps: jnp.ndarray) -> jnp.ndarray:
+def p_mean_from_eps(
+  schedule: Schedule, x_t: jnp.ndarray, t: jnp.ndarray, eps: jnp.ndarray
+) -> jnp.ndarray:
   """The seed's direct form of the reverse mean:
 
   mu = (x_t - beta_t / sqrt(1 - ab_t) * eps) / sqrt(alpha_t).
   """
   beta = extract(schedule.betas, t, x_t.shape)
-  return (x_t - beta / extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * eps
-          ) / jnp.sqrt(extract(schedule.alphas, t, x_t.shape))
+  return (
+    x_t - beta / extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * eps
+  ) / jnp.sqrt(extract(schedule.alphas, t, x_t.shape))

@@ -43,8 +43,9 @@ def drop_labels(rng: jax.Array, labels: jnp.ndarray, num_classes: int, p: float)
   return jnp.where(drop, num_classes, labels).astype(labels.dtype)
 
 
-def model_cond_eps_fn(model, params, schedule: Schedule, parameterization: str = "eps"
-                      ) -> CondEpsFn:
+def model_cond_eps_fn(
+  model, params, schedule: Schedule, parameterization: str = "eps"
+) -> CondEpsFn:
   """A class-conditional U-Net (eps, x0 or v prediction) as `cond_eps_fn(x_t, t, y)`."""
 
   def cond_eps_fn(x_t, t, y):
@@ -54,8 +55,9 @@ def model_cond_eps_fn(model, params, schedule: Schedule, parameterization: str =
   return cond_eps_fn
 
 
-def classifier_free_eps_fn(cond_eps_fn: CondEpsFn, labels: jnp.ndarray, scale: Scale,
-                           null_label: int) -> Callable:
+def classifier_free_eps_fn(
+  cond_eps_fn: CondEpsFn, labels: jnp.ndarray, scale: Scale, null_label: int
+) -> Callable:
   """`eps_fn(x_t, t)` with classifier-free guidance of strength `scale` towards `labels`.
 
   Args:
@@ -83,16 +85,18 @@ def classifier_free_eps_fn(cond_eps_fn: CondEpsFn, labels: jnp.ndarray, scale: S
     b = x_t.shape[0]
     if labels.shape[0] != b:
       raise ValueError(f"{labels.shape[0]} labels for a batch of {b} images")
-    both = cond_eps_fn(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                       jnp.concatenate([labels, null]))
+    both = cond_eps_fn(
+      jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+    )
     eps_c, eps_u = both[:b], both[b:]
     return eps_u + jnp.asarray(scale, eps_u.dtype) * (eps_c - eps_u)
 
   return eps_fn
 
 
-def classifier_guidance_eps_fn(eps_fn: Callable, schedule: Schedule, grad_log_p: Callable,
-                               scale: Scale = 1.0) -> Callable:
+def classifier_guidance_eps_fn(
+  eps_fn: Callable, schedule: Schedule, grad_log_p: Callable, scale: Scale = 1.0
+) -> Callable:
   """`eps_fn(x_t, t)` guided by a classifier's gradient.
 
   Args:
@@ -128,6 +132,7 @@ def classifier_grad_log_p(logits_fn: Callable, labels: jnp.ndarray) -> Callable:
     def total(x):
       logp = jax.nn.log_softmax(logits_fn(x, t).astype(jnp.float32), axis=-1)
       return jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
     return jax.grad(total)(x_t.astype(jnp.float32))
 
   return grad_log_p

@@ -37,8 +37,14 @@ def _patches(x, kh, kw, pads, strides=(1, 1)):
   sh, sw = strides
   H = (xp.shape[1] - kh) // sh + 1
   W = (xp.shape[2] - kw) // sw + 1
-  return jnp.concatenate([xp[:, i:i + sh * (H - 1) + 1:sh, j:j + sw * (W - 1) + 1:sw, :]
-                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.concatenate(
+    [
+      xp[:, i : i + sh * (H - 1) + 1 : sh, j : j + sw * (W - 1) + 1 : sw, :]
+      for i in range(kh)
+      for j in range(kw)
+    ],
+    axis=-1,
+  )
 
 
 # Bytes of one chunk's patch matrix (rows x kh*kw*Cin floats). Every GEMM
@@ -113,8 +119,8 @@ def _wino_tiles(xc, H, W):
   """B^T d B for every 4x4 tile of xc padded by 1 (and to even H, W): [16, b, H'/2, W'/2, C]."""
   Hp, Wp = H + H % 2, W + W % 2
   xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
-  rows = _wino_in([xp[:, i:i + Hp:2] for i in range(4)])
-  return jnp.stack([t for r in rows for t in _wino_in([r[:, :, j:j + Wp:2] for j in range(4)])])
+  rows = _wino_in([xp[:, i : i + Hp : 2] for i in range(4)])
+  return jnp.stack([t for r in rows for t in _wino_in([r[:, :, j : j + Wp : 2] for j in range(4)])])
 
 
 def _interleave(y):
@@ -179,12 +185,20 @@ def _wgrad3x3_winograd(x, g):
     gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
     grows = _wino_grad_out([gp[:, a::2] for a in range(2)])
     gh = jnp.stack([t for r in grows for t in _wino_grad_out([r[:, :, b::2] for b in range(2)])])
-    return jax.lax.dot_general(gh.reshape(16, -1, cout), v.reshape(16, -1, cin),
-                               (((1,), (1,)), ((0,), (0,))),
-                               preferred_element_type=jnp.float32)  # [16, Cout, Cin]
+    return jax.lax.dot_general(
+      gh.reshape(16, -1, cout),
+      v.reshape(16, -1, cin),
+      (((1,), (1,)), ((0,), (0,))),
+      preferred_element_type=jnp.float32,
+    )  # [16, Cout, Cin]
 
-  acc = _chunked(one, (x, g), (Hp // 2) * (Wp // 2), 16 * cin * x.dtype.itemsize,
-                 init=jnp.zeros((16, cout, cin), jnp.float32))
+  acc = _chunked(
+    one,
+    (x, g),
+    (Hp // 2) * (Wp // 2),
+    16 * cin * x.dtype.itemsize,
+    init=jnp.zeros((16, cout, cin), jnp.float32),
+  )
   gm = jnp.asarray(_WINO_G, jnp.float32)
   return jnp.einsum("ai,abdc,bj->ijcd", gm, acc.reshape(4, 4, cout, cin), gm)
 
@@ -196,8 +210,12 @@ WINOGRAD_MIN_CHANNELS = 16
 
 def _is_winograd(w, pads, strides):
   """3x3, stride 1, padding 1, and >= WINOGRAD_MIN_CHANNELS in and out."""
-  return (w.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1)) and tuple(strides) == (1, 1)
-          and min(w.shape[2:]) >= WINOGRAD_MIN_CHANNELS)
+  return (
+    w.shape[:2] == (3, 3)
+    and pads == ((1, 1), (1, 1))
+    and tuple(strides) == (1, 1)
+    and min(w.shape[2:]) >= WINOGRAD_MIN_CHANNELS
+  )
 
 
 def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
@@ -216,8 +234,13 @@ def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
       cols = _patches(xc, kh, kw, pads, strides).reshape(-1, k)
     return jnp.dot(gc.reshape(-1, cout).T, cols, preferred_element_type=jnp.float32)
 
-  acc = _chunked(one, (x, g), g.shape[1] * g.shape[2], k * x.dtype.itemsize,
-                 init=jnp.zeros((cout, k), jnp.float32))
+  acc = _chunked(
+    one,
+    (x, g),
+    g.shape[1] * g.shape[2],
+    k * x.dtype.itemsize,
+    init=jnp.zeros((cout, k), jnp.float32),
+  )
   return acc.T
 
 
@@ -228,8 +251,7 @@ def _flip_transpose(w):
 
 def _dx_stride1(g, w, pads):
   kh, kw = w.shape[:2]
-  dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
-           (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+  dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
   if _is_winograd(w, dpads, (1, 1)):
     return _conv3x3_winograd(g, _flip_transpose(w))
   return _conv_gemm(g, _flip_transpose(w), dpads)
@@ -251,6 +273,7 @@ def _phase_conv(x, kernels, pads):
 
   Returns [B, 2H, 2W, Cout].
   """
+
   def one(xc):
     rows = []
     for ka, pa in zip(kernels, pads):
@@ -269,8 +292,10 @@ def _phase_conv(x, kernels, pads):
 def _phase_kernels(w, phases, transpose):
   """The 2x2 grid of sub-kernels w[taps_a][:, taps_b] (Cin/Cout swapped if transpose)."""
   sub = lambda ta, tb: w[jnp.array(ta)][:, jnp.array(tb)]
-  kernels = [[sub(ta, tb).swapaxes(2, 3) if transpose else sub(ta, tb)
-              for tb, _ in phases] for ta, _ in phases]
+  kernels = [
+    [sub(ta, tb).swapaxes(2, 3) if transpose else sub(ta, tb) for tb, _ in phases]
+    for ta, _ in phases
+  ]
   pads = [[(pa, pb) for _, pb in phases] for _, pa in phases]
   return kernels, pads
 
@@ -283,8 +308,13 @@ def _dx_stride2(g, w):
 def _dx(x_shape, w, pads, strides, g):
   if tuple(strides) == (1, 1):
     return _dx_stride1(g, w, pads)
-  if (tuple(strides) == (2, 2) and w.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1))
-      and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0):
+  if (
+    tuple(strides) == (2, 2)
+    and w.shape[:2] == (3, 3)
+    and pads == ((1, 1), (1, 1))
+    and x_shape[1] % 2 == 0
+    and x_shape[2] % 2 == 0
+  ):
     return _dx_stride2(g, w)
   _, vjp_x = jax.vjp(lambda x_: _conv(x_, w, pads, strides), jnp.zeros(x_shape, g.dtype))
   return vjp_x(g)[0]
@@ -383,8 +413,9 @@ conv_transpose_2x.defvjp(_t2_fwd, _t2_bwd)
 GEMM_MIN_CHANNELS = 32
 
 
-def use_gemm_conv(gemm_conv: Optional[bool], cin: int = GEMM_MIN_CHANNELS,
-                  cout: int = GEMM_MIN_CHANNELS) -> bool:
+def use_gemm_conv(
+  gemm_conv: Optional[bool], cin: int = GEMM_MIN_CHANNELS, cout: int = GEMM_MIN_CHANNELS
+) -> bool:
   """Resolves a `gemm_conv` setting for a layer. None means: on the CPU
   backend, for layers with >= GEMM_MIN_CHANNELS input or output channels."""
   if gemm_conv is not None:

@@ -34,8 +34,13 @@ BIN_HALF_WIDTH = 1.0 / 255.0  # half the spacing of 256 levels on [-1, 1]
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+  return 0.5 * (
+    -1.0
+    + logvar2
+    - logvar1
+    + jnp.exp(logvar1 - logvar2)
+    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
+  )
 
 
 def _log_sub_exp(a, b):
@@ -52,8 +57,11 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
   log_cdf_upper = norm.logcdf(upper)
   log_sf_lower = norm.logcdf(-lower)
   # log(Phi(upper) - Phi(lower)), on the side of the mean where it is accurate.
-  mid = jnp.where(lower > 0, _log_sub_exp(log_sf_lower, norm.logcdf(-upper)),
-                  _log_sub_exp(log_cdf_upper, norm.logcdf(lower)))
+  mid = jnp.where(
+    lower > 0,
+    _log_sub_exp(log_sf_lower, norm.logcdf(-upper)),
+    _log_sub_exp(log_cdf_upper, norm.logcdf(lower)),
+  )
   return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, mid))
 
 
@@ -76,8 +84,9 @@ def prior_kl(schedule: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
   return jnp.sum(kl.reshape(x0.shape[0], -1), axis=1)
 
 
-def vlb_terms(eps_fn: Callable, schedule: Schedule, rng: jax.Array, x0: jnp.ndarray,
-              variance: str = "beta") -> dict:
+def vlb_terms(
+  eps_fn: Callable, schedule: Schedule, rng: jax.Array, x0: jnp.ndarray, variance: str = "beta"
+) -> dict:
   """Every term of the bound for a batch, one compiled scan over t = 0..T-1.
 
   Args:
@@ -114,5 +123,9 @@ def vlb_terms(eps_fn: Callable, schedule: Schedule, rng: jax.Array, x0: jnp.ndar
   prior = prior_kl(schedule, x0)
   total = prior + jnp.sum(terms, axis=0)
   dims = math.prod(x0.shape[1:])
-  return {"prior": prior, "terms": terms, "total": total,
-          "bits_per_dim": total / (dims * math.log(2.0))}
+  return {
+    "prior": prior,
+    "terms": terms,
+    "total": total,
+    "bits_per_dim": total / (dims * math.log(2.0)),
+  }

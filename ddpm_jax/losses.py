@@ -29,9 +29,17 @@ def elementwise_loss(pred: jnp.ndarray, target: jnp.ndarray, loss_type: str) -> 
   return jnp.mean(err.reshape(err.shape[0], -1), axis=1)
 
 
-def diffusion_loss(model: EpsModel, params, schedule: Schedule, rng: jax.Array,
-                   x0: jnp.ndarray, loss_type: str = "mse", parameterization: str = "eps",
-                   weighting: str = "none", **weight_options) -> jnp.ndarray:
+def diffusion_loss(
+  model: EpsModel,
+  params,
+  schedule: Schedule,
+  rng: jax.Array,
+  x0: jnp.ndarray,
+  loss_type: str = "mse",
+  parameterization: str = "eps",
+  weighting: str = "none",
+  **weight_options,
+) -> jnp.ndarray:
   """E_{t, eps} w(t) |target - model(x_t, t)|^2 (or |.| for l1).
 
   t ~ Uniform{0, ..., T-1} per example and eps ~ N(0, I) are drawn from `rng`;
@@ -58,16 +66,24 @@ def diffusion_loss(model: EpsModel, params, schedule: Schedule, rng: jax.Array,
   noise = jax.random.normal(n_rng, x0.shape, x0.dtype)
   x_t = q_sample(schedule, x0, t, noise)
   pred = model(params, x_t, t, m_rng)
-  per_example = elementwise_loss(pred.astype(jnp.float32),
-                                 target(schedule, x0, t, noise, parameterization), loss_type)
+  per_example = elementwise_loss(
+    pred.astype(jnp.float32), target(schedule, x0, t, noise, parameterization), loss_type
+  )
   if weighting != "none":
-    per_example = per_example * loss_weight(schedule, t, parameterization, weighting,
-                                            loss_type=loss_type, **weight_options)
+    per_example = per_example * loss_weight(
+      schedule, t, parameterization, weighting, loss_type=loss_type, **weight_options
+    )
   return jnp.mean(per_example)
 
 
-def eps_loss(eps_model: EpsModel, params, schedule: Schedule, rng: jax.Array,
-             x0: jnp.ndarray, loss_type: str = "mse") -> jnp.ndarray:
+def eps_loss(
+  eps_model: EpsModel,
+  params,
+  schedule: Schedule,
+  rng: jax.Array,
+  x0: jnp.ndarray,
+  loss_type: str = "mse",
+) -> jnp.ndarray:
   """The simplified DDPM objective E_{t, eps} |eps - eps_theta(x_t, t)|^2:
   `diffusion_loss` with an eps network and no weighting."""
   return diffusion_loss(eps_model, params, schedule, rng, x0, loss_type)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -47,8 +48,10 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   """Raises ValueError unless the global batch splits evenly over the devices."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
-                     f"mesh; use a multiple of {n}")
+    raise ValueError(
+      f"batch size {batch_size} is not divisible by the {n} devices of the "
+      f"mesh; use a multiple of {n}"
+    )
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -62,8 +65,9 @@ def shard_batch(batch, mesh: Mesh):
   return jax.device_put(batch, data_sharding(mesh))
 
 
-def process_rows(global_batch_size: int, process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> slice:
+def process_rows(
+  global_batch_size: int, process_index: Optional[int] = None, process_count: Optional[int] = None
+) -> slice:
   """The rows of a global batch that process `process_index` loads."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -86,8 +90,12 @@ def parallel_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -
   all-reduces.
   """
   rep, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
-                 donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    train_step,
+    in_shardings=(rep, data),
+    out_shardings=(rep, rep),
+    donate_argnums=(0,) if donate else (),
+  )
 
 
 def sharded_eps_fn(eps_fn: Callable, mesh: Mesh) -> Callable:

@@ -23,8 +23,7 @@ class WeightsError(RuntimeError):
 def params_sha256(params: Mapping) -> str:
   """sha256 over (name, dtype, shape, bytes) of every leaf, names sorted."""
   h = hashlib.sha256()
-  for name, leaf in sorted((("/".join(k), np.asarray(v)) for k, v in
-                            flatten_dict(params).items())):
+  for name, leaf in sorted((("/".join(k), np.asarray(v)) for k, v in flatten_dict(params).items())):
     h.update(f"{name}:{leaf.dtype.str}:{leaf.shape};".encode())
     h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()
@@ -38,8 +37,9 @@ def save_params(params: Mapping, path: str, compressed: bool = False) -> str:
   return params_sha256(unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()}))
 
 
-def load_params(path: str, sha256: Optional[str], what: str = "weights",
-                hint: str = "reinstall the package") -> dict:
+def load_params(
+  path: str, sha256: Optional[str], what: str = "weights", hint: str = "reinstall the package"
+) -> dict:
   """Loads params from an npz with `allow_pickle=False`, checking their
   `params_sha256` against `sha256` (None skips the check); WeightsError otherwise."""
   try:

@@ -27,13 +27,16 @@ WEIGHTINGS = ("none", "min_snr", "p2")
 
 def _check(parameterization: str) -> None:
   if parameterization not in PARAMETERIZATIONS:
-    raise ValueError(f"unknown parameterization {parameterization!r}; "
-                     f"expected one of {PARAMETERIZATIONS}")
+    raise ValueError(
+      f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}"
+    )
 
 
 def _a_s(schedule: Schedule, t, shape):
-  return (extract(schedule.sqrt_alphas_cumprod, t, shape),
-          extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape))
+  return (
+    extract(schedule.sqrt_alphas_cumprod, t, shape),
+    extract(schedule.sqrt_one_minus_alphas_cumprod, t, shape),
+  )
 
 
 def snr(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
@@ -100,9 +103,17 @@ def eps_fn_from_model(model_fn: Callable, schedule: Schedule, parameterization: 
   return eps_fn
 
 
-def loss_weight(schedule: Schedule, t: jnp.ndarray, parameterization: str,
-                weighting: str = "none", *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
-                p2_gamma: float = 1.0, loss_type: str = "mse") -> jnp.ndarray:
+def loss_weight(
+  schedule: Schedule,
+  t: jnp.ndarray,
+  parameterization: str,
+  weighting: str = "none",
+  *,
+  min_snr_gamma: float = 5.0,
+  p2_k: float = 1.0,
+  p2_gamma: float = 1.0,
+  loss_type: str = "mse",
+) -> jnp.ndarray:
   """Per-example weights [B] for the error of a `parameterization` target.
 
   - "none": 1 (the plain MSE of that target; for eps, the DDPM L_simple).

@@ -29,7 +29,7 @@ from ddpm_jax.unet import make_model
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # name -> (weights file, sha256 of the parameters' contents, see `param_files.params_sha256`)
 REGISTRY = {
-    "mnist": ("mnist_cond.npz", "PENDING"),
+  "mnist": ("mnist_cond.npz", "PENDING"),
 }
 
 
@@ -62,8 +62,9 @@ class Pretrained:
     cond = model_cond_eps_fn(self.model, self.params, self.schedule, self.parameterization)
     if labels is None:
       return lambda x_t, t: cond(x_t, t, jnp.full((x_t.shape[0],), self.num_classes, jnp.int32))
-    return classifier_free_eps_fn(cond, jnp.asarray(labels, jnp.int32), guidance_scale,
-                                  self.num_classes)
+    return classifier_free_eps_fn(
+      cond, jnp.asarray(labels, jnp.int32), guidance_scale, self.num_classes
+    )
 
 
 def record_path(name: str) -> str:
@@ -84,8 +85,9 @@ def load_pretrained(name: str = "mnist", path: Optional[str] = None) -> Pretrain
     with open(record_path(name)) as f:
       record = json.load(f)
   except (OSError, ValueError) as e:
-    raise param_files.WeightsError(f"cannot read the record of pretrained model {name!r}: "
-                                   f"{e}") from e
+    raise param_files.WeightsError(
+      f"cannot read the record of pretrained model {name!r}: {e}"
+    ) from e
   params = param_files.load_params(path, sha256, what=f"pretrained model {name!r}")
   c = record["config"]
   options = {}
@@ -94,6 +96,12 @@ def load_pretrained(name: str = "mnist", path: Optional[str] = None) -> Pretrain
   schedule = make_schedule(c["schedule"], c["timesteps"], **options)
   num_classes = int(record["num_classes"])
   model = make_model(c["model"], num_classes=num_classes)
-  return Pretrained(model=model, params=params, schedule=schedule, num_classes=num_classes,
-                    parameterization=c["parameterization"],
-                    image_shape=tuple(record["image_shape"]), record=record)
+  return Pretrained(
+    model=model,
+    params=params,
+    schedule=schedule,
+    num_classes=num_classes,
+    parameterization=c["parameterization"],
+    image_shape=tuple(record["image_shape"]),
+    record=record,
+  )

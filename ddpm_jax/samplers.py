@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.diffusion import extract, predict_eps_from_x0, predict_x0_from_eps
+from ddpm_jax.diffusion import predict_eps_from_x0, predict_x0_from_eps
 from ddpm_jax.schedules import Schedule
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -37,7 +37,11 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
   """
   if spacing not in SPACINGS:
     raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= num_timesteps:
+  if (
+    isinstance(num_steps, bool)
+    or int(num_steps) != num_steps
+    or not 1 <= num_steps <= num_timesteps
+  ):
     raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}] (T), got {num_steps!r}")
   n, T = int(num_steps), int(num_timesteps)
   if n == 1:  # one step must start from pure noise, whatever the spacing
@@ -49,16 +53,19 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "trailing"
   else:
     ts = np.round(np.linspace(0, math.sqrt(T - 1), n) ** 2).astype(np.int64)
   if len(np.unique(ts)) != n:
-    raise ValueError(f"{spacing!r} spacing gives repeated timesteps for num_steps={n}, T={T}; "
-                     "use fewer steps or 'trailing' spacing")
+    raise ValueError(
+      f"{spacing!r} spacing gives repeated timesteps for num_steps={n}, T={T}; "
+      "use fewer steps or 'trailing' spacing"
+    )
   return ts[::-1].astype(np.int32)
 
 
 MIN_LOGSNR = -5.1  # log-SNR below which x_t holds no usable signal (sqrt(ab) < 0.006)
 
 
-def logsnr_timesteps(schedule: Schedule, num_steps: int,
-                     min_logsnr: float = MIN_LOGSNR) -> np.ndarray:
+def logsnr_timesteps(
+  schedule: Schedule, num_steps: int, min_logsnr: float = MIN_LOGSNR
+) -> np.ndarray:
   """`num_steps` decreasing timesteps from T-1 to 0, evenly spaced in
   log-SNR lambda_t = log(a_t / s_t) (the spacing DPM-Solver is analysed in),
   each the discrete timestep nearest its target and made distinct.
@@ -77,7 +84,7 @@ def logsnr_timesteps(schedule: Schedule, num_steps: int,
   ab = np.asarray(schedule.alphas_cumprod, np.float64)
   lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # decreasing in t
   targets = np.linspace(max(lam[-1], min(float(min_logsnr), lam[0])), lam[0], n)
-  ts = np.array([int(np.argmin(np.abs(lam - l))) for l in targets])
+  ts = np.array([int(np.argmin(np.abs(lam - target))) for target in targets])
   ts[0] = T - 1
   for i in range(1, n):  # strictly decreasing from T-1 ...
     ts[i] = min(ts[i], ts[i - 1] - 1)
@@ -140,8 +147,9 @@ def _run(step_fn, x_T, ts, ts_prev, trajectory_every, aux=None):
     j, t, t_prev = s
     c = step(c, t, t_prev)
     write, idx = _frame_index(j, n, every)
-    frames = jax.lax.cond(write, lambda f: jax.lax.dynamic_update_index_in_dim(f, c[0], idx, 0),
-                          lambda f: f, frames)
+    frames = jax.lax.cond(
+      write, lambda f: jax.lax.dynamic_update_index_in_dim(f, c[0], idx, 0), lambda f: f, frames
+    )
     return (c, frames), None
 
   ((x, _), frames), _ = jax.lax.scan(body, ((x_T, aux), frames), xs)
@@ -155,10 +163,21 @@ def _maybe_clip(x0, clip_x0):
   return jnp.clip(x0, -bound, bound)
 
 
-def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int], *,
-                variance: str = "beta", clip_x0=False, temperature: float = 1.0,
-                trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
-                dtype=jnp.float32, num_steps: Optional[int] = None, spacing: str = "trailing"):
+def ddpm_sample(
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  rng: jax.Array,
+  shape: Sequence[int],
+  *,
+  variance: str = "beta",
+  clip_x0=False,
+  temperature: float = 1.0,
+  trajectory_every: Optional[int] = None,
+  x_T: Optional[jnp.ndarray] = None,
+  dtype=jnp.float32,
+  num_steps: Optional[int] = None,
+  spacing: str = "trailing",
+):
   """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), over all T steps or
   a respaced subsequence of them.
 
@@ -196,15 +215,37 @@ def ddpm_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequen
   _check_shape(shape)
   T = schedule.num_timesteps
   ts = ddim_timesteps(T, T if num_steps is None else num_steps, spacing)
-  return ddim_like_sample(eps_fn, schedule, rng, shape, ts, eta=None, variance=variance,
-                          clip_x0=clip_x0, temperature=temperature,
-                          trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
+  return ddim_like_sample(
+    eps_fn,
+    schedule,
+    rng,
+    shape,
+    ts,
+    eta=None,
+    variance=variance,
+    clip_x0=clip_x0,
+    temperature=temperature,
+    trajectory_every=trajectory_every,
+    x_T=x_T,
+    dtype=dtype,
+  )
 
 
-def ddim_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
-                num_steps: int, eta: float = 0.0, *, spacing: str = "trailing", clip_x0=False,
-                temperature: float = 1.0, trajectory_every: Optional[int] = None,
-                x_T: Optional[jnp.ndarray] = None, dtype=jnp.float32):
+def ddim_sample(
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  rng: jax.Array,
+  shape: Sequence[int],
+  num_steps: int,
+  eta: float = 0.0,
+  *,
+  spacing: str = "trailing",
+  clip_x0=False,
+  temperature: float = 1.0,
+  trajectory_every: Optional[int] = None,
+  x_T: Optional[jnp.ndarray] = None,
+  dtype=jnp.float32,
+):
   """DDIM sampling (Song et al. 2021) with any number of steps from 1 to T.
 
   x_{s} = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, with
@@ -229,13 +270,37 @@ def ddim_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequen
     raise ValueError(f"temperature must be >= 0, got {temperature!r}")
   _check_shape(shape)
   ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-  return ddim_like_sample(eps_fn, schedule, rng, shape, ts, eta=float(eta), variance=None,
-                          clip_x0=clip_x0, temperature=temperature,
-                          trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
+  return ddim_like_sample(
+    eps_fn,
+    schedule,
+    rng,
+    shape,
+    ts,
+    eta=float(eta),
+    variance=None,
+    clip_x0=clip_x0,
+    temperature=temperature,
+    trajectory_every=trajectory_every,
+    x_T=x_T,
+    dtype=dtype,
+  )
 
 
-def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0, temperature,
-                     trajectory_every, x_T, dtype):
+def ddim_like_sample(
+  eps_fn,
+  schedule,
+  rng,
+  shape,
+  ts,
+  *,
+  eta,
+  variance,
+  clip_x0,
+  temperature,
+  trajectory_every,
+  x_T,
+  dtype,
+):
   """Shared scan for the ancestral (eta None) and DDIM samplers over timesteps ts."""
   shape = tuple(int(s) for s in shape)
   rng_init, rng_steps = jax.random.split(rng)
@@ -264,11 +329,15 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
       # use the schedule's own float64-derived coefficients.
       adjacent = t_prev == t - 1
       ab_t, ab_s = ab_ext[t], ab_ext[t_prev]
-      beta_ts = jnp.where(adjacent, schedule.betas[t], -jnp.expm1(log_ab_ext[t] - log_ab_ext[t_prev]))
-      coef1 = jnp.where(adjacent, schedule.posterior_mean_coef1[t],
-                        jnp.sqrt(ab_s) * beta_ts / (1 - ab_t))
-      coef2 = jnp.where(adjacent, schedule.posterior_mean_coef2[t],
-                        jnp.sqrt(1 - beta_ts) * (1 - ab_s) / (1 - ab_t))
+      beta_ts = jnp.where(
+        adjacent, schedule.betas[t], -jnp.expm1(log_ab_ext[t] - log_ab_ext[t_prev])
+      )
+      coef1 = jnp.where(
+        adjacent, schedule.posterior_mean_coef1[t], jnp.sqrt(ab_s) * beta_ts / (1 - ab_t)
+      )
+      coef2 = jnp.where(
+        adjacent, schedule.posterior_mean_coef2[t], jnp.sqrt(1 - beta_ts) * (1 - ab_s) / (1 - ab_t)
+      )
       var = beta_ts
       if variance == "beta_tilde":
         var = jnp.where(adjacent, schedule.posterior_variance[t], beta_ts * (1 - ab_s) / (1 - ab_t))
@@ -285,11 +354,20 @@ def ddim_like_sample(eps_fn, schedule, rng, shape, ts, *, eta, variance, clip_x0
   return _run(step, x_T, ts, ts_prev, trajectory_every)
 
 
-def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
-                      num_steps: int = 20, *, spacing: str = "logsnr", clip_x0=False,
-                      lower_order_final: bool = True,
-                      trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
-                      dtype=jnp.float32):
+def dpm_solver_sample(
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  rng: jax.Array,
+  shape: Sequence[int],
+  num_steps: int = 20,
+  *,
+  spacing: str = "logsnr",
+  clip_x0=False,
+  lower_order_final: bool = True,
+  trajectory_every: Optional[int] = None,
+  x_T: Optional[jnp.ndarray] = None,
+  dtype=jnp.float32,
+):
   """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the
   probability-flow ODE in data-prediction form, deterministic given x_T.
 
@@ -338,8 +416,9 @@ def dpm_solver_sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: 
     x0_prev, h_prev, has_prev = aux
     tb = jnp.full((B,), t, jnp.int32)
     x32 = x.astype(jnp.float32)
-    x0 = _maybe_clip(predict_x0_from_eps(schedule, x32, tb, eps_fn(x, tb).astype(jnp.float32)),
-                     clip_x0)
+    x0 = _maybe_clip(
+      predict_x0_from_eps(schedule, x32, tb, eps_fn(x, tb).astype(jnp.float32)), clip_x0
+    )
     final = s < 0
     s_ = jnp.maximum(s, 0)
     h = jnp.where(final, 1.0, lam[s_] - lam[t])  # unused on the final step
@@ -371,13 +450,18 @@ def _resolve(schedule: Schedule, sampler: str, num_steps: Optional[int], spacing
   spacing = spacing or DEFAULT_SPACING[sampler]
   allowed = SPACINGS + (("logsnr",) if sampler == "dpm" else ())
   if spacing not in allowed:
-    raise ValueError(f"spacing {spacing!r} does not apply to the {sampler} sampler; "
-                     f"expected one of {allowed}")
+    raise ValueError(
+      f"spacing {spacing!r} does not apply to the {sampler} sampler; expected one of {allowed}"
+    )
   return steps, spacing
 
 
-def sampler_timesteps(schedule: Schedule, sampler: str = "dpm", num_steps: Optional[int] = None,
-                      spacing: Optional[str] = None) -> np.ndarray:
+def sampler_timesteps(
+  schedule: Schedule,
+  sampler: str = "dpm",
+  num_steps: Optional[int] = None,
+  spacing: Optional[str] = None,
+) -> np.ndarray:
   """The decreasing timesteps `sample(..., sampler, num_steps, spacing=spacing)` visits."""
   steps, spacing = _resolve(schedule, sampler, num_steps, spacing)
   if spacing == "logsnr":
@@ -385,12 +469,23 @@ def sampler_timesteps(schedule: Schedule, sampler: str = "dpm", num_steps: Optio
   return ddim_timesteps(schedule.num_timesteps, steps, spacing)
 
 
-def sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
-           sampler: str = "dpm", num_steps: Optional[int] = None, *,
-           spacing: Optional[str] = None, clip_x0=False, eta: float = 0.0,
-           variance: str = "beta", temperature: float = 1.0,
-           trajectory_every: Optional[int] = None, x_T: Optional[jnp.ndarray] = None,
-           dtype=jnp.float32):
+def sample(
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  rng: jax.Array,
+  shape: Sequence[int],
+  sampler: str = "dpm",
+  num_steps: Optional[int] = None,
+  *,
+  spacing: Optional[str] = None,
+  clip_x0=False,
+  eta: float = 0.0,
+  variance: str = "beta",
+  temperature: float = 1.0,
+  trajectory_every: Optional[int] = None,
+  x_T: Optional[jnp.ndarray] = None,
+  dtype=jnp.float32,
+):
   """One entry point to every sampler: `sample(eps_fn, schedule, rng, shape)`.
 
   Args:
@@ -413,11 +508,29 @@ def sample(eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[in
   steps, spacing = _resolve(schedule, sampler, num_steps, spacing)
   common = dict(clip_x0=clip_x0, trajectory_every=trajectory_every, x_T=x_T, dtype=dtype)
   if sampler == "ddpm":
-    return ddpm_sample(eps_fn, schedule, rng, shape, variance=variance, num_steps=steps,
-                       spacing=spacing, temperature=temperature, **common)
+    return ddpm_sample(
+      eps_fn,
+      schedule,
+      rng,
+      shape,
+      variance=variance,
+      num_steps=steps,
+      spacing=spacing,
+      temperature=temperature,
+      **common,
+    )
   if sampler == "ddim":
-    return ddim_sample(eps_fn, schedule, rng, shape, steps, eta=eta, spacing=spacing,
-                       temperature=temperature, **common)
+    return ddim_sample(
+      eps_fn,
+      schedule,
+      rng,
+      shape,
+      steps,
+      eta=eta,
+      spacing=spacing,
+      temperature=temperature,
+      **common,
+    )
   if temperature != 1.0:
     raise ValueError("temperature applies to the ddpm and ddim samplers; dpm adds no noise")
   return dpm_solver_sample(eps_fn, schedule, rng, shape, steps, spacing=spacing, **common)

@@ -54,21 +54,22 @@ class Schedule:
   log_betas: jnp.ndarray
 
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4,
-                 beta_end: float = 0.02) -> np.ndarray:
+def linear_betas(
+  num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
   """The DDPM schedule of the seeds: betas evenly spaced, [T] float64."""
   return np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
 
 
-def quadratic_betas(num_timesteps: int, beta_start: float = 1e-4,
-                    beta_end: float = 0.02) -> np.ndarray:
+def quadratic_betas(
+  num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> np.ndarray:
   """Betas growing quadratically from beta_start to beta_end, [T] float64."""
   s = np.linspace(0.0, 1.0, num_timesteps, dtype=np.float64)
   return beta_start + (beta_end - beta_start) * s**2
 
 
-def cosine_betas(num_timesteps: int, s: float = 0.008,
-                 max_beta: float = 0.999) -> np.ndarray:
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
   """Improved-DDPM cosine schedule (Nichol & Dhariwal 2021), [T] float64."""
   steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
   f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -85,32 +86,34 @@ def schedule_from_betas(betas: np.ndarray, kind: str = "custom") -> Schedule:
   if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas >= 1):
     bad = betas[~((betas > 0) & (betas < 1))]
     raise ValueError(
-        f"betas must lie in the open interval (0, 1); got values such as {bad[:3].tolist()} "
-        f"(min {betas.min():.3g}, max {betas.max():.3g})")
+      f"betas must lie in the open interval (0, 1); got values such as {bad[:3].tolist()} "
+      f"(min {betas.min():.3g}, max {betas.max():.3g})"
+    )
   alphas = 1.0 - betas
   ab = np.cumprod(alphas)
   ab_prev = np.concatenate([[1.0], ab[:-1]])
   post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
   # post_var[0] == 0; use the next value so the log is finite (as in DDPM).
-  post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]]) if betas.size > 1
-                       else np.array([betas[0]]))
+  post_logvar = np.log(
+    np.concatenate([post_var[1:2], post_var[1:]]) if betas.size > 1 else np.array([betas[0]])
+  )
   f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)
   return Schedule(
-      kind=kind,
-      num_timesteps=int(betas.size),
-      betas=f32(betas),
-      alphas=f32(alphas),
-      alphas_cumprod=f32(ab),
-      alphas_cumprod_prev=f32(ab_prev),
-      sqrt_alphas_cumprod=f32(np.sqrt(ab)),
-      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ab)),
-      sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / ab)),
-      sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / ab - 1.0)),
-      posterior_variance=f32(post_var),
-      posterior_log_variance_clipped=f32(post_logvar),
-      posterior_mean_coef1=f32(betas * np.sqrt(ab_prev) / (1.0 - ab)),
-      posterior_mean_coef2=f32((1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab)),
-      log_betas=f32(np.log(betas)),
+    kind=kind,
+    num_timesteps=int(betas.size),
+    betas=f32(betas),
+    alphas=f32(alphas),
+    alphas_cumprod=f32(ab),
+    alphas_cumprod_prev=f32(ab_prev),
+    sqrt_alphas_cumprod=f32(np.sqrt(ab)),
+    sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ab)),
+    sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / ab)),
+    sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / ab - 1.0)),
+    posterior_variance=f32(post_var),
+    posterior_log_variance_clipped=f32(post_logvar),
+    posterior_mean_coef1=f32(betas * np.sqrt(ab_prev) / (1.0 - ab)),
+    posterior_mean_coef2=f32((1.0 - ab_prev) * np.sqrt(alphas) / (1.0 - ab)),
+    log_betas=f32(np.log(betas)),
   )
 
 
@@ -134,12 +137,16 @@ def make_schedule(kind: str = "linear", num_timesteps: int = 1000, **options) ->
   if isinstance(num_timesteps, bool) or int(num_timesteps) != num_timesteps or num_timesteps < 1:
     raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
   num_timesteps = int(num_timesteps)
-  allowed = {"linear": ("beta_start", "beta_end"), "quadratic": ("beta_start", "beta_end"),
-             "cosine": ("s", "max_beta")}[kind]
+  allowed = {
+    "linear": ("beta_start", "beta_end"),
+    "quadratic": ("beta_start", "beta_end"),
+    "cosine": ("s", "max_beta"),
+  }[kind]
   unknown = set(options) - set(allowed)
   if unknown:
-    raise ValueError(f"unknown option(s) {sorted(unknown)} for the {kind!r} schedule; "
-                     f"allowed: {list(allowed)}")
+    raise ValueError(
+      f"unknown option(s) {sorted(unknown)} for the {kind!r} schedule; allowed: {list(allowed)}"
+    )
   if kind in ("linear", "quadratic"):
     lo, hi = options.get("beta_start", 1e-4), options.get("beta_end", 0.02)
     for name, v in (("beta_start", lo), ("beta_end", hi)):

@@ -36,10 +36,17 @@ class TrainState:
   ema_params: Any
 
 
-def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int = 0,
-                   grad_clip: Optional[float] = 1.0, end_lr_fraction: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.0
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  learning_rate: float,
+  total_steps: int,
+  *,
+  warmup_steps: int = 0,
+  grad_clip: Optional[float] = 1.0,
+  end_lr_fraction: float = 0.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
   """Adam(W) under linear warmup then cosine decay, after global-norm clipping.
 
   Args:
@@ -68,9 +75,12 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int 
 def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, end_lr_fraction=0.0):
   """Linear warmup to `learning_rate`, cosine decay to the end fraction."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0 if warmup_steps else learning_rate, peak_value=learning_rate,
-      warmup_steps=warmup_steps, decay_steps=max(total_steps, warmup_steps + 1),
-      end_value=learning_rate * end_lr_fraction)
+    init_value=0.0 if warmup_steps else learning_rate,
+    peak_value=learning_rate,
+    warmup_steps=warmup_steps,
+    decay_steps=max(total_steps, warmup_steps + 1),
+    end_value=learning_rate * end_lr_fraction,
+  )
 
 
 def run_once(fn: Callable, *args):
@@ -87,16 +97,21 @@ def run_once(fn: Callable, *args):
   return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
 
 
-def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       image_shape) -> TrainState:
+def create_train_state(
+  rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, image_shape
+) -> TrainState:
   """Initialises params (and EMA = params) for images of shape [H, W, C]."""
 
   def create(rng):
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     params = model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
     # The EMA gets its own buffers so the state can be donated to the step.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+    )
 
   return run_once(create, rng)
 
@@ -114,8 +129,9 @@ def ema_decay_at(step, decay: float, warmup: bool = True):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def model_eps_fn(model: nn.Module, params, *, labels=None, train: bool = False,
-                 rng=None) -> Callable:
+def model_eps_fn(
+  model: nn.Module, params, *, labels=None, train: bool = False, rng=None
+) -> Callable:
   """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers.
 
   labels: for a class-conditional U-Net, the class of each image [B] (the
@@ -128,12 +144,22 @@ def model_eps_fn(model: nn.Module, params, *, labels=None, train: bool = False,
   return lambda x_t, t: model.apply({"params": params}, x_t, t, train=train, rngs=rngs, **extra)
 
 
-def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTransformation, *,
-                    base_rng: jax.Array, ema_decay: float = 0.999, ema_warmup: bool = True,
-                    loss_type: str = "mse", axis_name: Optional[str] = None,
-                    skip_nonfinite: bool = False, parameterization: str = "eps",
-                    weighting: str = "none", weight_options: Optional[dict] = None,
-                    label_dropout: float = 0.1) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  schedule: Schedule,
+  tx: optax.GradientTransformation,
+  *,
+  base_rng: jax.Array,
+  ema_decay: float = 0.999,
+  ema_warmup: bool = True,
+  loss_type: str = "mse",
+  axis_name: Optional[str] = None,
+  skip_nonfinite: bool = False,
+  parameterization: str = "eps",
+  weighting: str = "none",
+  weight_options: Optional[dict] = None,
+  label_dropout: float = 0.1,
+) -> Callable:
   """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
   The step's key is `fold_in(base_rng, state.step)`; it draws t, the noise
@@ -166,8 +192,9 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
   # Fail at construction, not inside the jitted step.
-  loss_weight(schedule, jnp.zeros((1,), jnp.int32), parameterization, weighting,
-              **(weight_options or {}))
+  loss_weight(
+    schedule, jnp.zeros((1,), jnp.int32), parameterization, weighting, **(weight_options or {})
+  )
   if not 0.0 <= ema_decay < 1.0:
     raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
 
@@ -188,29 +215,43 @@ def make_train_step(model: nn.Module, schedule: Schedule, tx: optax.GradientTran
       extra = {"y": labels}
     else:
       if isinstance(batch, (tuple, list)):
-        raise ValueError("labels were given to an unconditional model; build the U-Net with "
-                         "num_classes > 0 to train it class-conditionally")
+        raise ValueError(
+          "labels were given to an unconditional model; build the U-Net with "
+          "num_classes > 0 to train it class-conditionally"
+        )
       images, extra = batch, {}
 
     def apply(params, x_t, t, rng):
       return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng}, **extra)
 
-    loss_fn = lambda p: diffusion_loss(apply, p, schedule, rng, images, loss_type,
-                                       parameterization, weighting, **(weight_options or {}))
+    loss_fn = lambda p: diffusion_loss(
+      apply,
+      p,
+      schedule,
+      rng,
+      images,
+      loss_type,
+      parameterization,
+      weighting,
+      **(weight_options or {}),
+    )
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     if axis_name is not None:
       loss, grads = jax.lax.pmean((loss, grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema_update(state.ema_params, params, decay))
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=ema_update(state.ema_params, params, decay),
+    )
     grad_norm = _tree_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:
       kept = state.replace(step=state.step + 1)
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
-    return new_state, {"loss": loss, "grad_norm": grad_norm,
-                       "finite": finite.astype(jnp.float32)}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
   return train_step

@@ -27,8 +27,10 @@ def check_image_shape(shape, factor: int):
     raise ValueError(f"expected images [B, H, W, C], got shape {tuple(shape)}")
   _, h, w, _ = shape
   if h % factor or w % factor:
-    raise ValueError(f"image size {h}x{w} is not divisible by {factor}, the U-Net's total "
-                     "downsampling factor; choose another size or a model with fewer levels")
+    raise ValueError(
+      f"image size {h}x{w} is not divisible by {factor}, the U-Net's total "
+      "downsampling factor; choose another size or a model with fewer levels"
+    )
 
 
 def label_embedding(num_classes: int, dim: int, y, batch: int, dtype):
@@ -42,16 +44,19 @@ def label_embedding(num_classes: int, dim: int, y, batch: int, dtype):
   """
   if num_classes == 0:
     if y is not None:
-      raise ValueError("labels were given to an unconditional U-Net; build it with "
-                       "num_classes > 0 to condition on classes")
+      raise ValueError(
+        "labels were given to an unconditional U-Net; build it with "
+        "num_classes > 0 to condition on classes"
+      )
     return None
   if y is None:
     y = jnp.full((batch,), num_classes, jnp.int32)
   y = jnp.asarray(y)
   if y.shape != (batch,) or not jnp.issubdtype(y.dtype, jnp.integer):
     raise ValueError(f"labels must be integers of shape ({batch},), got {y.dtype} {y.shape}")
-  table = nn.Embed(num_classes + 1, dim, embedding_init=nn.initializers.zeros,
-                   dtype=dtype, name="label_embedding")
+  table = nn.Embed(
+    num_classes + 1, dim, embedding_init=nn.initializers.zeros, dtype=dtype, name="label_embedding"
+  )
   return table(y)
 
 
@@ -94,13 +99,13 @@ class SimpleUNet(nn.Module):
     conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype)
     down = functools.partial(conv, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    up = functools.partial(ConvTranspose2x, gemm_conv=self.gemm_conv,
-                           dtype=self.dtype)
+    up = functools.partial(ConvTranspose2x, gemm_conv=self.gemm_conv, dtype=self.dtype)
     out_ch = self.out_channels or x.shape[-1]
     x = x.astype(self.dtype)
 
     emb = dense(self.time_dim, name="time_mlp")(
-        timestep_embedding(t, self.time_dim).astype(self.dtype))
+      timestep_embedding(t, self.time_dim).astype(self.dtype)
+    )
     label = label_embedding(self.num_classes, self.time_dim, y, x.shape[0], self.dtype)
     emb = nn.relu(emb if label is None else emb + label)
     proj = lambda c, name: dense(c, name=name)(emb)[:, None, None, :]
@@ -113,13 +118,10 @@ class SimpleUNet(nn.Module):
     h = nn.relu(conv(c3, name="bottleneck1")(h3) + more(c3, "time_proj_mid1"))
     h = nn.relu(conv(c3, name="bottleneck2")(h) + more(c3, "time_proj_mid2"))
     h = up(c2, name="up1")(h)
-    h = nn.relu(conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1))
-                + more(c2, "time_proj4"))
+    h = nn.relu(conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1)) + more(c2, "time_proj4"))
     h = up(c1, name="up2")(h)
-    h = nn.relu(conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1))
-                + more(c1, "time_proj5"))
-    return Conv(out_ch, (1, 1), gemm_conv=self.gemm_conv, dtype=self.dtype,
-                name="out")(h)
+    h = nn.relu(conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1)) + more(c1, "time_proj5"))
+    return Conv(out_ch, (1, 1), gemm_conv=self.gemm_conv, dtype=self.dtype, name="out")(h)
 
 
 class ResBlock(nn.Module):
@@ -208,10 +210,16 @@ class UNet(nn.Module):
     if self.upsample not in ("nearest", "conv_transpose"):
       raise ValueError(f"upsample must be 'nearest' or 'conv_transpose', got {self.upsample!r}")
     conv = functools.partial(Conv, gemm_conv=self.gemm_conv, dtype=self.dtype)
-    block = functools.partial(ResBlock, dropout=self.dropout, num_groups=self.num_groups,
-                              gemm_conv=self.gemm_conv, dtype=self.dtype)
-    attn = functools.partial(AttnBlock, num_heads=self.num_heads, num_groups=self.num_groups,
-                             dtype=self.dtype)
+    block = functools.partial(
+      ResBlock,
+      dropout=self.dropout,
+      num_groups=self.num_groups,
+      gemm_conv=self.gemm_conv,
+      dtype=self.dtype,
+    )
+    attn = functools.partial(
+      AttnBlock, num_heads=self.num_heads, num_groups=self.num_groups, dtype=self.dtype
+    )
     out_ch = self.out_channels or x.shape[-1]
     ch = self.base_channels
     emb_dim = 4 * ch
@@ -230,8 +238,9 @@ class UNet(nn.Module):
           h = attn()(h)
         skips.append(h)
       if level < levels - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                    dtype=self.dtype)(h)
+        h = nn.Conv(
+          h.shape[-1], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype
+        )(h)
         skips.append(h)
 
     h = block(h.shape[-1])(h, emb, train)
@@ -256,23 +265,33 @@ class UNet(nn.Module):
 
 
 PRESETS = {
-    # The seed notebook's network (001): 2,755,201 parameters for 1 channel.
-    "simple": functools.partial(SimpleUNet),
-    # Half-width SimpleUNet, for CPU runs.
-    "simple_half": functools.partial(SimpleUNet, channels=(32, 64, 128), time_dim=128),
-    # The same with the time embedding added in every block (734,881 parameters).
-    "simple_half_emb": functools.partial(SimpleUNet, channels=(32, 64, 128), time_dim=128,
-                                         emb_every_block=True),
-    # The tutorial's residual sizes (seed 004, 3.6.1).
-    "tiny": functools.partial(UNet, base_channels=16, channel_mults=(1, 2, 2),
-                              attention_levels=(2,)),
-    "small": functools.partial(UNet, base_channels=32, channel_mults=(1, 2, 2, 4),
-                               attention_levels=(2,)),
-    "base": functools.partial(UNet, base_channels=64, channel_mults=(1, 2, 4, 8),
-                              attention_levels=(2,)),
-    # A very small residual net for unit tests and the smoke job.
-    "test": functools.partial(UNet, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                              attention_levels=(1,), num_groups=4, num_heads=2, dropout=0.0),
+  # The seed notebook's network (001): 2,755,201 parameters for 1 channel.
+  "simple": functools.partial(SimpleUNet),
+  # Half-width SimpleUNet, for CPU runs.
+  "simple_half": functools.partial(SimpleUNet, channels=(32, 64, 128), time_dim=128),
+  # The same with the time embedding added in every block (734,881 parameters).
+  "simple_half_emb": functools.partial(
+    SimpleUNet, channels=(32, 64, 128), time_dim=128, emb_every_block=True
+  ),
+  # The tutorial's residual sizes (seed 004, 3.6.1).
+  "tiny": functools.partial(UNet, base_channels=16, channel_mults=(1, 2, 2), attention_levels=(2,)),
+  "small": functools.partial(
+    UNet, base_channels=32, channel_mults=(1, 2, 2, 4), attention_levels=(2,)
+  ),
+  "base": functools.partial(
+    UNet, base_channels=64, channel_mults=(1, 2, 4, 8), attention_levels=(2,)
+  ),
+  # A very small residual net for unit tests and the smoke job.
+  "test": functools.partial(
+    UNet,
+    base_channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    num_groups=4,
+    num_heads=2,
+    dropout=0.0,
+  ),
 }
 
 

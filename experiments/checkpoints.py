@@ -37,8 +37,12 @@ class CheckpointError(UsageError):
 
 # How TensorStore (under Orbax) reports file-system failures: a ValueError
 # whose text starts with an absl status code, not an OSError.
-_STATUS_ERRNO = (("RESOURCE_EXHAUSTED", errno.ENOSPC), ("No space left", errno.ENOSPC),
-                 ("PERMISSION_DENIED", errno.EACCES), ("Read-only file system", errno.EROFS))
+_STATUS_ERRNO = (
+  ("RESOURCE_EXHAUSTED", errno.ENOSPC),
+  ("No space left", errno.ENOSPC),
+  ("PERMISSION_DENIED", errno.EACCES),
+  ("Read-only file system", errno.EROFS),
+)
 
 
 def _os_error(e: BaseException) -> Optional[OSError]:
@@ -84,7 +88,8 @@ def _file_hashes(folder: str) -> dict:
 
 def write_manifest(folder: str) -> None:
   """Records the hashes of a complete step folder (atomically)."""
-  from experiments.files import atomic_path  # pylint: disable=import-outside-toplevel
+  from experiments.files import atomic_path
+
   hashes = _file_hashes(folder)
   with atomic_path(os.path.join(folder, MANIFEST), ".json.tmp") as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
@@ -131,9 +136,12 @@ def set_aside_unhashed_steps(directory: str) -> list:
       dest, k = os.path.join(aside_root, f"{name}.{k}"), k + 1
     os.replace(folder, dest)
     moved.append(int(name))
-    print(f"note: checkpoint step {name} has no {MANIFEST} (a crash before its hashes were "
-          f"written), so it is not trusted: moved to {dest}; resuming from the newest verified "
-          "checkpoint", file=sys.stderr)
+    print(
+      f"note: checkpoint step {name} has no {MANIFEST} (a crash before its hashes were "
+      f"written), so it is not trusted: moved to {dest}; resuming from the newest verified "
+      "checkpoint",
+      file=sys.stderr,
+    )
   return moved
 
 
@@ -155,7 +163,7 @@ def close_all_quietly() -> None:
   for ckpt in list(_OPEN):
     try:
       ckpt.close()
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       pass
     _OPEN.discard(ckpt)
 
@@ -163,17 +171,23 @@ def close_all_quietly() -> None:
 class Checkpointer:
   """Keeps the latest `max_to_keep` steps; optionally a separate best-by-metric dir."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2,
-               best_metric: Optional[str] = None, best_mode: str = "min",
-               set_aside_unverified: bool = False):
+  def __init__(
+    self,
+    directory: str,
+    max_to_keep: int = 2,
+    best_metric: Optional[str] = None,
+    best_mode: str = "min",
+    set_aside_unverified: bool = False,
+  ):
     self.directory = os.path.abspath(directory)  # Orbax needs absolute paths
     if set_aside_unverified:
       set_aside_unhashed_steps(self.directory)
     options = dict(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     if best_metric is not None:
       options.update(best_fn=lambda m: m[best_metric], best_mode=best_mode)
-    self._mngr = ocp.CheckpointManager(self.directory,
-                                       options=ocp.CheckpointManagerOptions(**options))
+    self._mngr = ocp.CheckpointManager(
+      self.directory, options=ocp.CheckpointManagerOptions(**options)
+    )
     _OPEN.add(self)
 
   def latest_step(self) -> Optional[int]:
@@ -187,8 +201,9 @@ class Checkpointer:
       err = _os_error(e)
       if err is None or err is e:
         raise
-      raise OSError(err.errno, f"saving a checkpoint in {self.directory}: {err.strerror or err}",
-                    err.filename) from e
+      raise OSError(
+        err.errno, f"saving a checkpoint in {self.directory}: {err.strerror or err}", err.filename
+      ) from e
 
   def save(self, step: int, state: Any, metrics: Optional[dict] = None, force: bool = True) -> None:
     """Saves `state` at `step` and, once the step is complete, its manifest.
@@ -197,8 +212,9 @@ class Checkpointer:
     certify files they did not write.
     """
     self._io(self._mngr.wait_until_finished)
-    saved = self._io(self._mngr.save, int(step), args=ocp.args.StandardSave(state),
-                     metrics=metrics, force=force)
+    saved = self._io(
+      self._mngr.save, int(step), args=ocp.args.StandardSave(state), metrics=metrics, force=force
+    )
     self._io(self._mngr.wait_until_finished)
     folder = os.path.join(self.directory, str(int(step)))
     if saved is not False and os.path.isdir(folder):
@@ -219,22 +235,29 @@ class Checkpointer:
     problem = verify_manifest(folder)
     if problem:
       raise CheckpointError(
-          f"the checkpoint {folder} is corrupt or truncated: {problem}. Move it away to resume "
-          "from an older checkpoint (or start over), or use a new workdir")
+        f"the checkpoint {folder} is corrupt or truncated: {problem}. Move it away to resume "
+        "from an older checkpoint (or start over), or use a new workdir"
+      )
     try:
       state = self._mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       raise CheckpointError(
-          f"cannot restore the checkpoint {folder} ({_first_line(e)}). It is truncated or "
-          f"corrupt, or was written for another model or optimizer{hint}. Move it away to "
-          "resume from an older checkpoint (or start over), or use a new workdir") from None
+        f"cannot restore the checkpoint {folder} ({_first_line(e)}). It is truncated or "
+        f"corrupt, or was written for another model or optimizer{hint}. Move it away to "
+        "resume from an older checkpoint (or start over), or use a new workdir"
+      ) from None
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
-    bad = [p for p, a, b in zip(paths, jax.tree.leaves(state), jax.tree.leaves(abstract))
-           if getattr(a, "shape", None) != b.shape or getattr(a, "dtype", None) != b.dtype]
+    bad = [
+      p
+      for p, a, b in zip(paths, jax.tree.leaves(state), jax.tree.leaves(abstract))
+      if getattr(a, "shape", None) != b.shape or getattr(a, "dtype", None) != b.dtype
+    ]
     if bad:
-      raise CheckpointError(f"the checkpoint {folder} does not match this run's model: "
-                            f"{bad[0]} and {len(bad) - 1} more differ in shape or dtype{hint}; "
-                            "use a new workdir for a different model")
+      raise CheckpointError(
+        f"the checkpoint {folder} does not match this run's model: "
+        f"{bad[0]} and {len(bad) - 1} more differ in shape or dtype{hint}; "
+        "use a new workdir for a different model"
+      )
     return state
 
   def wait(self) -> None:
@@ -251,25 +274,36 @@ class Checkpointer:
       remove_temporary_folders(self.directory)
 
 
-def resume_or_init(ckpt: Checkpointer, init, config, preset: str, workdir: str,
-                   total_steps: Optional[int] = None, unit: str = "--steps") -> tuple:
+def resume_or_init(
+  ckpt: Checkpointer,
+  init,
+  config,
+  preset: str,
+  workdir: str,
+  total_steps: Optional[int] = None,
+  unit: str = "--steps",
+) -> tuple:
   """(state, latest step or None): the latest checkpoint restored onto the
   shapes of `init()`, or `init()` when there is none. Only then, with the
   checkpoint readable, is `workdir/config.json` rewritten with `config`, so a
   refused run leaves the workdir as it was. A run asking for fewer than
   `total_steps` steps than the checkpoint holds is refused (UsageError)."""
-  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from experiments import cli
+
   latest = ckpt.latest_step()
   if latest is not None and total_steps is not None and latest > total_steps:
-    raise UsageError(f"{workdir} has trained {latest} steps; {unit} asks for {total_steps} in "
-                     "all, fewer than already done. Ask for at least as many, or use a new "
-                     "workdir")
+    raise UsageError(
+      f"{workdir} has trained {latest} steps; {unit} asks for {total_steps} in "
+      "all, fewer than already done. Ask for at least as many, or use a new "
+      "workdir"
+    )
   if latest is not None:
     state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
   else:
     state = init()
-  cli.write_json_atomic(os.path.join(workdir, "config.json"),
-                        {"preset": preset, **dataclasses.asdict(config)})
+  cli.write_json_atomic(
+    os.path.join(workdir, "config.json"), {"preset": preset, **dataclasses.asdict(config)}
+  )
   return state, latest
 
 

@@ -49,6 +49,7 @@ def _field_parser(tp):
 
     def optional(s):
       return None if s.strip().lower() == "none" else conv(s)
+
     optional.__name__ = inner.__name__  # argparse names it in "invalid int value"
     return optional
   if tp is bool:
@@ -57,31 +58,47 @@ def _field_parser(tp):
 
 
 class _Parser(argparse.ArgumentParser):
-
   def error(self, message):
     raise UsageError(message)
 
 
-def build_parser(config_cls, presets: dict, description: str,
-                 stop_unit: str = "steps") -> argparse.ArgumentParser:
+def build_parser(
+  config_cls, presets: dict, description: str, stop_unit: str = "steps"
+) -> argparse.ArgumentParser:
   hints = typing.get_type_hints(config_cls)
   defaults = config_cls()
   p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--workdir", required=True,
-                 help="output folder: checkpoints, config.json, metrics.jsonl, PNGs; "
-                      "running again with the same workdir resumes")
-  p.add_argument(f"--stop_after_{stop_unit}", dest="stop_after", type=int, default=None,
-                 metavar="N",
-                 help=f"leave after N training {stop_unit} in this invocation, with a checkpoint; "
-                      "run again with the same workdir to continue (not stored in config.json)")
-  p.add_argument("--preset", choices=sorted(presets), default=None,
-                 help="a named set of defaults: " + "; ".join(
-                     f"{k}: {v.get('_doc', '')}" for k, v in presets.items()))
+  p.add_argument(
+    "--workdir",
+    required=True,
+    help="output folder: checkpoints, config.json, metrics.jsonl, PNGs; "
+    "running again with the same workdir resumes",
+  )
+  p.add_argument(
+    f"--stop_after_{stop_unit}",
+    dest="stop_after",
+    type=int,
+    default=None,
+    metavar="N",
+    help=f"leave after N training {stop_unit} in this invocation, with a checkpoint; "
+    "run again with the same workdir to continue (not stored in config.json)",
+  )
+  p.add_argument(
+    "--preset",
+    choices=sorted(presets),
+    default=None,
+    help="a named set of defaults: "
+    + "; ".join(f"{k}: {v.get('_doc', '')}" for k, v in presets.items()),
+  )
   for f in dataclasses.fields(config_cls):
     helptext = f.metadata.get("help", "")
-    p.add_argument(f"--{f.name}", type=_field_parser(hints[f.name]), default=None,
-                   metavar=hints[f.name].__name__ if isinstance(hints[f.name], type) else "VALUE",
-                   help=f"{helptext} (default: {getattr(defaults, f.name)!r})")
+    p.add_argument(
+      f"--{f.name}",
+      type=_field_parser(hints[f.name]),
+      default=None,
+      metavar=hints[f.name].__name__ if isinstance(hints[f.name], type) else "VALUE",
+      help=f"{helptext} (default: {getattr(defaults, f.name)!r})",
+    )
   return p
 
 
@@ -122,8 +139,10 @@ def lock_workdir(workdir: str) -> None:
     pid = _lock_holder(fd)
     os.close(fd)
     who = f"pid {pid}" if pid is not None else "another process"
-    raise UsageError(f"workdir {workdir} is in use by another job ({who}); wait for it to end, "
-                     "or use another workdir") from None
+    raise UsageError(
+      f"workdir {workdir} is in use by another job ({who}); wait for it to end, "
+      "or use another workdir"
+    ) from None
   _LOCKS[workdir] = fd
 
 
@@ -167,13 +186,13 @@ def stored_fields(workdir: str) -> dict:
   try:
     stored = read_json(path)
   except (OSError, ValueError) as e:
-    raise UsageError(f"{path} is unreadable ({e}); move it away or use a new workdir")
+    raise UsageError(f"{path} is unreadable ({e}); move it away or use a new workdir") from None
   if not isinstance(stored, dict):
     raise UsageError(f"{path} does not hold a JSON object")
   return stored
 
 
-INT_RANGE = (-2**31, 2**31 - 1)  # every integer flag (seeds, steps, sizes) fits in int32
+INT_RANGE = (-(2**31), 2**31 - 1)  # every integer flag (seeds, steps, sizes) fits in int32
 
 
 def _type_ok(tp, value) -> bool:
@@ -199,8 +218,9 @@ def check_values(config) -> None:
     if isinstance(v, float) and not math.isfinite(v):
       raise UsageError(f"--{f.name} must be a finite number, got {v}")
     if isinstance(v, int) and not isinstance(v, bool) and not INT_RANGE[0] <= v <= INT_RANGE[1]:
-      raise UsageError(f"--{f.name} {v} is out of range: integer flags lie in "
-                       f"[{INT_RANGE[0]}, {INT_RANGE[1]}]")
+      raise UsageError(
+        f"--{f.name} {v} is out of range: integer flags lie in [{INT_RANGE[0]}, {INT_RANGE[1]}]"
+      )
 
 
 def load_config(config_cls, workdir: str) -> tuple:
@@ -214,24 +234,30 @@ def load_config(config_cls, workdir: str) -> tuple:
   known = {f.name for f in dataclasses.fields(config_cls)}
   unknown = set(stored) - known - {"preset"}
   if unknown:
-    raise UsageError(f"{path} has unknown fields {sorted(unknown)}; it was written by another "
-                     "job or version")
+    raise UsageError(
+      f"{path} has unknown fields {sorted(unknown)}; it was written by another job or version"
+    )
   missing = sorted(known - set(stored))
   if missing:
-    raise UsageError(f"{path} lacks the fields {missing}; it was written by another version "
-                     "or edited by hand. Restore them, or use a new workdir")
+    raise UsageError(
+      f"{path} lacks the fields {missing}; it was written by another version "
+      "or edited by hand. Restore them, or use a new workdir"
+    )
   for k in sorted(known):
     if not _type_ok(hints[k], stored[k]):
-      raise UsageError(f"{path}: {k} = {stored[k]!r} is not of type "
-                       f"{getattr(hints[k], '__name__', hints[k])}; fix the file or use a new "
-                       "workdir")
+      raise UsageError(
+        f"{path}: {k} = {stored[k]!r} is not of type "
+        f"{getattr(hints[k], '__name__', hints[k])}; fix the file or use a new "
+        "workdir"
+      )
   preset = stored.get("preset")
   if preset is not None and not isinstance(preset, str):
     raise UsageError(f"{path}: preset = {preset!r} is not a string")
   config = dataclasses.replace(config_cls(), **{k: stored[k] for k in known})
   if any(hints[k] is float and isinstance(stored[k], int) for k in known):
-    config = dataclasses.replace(config, **{k: float(stored[k]) for k in known
-                                            if hints[k] is float and stored[k] is not None})
+    config = dataclasses.replace(
+      config, **{k: float(stored[k]) for k in known if hints[k] is float and stored[k] is not None}
+    )
   check_values(config)
   return config, preset
 
@@ -245,8 +271,11 @@ def restore_hint(config, workdir: str) -> str:
     return ""
   if not isinstance(stored, dict):
     return ""
-  diff = [f.name for f in dataclasses.fields(config)
-          if f.name in stored and stored[f.name] != getattr(config, f.name)]
+  diff = [
+    f.name
+    for f in dataclasses.fields(config)
+    if f.name in stored and stored[f.name] != getattr(config, f.name)
+  ]
   return f" (this run changes {', '.join(diff)} from {path})" if diff else ""
 
 
@@ -257,8 +286,9 @@ class RunArgs(typing.NamedTuple):
   stop_after: Optional[int]
 
 
-def resolve_config(config_cls, presets: dict, argv=None, description: str = "",
-                   stop_unit: str = "steps") -> RunArgs:
+def resolve_config(
+  config_cls, presets: dict, argv=None, description: str = "", stop_unit: str = "steps"
+) -> RunArgs:
   """Parses argv into RunArgs(config, preset, workdir, stop_after).
 
   New workdir: defaults <- preset <- explicit flags. Existing workdir with a
@@ -269,20 +299,29 @@ def resolve_config(config_cls, presets: dict, argv=None, description: str = "",
   workdir = os.path.abspath(args.workdir)
   if args.stop_after is not None and args.stop_after < 1:
     raise UsageError(f"--stop_after_{stop_unit} must be >= 1, got {args.stop_after}")
-  explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
-              if getattr(args, f.name) is not None}
+  explicit = {
+    f.name: getattr(args, f.name)
+    for f in dataclasses.fields(config_cls)
+    if getattr(args, f.name) is not None
+  }
   stored_path = os.path.join(workdir, "config.json")
   if os.path.exists(stored_path):
     base, stored_preset = load_config(config_cls, workdir)
     known = {f.name for f in dataclasses.fields(config_cls)}
     if args.preset is not None and args.preset != stored_preset:
       wanted = preset_config(config_cls, presets, args.preset)
-      diff = [f"{k}: {getattr(base, k)!r} (stored) vs {getattr(wanted, k)!r}"
-              for k in known if getattr(base, k) != getattr(wanted, k) and k not in explicit]
+      diff = [
+        f"{k}: {getattr(base, k)!r} (stored) vs {getattr(wanted, k)!r}"
+        for k in known
+        if getattr(base, k) != getattr(wanted, k) and k not in explicit
+      ]
       if diff:
-        raise UsageError(f"workdir {workdir} holds a run with preset {stored_preset!r}; "
-                         f"--preset {args.preset} differs in " + "; ".join(sorted(diff))
-                         + ". Pass those fields explicitly to override, or use a new workdir")
+        raise UsageError(
+          f"workdir {workdir} holds a run with preset {stored_preset!r}; "
+          f"--preset {args.preset} differs in "
+          + "; ".join(sorted(diff))
+          + ". Pass those fields explicitly to override, or use a new workdir"
+        )
     changed = {k: (getattr(base, k), v) for k, v in explicit.items() if getattr(base, k) != v}
     for k, (old, new) in changed.items():
       print(f"note: overriding {k} = {old!r} from {stored_path} with {new!r}", file=sys.stderr)
@@ -337,17 +376,24 @@ class MetricsLog:
         except ValueError:
           record = None
         step = record.get("step") if isinstance(record, dict) else None
-        ok = isinstance(step, int) and not isinstance(step, bool) and all(
+        ok = (
+          isinstance(step, int)
+          and not isinstance(step, bool)
+          and all(
             isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
-            for k in required)
+            for k in required
+          )
+        )
         if ok:
           out.append(record)
         else:
           bad.append(number)
     if bad and not quiet:
-      print(f"note: skipped {len(bad)} malformed line(s) of {path} (line {bad[0]}"
-            f"{' and more' if len(bad) > 1 else ''}); the valid records are kept",
-            file=sys.stderr)
+      print(
+        f"note: skipped {len(bad)} malformed line(s) of {path} (line {bad[0]}"
+        f"{' and more' if len(bad) > 1 else ''}); the valid records are kept",
+        file=sys.stderr,
+      )
     return out
 
 
@@ -357,12 +403,14 @@ EXIT_INTERNAL, EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 1, 2, 3, 4
 def silence_background_threads() -> None:
   """On an error exit: no log records or thread tracebacks from Orbax's and
   TensorStore's writer threads, which would bury the one-line message."""
-  import logging  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
+  import logging
+  import threading
+
   logging.disable(logging.CRITICAL)
   threading.excepthook = lambda args: None
   try:
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    from absl import logging as absl_logging
+
     absl_logging.set_verbosity(absl_logging.FATAL)
   except ImportError:
     pass
@@ -378,9 +426,10 @@ def run_main(fn, argv=None) -> int:
   other exception: one line naming it, exit 1; `--debug` anywhere in argv
   shows its traceback instead.
   """
-  # pylint: disable=import-outside-toplevel
+
   from experiments.checkpoints import close_all_quietly
   from experiments.data import DataError
+
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv  # any other exception: its traceback instead of one line
@@ -390,7 +439,8 @@ def run_main(fn, argv=None) -> int:
       fn(argv)
     except BaseException as e:
       if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C must not break the clean-up
-        import signal  # pylint: disable=import-outside-toplevel
+        import signal
+
         signal.signal(signal.SIGINT, signal.SIG_IGN)
       silence_background_threads()
       raise
@@ -400,19 +450,24 @@ def run_main(fn, argv=None) -> int:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED if isinstance(e, FloatingPointError) else EXIT_USAGE
   except OSError as e:
-    print(f"{prog}: error: cannot read or write files: {e}. Outputs written so far and the "
-          "last complete checkpoint are kept; fix the disk and run again to resume",
-          file=sys.stderr)
+    print(
+      f"{prog}: error: cannot read or write files: {e}. Outputs written so far and the "
+      "last complete checkpoint are kept; fix the disk and run again to resume",
+      file=sys.stderr,
+    )
     return EXIT_IO
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if debug:
       raise
     text = (str(e).strip().splitlines() or [""])[0][:300]
-    print(f"{prog}: internal error: {type(e).__name__}: {text}. This is a bug, not a bad "
-          "flag: run again with --debug for the traceback, and report it", file=sys.stderr)
+    print(
+      f"{prog}: internal error: {type(e).__name__}: {text}. This is a bug, not a bad "
+      "flag: run again with --debug for the traceback, and report it",
+      file=sys.stderr,
+    )
     return EXIT_INTERNAL
   return 0
 

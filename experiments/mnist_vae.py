@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 import vae_jax as vj
 from experiments import cli, plotting
-from experiments.files import Preemption
 from experiments.checkpoints import Checkpointer, restore_latest, resume_or_init
 from experiments.data import load_mnist
+from experiments.files import Preemption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,26 +40,45 @@ class Config:
   epochs: int = cli.flag(10, "training epochs")
   batch_size: int = cli.flag(128, "batch size")
   learning_rate: float = cli.flag(1e-3, "Adam learning rate")
-  lr_schedule: str = cli.flag("constant", "constant (the seeds') or cosine (decay to 0 over the run)")
+  lr_schedule: str = cli.flag(
+    "constant", "constant (the seeds') or cosine (decay to 0 over the run)"
+  )
   beta: float = cli.flag(1.0, "weight of the KL term (beta-VAE); 1 is the ELBO")
   likelihood: str = cli.flag("bernoulli", "bernoulli (the seeds' BCE) or gaussian (sd 0.1)")
   iwae_k: int = cli.flag(1000, "importance samples for the final test NLL estimate")
   eval_examples: int = cli.flag(10000, "test images used for the final IWAE estimate")
   seed: int = cli.flag(0, "random seed")
-  skip_nonfinite: bool = cli.flag(False, "skip updates whose loss or gradient is not finite "
-                                  "(default: stop with an error, keeping the last checkpoint)")
+  skip_nonfinite: bool = cli.flag(
+    False,
+    "skip updates whose loss or gradient is not finite "
+    "(default: stop with an error, keeping the last checkpoint)",
+  )
 
 
 PRESETS = {
-    "default": {"_doc": "the seed notebook: MLP 784-400-20, batch 128, Adam 1e-3, 10 epochs"},
-    "better": {"_doc": "two hidden layers of 512, latent 32, 50 epochs, cosine decay; "
-                       "a few minutes on 2 CPU cores",
-               "hidden": 512, "num_hidden_layers": 2, "latent_dim": 32, "epochs": 50,
-               "lr_schedule": "cosine", "learning_rate": 1e-3},
-    "latent2": {"_doc": "the seed's 2-D latent space for the manifold plot",
-                "latent_dim": 2, "epochs": 20},
-    "smoke": {"_doc": "one epoch, small IWAE (tests)", "epochs": 1, "batch_size": 500,
-              "iwae_k": 8, "eval_examples": 200},
+  "default": {"_doc": "the seed notebook: MLP 784-400-20, batch 128, Adam 1e-3, 10 epochs"},
+  "better": {
+    "_doc": "two hidden layers of 512, latent 32, 50 epochs, cosine decay; "
+    "a few minutes on 2 CPU cores",
+    "hidden": 512,
+    "num_hidden_layers": 2,
+    "latent_dim": 32,
+    "epochs": 50,
+    "lr_schedule": "cosine",
+    "learning_rate": 1e-3,
+  },
+  "latent2": {
+    "_doc": "the seed's 2-D latent space for the manifold plot",
+    "latent_dim": 2,
+    "epochs": 20,
+  },
+  "smoke": {
+    "_doc": "one epoch, small IWAE (tests)",
+    "epochs": 1,
+    "batch_size": 500,
+    "iwae_k": 8,
+    "eval_examples": 200,
+  },
 }
 
 
@@ -67,6 +86,7 @@ def validate(c: Config) -> None:
   def need(ok, msg):
     if not ok:
       raise cli.UsageError(msg)
+
   need(c.model in ("mlp", "conv"), f"--model must be mlp or conv, got {c.model!r}")
   need(c.latent_dim >= 1, f"--latent_dim must be >= 1, got {c.latent_dim}")
   need(c.hidden >= 1, f"--hidden must be >= 1, got {c.hidden}")
@@ -74,11 +94,19 @@ def validate(c: Config) -> None:
   need(c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}")
   need(1 <= c.batch_size <= 60000, f"--batch_size must lie in [1, 60000], got {c.batch_size}")
   need(c.learning_rate > 0, f"--learning_rate must be > 0, got {c.learning_rate}")
-  need(c.lr_schedule in ("constant", "cosine"), f"--lr_schedule must be constant or cosine, got {c.lr_schedule!r}")
+  need(
+    c.lr_schedule in ("constant", "cosine"),
+    f"--lr_schedule must be constant or cosine, got {c.lr_schedule!r}",
+  )
   need(c.beta >= 0, f"--beta must be >= 0, got {c.beta}")
-  need(c.likelihood in vj.objectives.LIKELIHOODS, f"--likelihood must be bernoulli or gaussian, got {c.likelihood!r}")
+  need(
+    c.likelihood in vj.objectives.LIKELIHOODS,
+    f"--likelihood must be bernoulli or gaussian, got {c.likelihood!r}",
+  )
   need(c.iwae_k >= 1, f"--iwae_k must be >= 1, got {c.iwae_k}")
-  need(1 <= c.eval_examples <= 10000, f"--eval_examples must lie in [1, 10000], got {c.eval_examples}")
+  need(
+    1 <= c.eval_examples <= 10000, f"--eval_examples must lie in [1, 10000], got {c.eval_examples}"
+  )
 
 
 def make_optimizer(c: Config, steps_per_epoch: int):
@@ -90,35 +118,57 @@ def make_optimizer(c: Config, steps_per_epoch: int):
 def save_pictures(c: Config, vae, params, test_images, test_labels, workdir, rng):
   enc, dec = vj.vae_fns(vae, params)
   samples = jax.jit(lambda r: vj.sample_prior(dec, r, 64, c.latent_dim))(rng)
-  plotting.save_grid(np.asarray(samples), os.path.join(workdir, "samples.png"), nrow=8,
-                     title="samples from the prior (Bernoulli means)", value_range=(0, 1))
+  plotting.save_grid(
+    np.asarray(samples),
+    os.path.join(workdir, "samples.png"),
+    nrow=8,
+    title="samples from the prior (Bernoulli means)",
+    value_range=(0, 1),
+  )
   x = vj.train.to_unit(test_images[:32])
   rec = jax.jit(lambda x: vj.reconstruct(enc, dec, x))(x)
-  rows = np.concatenate([np.asarray(x[:16]), np.asarray(rec[:16]), np.asarray(x[16:]),
-                         np.asarray(rec[16:])])
-  plotting.save_grid(rows, os.path.join(workdir, "reconstructions.png"), nrow=16,
-                     title="test images (rows 1, 3) and reconstructions (rows 2, 4)",
-                     value_range=(0, 1))
+  rows = np.concatenate(
+    [np.asarray(x[:16]), np.asarray(rec[:16]), np.asarray(x[16:]), np.asarray(rec[16:])]
+  )
+  plotting.save_grid(
+    rows,
+    os.path.join(workdir, "reconstructions.png"),
+    nrow=16,
+    title="test images (rows 1, 3) and reconstructions (rows 2, 4)",
+    value_range=(0, 1),
+  )
   if c.latent_dim == 2:
-    from scipy.stats import norm  # pylint: disable=import-outside-toplevel
+    from scipy.stats import norm
+
     g = norm.ppf(np.linspace(0.05, 0.95, 20))
     # Row i has the i-th largest z_2 so the plot reads like a map (seed 003).
     coords = np.array([[gx, gy] for gy in g[::-1] for gx in g], np.float32)
     imgs = jax.jit(lambda z: vj.decode_grid(dec, z))(jnp.asarray(coords))
-    plotting.save_grid(np.asarray(imgs), os.path.join(workdir, "manifold.png"), nrow=20,
-                       title="decoded latent grid, norm.ppf(linspace(0.05, 0.95, 20))",
-                       value_range=(0, 1))
+    plotting.save_grid(
+      np.asarray(imgs),
+      os.path.join(workdir, "manifold.png"),
+      nrow=20,
+      title="decoded latent grid, norm.ppf(linspace(0.05, 0.95, 20))",
+      value_range=(0, 1),
+    )
     means = np.asarray(jax.jit(lambda x: enc(x)[0])(vj.train.to_unit(test_images)))
-    plotting.save_scatter(means, np.asarray(test_labels), os.path.join(workdir, "latent_scatter.png"),
-                          title="test-set latent means by digit")
+    plotting.save_scatter(
+      means,
+      np.asarray(test_labels),
+      os.path.join(workdir, "latent_scatter.png"),
+      title="test-set latent means by digit",
+    )
 
 
 def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=None) -> dict:
   validate(c)
   cli.prepare_workdir(workdir)
   mnist = load_mnist()
-  print(f"MNIST: {mnist.train_images.shape[0]} train, {mnist.test_images.shape[0]} test images "
-        f"from {mnist.source}", file=sys.stderr)
+  print(
+    f"MNIST: {mnist.train_images.shape[0]} train, {mnist.test_images.shape[0]} test images "
+    f"from {mnist.source}",
+    file=sys.stderr,
+  )
   train_images = jax.device_put(mnist.train_images)
   test_images = jax.device_put(mnist.test_images)
   steps_per_epoch = train_images.shape[0] // c.batch_size
@@ -128,26 +178,39 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   init_rng, train_rng, eval_rng, pic_rng = jax.random.split(jax.random.key(c.seed), 4)
   init = functools.partial(vj.create_state, init_rng, vae, tx, c.latent_dim)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), set_aside_unverified=True)
-  best = Checkpointer(os.path.join(workdir, "best"), max_to_keep=1, best_metric="test_loss",
-                      best_mode="min")
-  state, latest = resume_or_init(ckpt, init, c, preset, workdir, c.epochs * steps_per_epoch,
-                                 "--epochs")
+  best = Checkpointer(
+    os.path.join(workdir, "best"), max_to_keep=1, best_metric="test_loss", best_mode="min"
+  )
+  state, latest = resume_or_init(
+    ckpt, init, c, preset, workdir, c.epochs * steps_per_epoch, "--epochs"
+  )
   epoch = int(state.step) // steps_per_epoch
   if latest is not None:
     print(f"resumed after epoch {epoch}", file=sys.stderr)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"VAE {c.model}: {n_params:,} parameters, latent {c.latent_dim}", file=sys.stderr)
 
-  train_epoch = jax.jit(vj.make_train_epoch(vae, tx, base_rng=train_rng, batch_size=c.batch_size,
-                                            beta=c.beta, likelihood=c.likelihood,
-                                            skip_nonfinite=c.skip_nonfinite),
-                        donate_argnums=(0,))
+  train_epoch = jax.jit(
+    vj.make_train_epoch(
+      vae,
+      tx,
+      base_rng=train_rng,
+      batch_size=c.batch_size,
+      beta=c.beta,
+      likelihood=c.likelihood,
+      skip_nonfinite=c.skip_nonfinite,
+    ),
+    donate_argnums=(0,),
+  )
   evaluate = jax.jit(vj.make_evaluate(vae, likelihood=c.likelihood))
-  metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                           keep_up_to_step=int(state.step) if latest is not None else None)
+  metrics = cli.MetricsLog(
+    os.path.join(workdir, "metrics.jsonl"),
+    keep_up_to_step=int(state.step) if latest is not None else None,
+  )
   end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, epoch + stop_after_epochs)
-  pbar = tqdm(total=c.epochs, initial=epoch, desc="train", unit="epoch", file=sys.stderr,
-              dynamic_ncols=True)
+  pbar = tqdm(
+    total=c.epochs, initial=epoch, desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True
+  )
   skipped = 0
   with Preemption() as preemption:  # SIGTERM: finish the epoch, checkpoint, leave
     try:
@@ -160,26 +223,38 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
         if not np.isfinite(m["loss"]) or (m["nonfinite_steps"] and not c.skip_nonfinite):
           kept = f"after epoch {epoch - 1}" if epoch > 1 else "none yet"
           raise FloatingPointError(
-              f"non-finite loss or gradient in epoch {epoch} ({m['nonfinite_steps']:.0f} steps); "
-              f"stopped without saving it (last good checkpoint: {kept}). Lower "
-              "--learning_rate, or pass --skip_nonfinite true to skip such steps")
+            f"non-finite loss or gradient in epoch {epoch} ({m['nonfinite_steps']:.0f} steps); "
+            f"stopped without saving it (last good checkpoint: {kept}). Lower "
+            "--learning_rate, or pass --skip_nonfinite true to skip such steps"
+          )
         skipped += int(m["nonfinite_steps"])
         # Fixed evaluation key: comparable across epochs and runs.
         tm = {k: float(v) for k, v in evaluate(state.params, test_images, eval_rng).items()}
-        record = {"epoch": epoch, "step": int(state.step), "train_loss": m["loss"],
-                  "train_rec": m["rec"], "train_kl": m["kl"], "test_loss": tm["loss"],
-                  "test_rec": tm["rec"], "test_kl": tm["kl"], "epoch_seconds": epoch_s,
-                  "skipped_steps": int(m["nonfinite_steps"]), "time": time.time()}
+        record = {
+          "epoch": epoch,
+          "step": int(state.step),
+          "train_loss": m["loss"],
+          "train_rec": m["rec"],
+          "train_kl": m["kl"],
+          "test_loss": tm["loss"],
+          "test_rec": tm["rec"],
+          "test_kl": tm["kl"],
+          "epoch_seconds": epoch_s,
+          "skipped_steps": int(m["nonfinite_steps"]),
+          "time": time.time(),
+        }
         metrics.write(record)
         host_state = jax.device_get(state)
         ckpt.save(int(state.step), host_state)
         best.save(int(state.step), host_state, metrics={"test_loss": tm["loss"]})
         pbar.update(1)
         pbar.set_postfix(train=f"{m['loss']:.2f}", test=f"{tm['loss']:.2f}", s=f"{epoch_s:.1f}")
-        tqdm.write(f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})"
-                   f"  test {tm['loss']:.2f}  {epoch_s:.1f}s"
-                   + (f"  skipped {int(m['nonfinite_steps'])} steps" if m["nonfinite_steps"] else ""),
-                   file=sys.stderr)
+        tqdm.write(
+          f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})"
+          f"  test {tm['loss']:.2f}  {epoch_s:.1f}s"
+          + (f"  skipped {int(m['nonfinite_steps'])} steps" if m["nonfinite_steps"] else ""),
+          file=sys.stderr,
+        )
     finally:
       pbar.close()
   ckpt.close()
@@ -188,17 +263,26 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
     print(f"SIGTERM: checkpoint after epoch {epoch} saved; run again to resume", file=sys.stderr)
     raise SystemExit(143)  # 128 + SIGTERM
   if epoch < c.epochs:
-    print(f"stopped after epoch {epoch} of {c.epochs} as asked; run again to continue",
-          file=sys.stderr)
+    print(
+      f"stopped after epoch {epoch} of {c.epochs} as asked; run again to continue", file=sys.stderr
+    )
     return {}
 
-  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"),
-                                required=("epoch", "train_loss", "test_loss", "epoch_seconds"))
+  history = cli.MetricsLog.read(
+    os.path.join(workdir, "metrics.jsonl"),
+    required=("epoch", "train_loss", "test_loss", "epoch_seconds"),
+  )
   ep = [r["epoch"] for r in history]
-  plotting.save_curves({"train": (ep, [r["train_loss"] for r in history]),
-                        "test": (ep, [r["test_loss"] for r in history])},
-                       os.path.join(workdir, "learning_curves.png"), xlabel="epoch",
-                       ylabel="negative ELBO (nats / image)", title="VAE learning curves")
+  plotting.save_curves(
+    {
+      "train": (ep, [r["train_loss"] for r in history]),
+      "test": (ep, [r["test_loss"] for r in history]),
+    },
+    os.path.join(workdir, "learning_curves.png"),
+    xlabel="epoch",
+    ylabel="negative ELBO (nats / image)",
+    title="VAE learning curves",
+  )
   save_pictures(c, vae, state.params, test_images, mnist.test_labels, workdir, pic_rng)
 
   n = c.eval_examples
@@ -206,19 +290,27 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
   iwae_nll = jax.jit(vj.make_iwae_nll(vae, k=c.iwae_k, likelihood=c.likelihood))
   nll = np.asarray(iwae_nll(state.params, test_images[:n], jax.random.fold_in(eval_rng, 1)))
   elbo = evaluate(state.params, test_images[:n], eval_rng)
-  result = {"epochs": epoch, "test_examples": int(nll.size), "iwae_k": c.iwae_k,
-            "test_nll_iwae": float(nll.mean()),
-            "test_nll_iwae_stderr": float(nll.std(ddof=1) / np.sqrt(nll.size)) if nll.size > 1 else None,
-            "test_neg_elbo": float(elbo["loss"]), "final_test_loss": history[-1]["test_loss"],
-            "best_test_loss": min(r["test_loss"] for r in history),
-            "mean_epoch_seconds": float(np.mean([r["epoch_seconds"] for r in history[1:]] or
-                                                [history[0]["epoch_seconds"]])),
-            "iwae_seconds": time.perf_counter() - t0}
+  result = {
+    "epochs": epoch,
+    "test_examples": int(nll.size),
+    "iwae_k": c.iwae_k,
+    "test_nll_iwae": float(nll.mean()),
+    "test_nll_iwae_stderr": float(nll.std(ddof=1) / np.sqrt(nll.size)) if nll.size > 1 else None,
+    "test_neg_elbo": float(elbo["loss"]),
+    "final_test_loss": history[-1]["test_loss"],
+    "best_test_loss": min(r["test_loss"] for r in history),
+    "mean_epoch_seconds": float(
+      np.mean([r["epoch_seconds"] for r in history[1:]] or [history[0]["epoch_seconds"]])
+    ),
+    "iwae_seconds": time.perf_counter() - t0,
+  }
   cli.write_json_atomic(os.path.join(workdir, "final_eval.json"), result)
-  print(f"test on {result['test_examples']} images: -ELBO {result['test_neg_elbo']:.2f} nats, "
-        f"IWAE (k={c.iwae_k}) NLL {result['test_nll_iwae']:.2f} "
-        f"+- {result['test_nll_iwae_stderr'] or 0:.2f} nats; written to final_eval.json",
-        file=sys.stderr)
+  print(
+    f"test on {result['test_examples']} images: -ELBO {result['test_neg_elbo']:.2f} nats, "
+    f"IWAE (k={c.iwae_k}) NLL {result['test_nll_iwae']:.2f} "
+    f"+- {result['test_nll_iwae_stderr'] or 0:.2f} nats; written to final_eval.json",
+    file=sys.stderr,
+  )
   return result
 
 
@@ -228,8 +320,9 @@ def load_trained(workdir: str):
   c, _ = cli.load_config(Config, workdir)
   validate(c)
   vae = vj.make_vae(c.model, c.latent_dim, c.hidden, c.num_hidden_layers)
-  init = functools.partial(vj.create_state, jax.random.key(0), vae, make_optimizer(c, 1),
-                           c.latent_dim)
+  init = functools.partial(
+    vj.create_state, jax.random.key(0), vae, make_optimizer(c, 1), c.latent_dim
+  )
   state, step = restore_latest(os.path.join(workdir, "checkpoints"), init)
   return c, vae, state.params, step
 

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.files import atomic_path  # noqa: E402
@@ -34,7 +34,9 @@ def tile(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
   out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.float32) * 0.5
   for i in range(n):
     r, k = divmod(i, nrow)
-    out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    out[
+      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
+    ] = images[i]
   return out
 
 
@@ -46,8 +48,9 @@ def _show(ax, mosaic):
   ax.axis("off")
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int = 8, title: Optional[str] = None,
-              value_range=(-1.0, 1.0)) -> None:
+def save_grid(
+  images: np.ndarray, path: str, nrow: int = 8, title: Optional[str] = None, value_range=(-1.0, 1.0)
+) -> None:
   """Saves [N, H, W, C] images as a grid PNG (the seed's 8x8 sample grid)."""
   mosaic = tile(to_unit(images, value_range), nrow)
   fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 40 + 0.5, mosaic.shape[0] / 40 + 0.8))
@@ -57,8 +60,13 @@ def save_grid(images: np.ndarray, path: str, nrow: int = 8, title: Optional[str]
   atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
-def save_strip(frames: np.ndarray, labels: Sequence[str], path: str,
-               title: Optional[str] = None, value_range=(-1.0, 1.0)) -> None:
+def save_strip(
+  frames: np.ndarray,
+  labels: Sequence[str],
+  path: str,
+  title: Optional[str] = None,
+  value_range=(-1.0, 1.0),
+) -> None:
   """Saves a trajectory [F, N, H, W, C] as N rows of F frames, columns labelled."""
   frames = to_unit(frames, value_range)
   f, n = frames.shape[:2]
@@ -74,8 +82,14 @@ def save_strip(frames: np.ndarray, labels: Sequence[str], path: str,
   atomic_savefig(fig, path, dpi=100)
 
 
-def save_curves(curves: dict, path: str, xlabel: str = "step", ylabel: str = "loss",
-                title: Optional[str] = None, logy: bool = False) -> None:
+def save_curves(
+  curves: dict,
+  path: str,
+  xlabel: str = "step",
+  ylabel: str = "loss",
+  title: Optional[str] = None,
+  logy: bool = False,
+) -> None:
   """Saves {label: (x, y)} line plots."""
   fig, ax = plt.subplots(figsize=(8, 4))
   for label, (x, y) in curves.items():
@@ -93,8 +107,9 @@ def save_curves(curves: dict, path: str, xlabel: str = "step", ylabel: str = "lo
   atomic_savefig(fig, path, dpi=100)
 
 
-def save_scatter(points: np.ndarray, labels: np.ndarray, path: str,
-                 title: Optional[str] = None) -> None:
+def save_scatter(
+  points: np.ndarray, labels: np.ndarray, path: str, title: Optional[str] = None
+) -> None:
   """Saves a 2-D scatter of points [N, 2] coloured by integer labels [N]."""
   fig, ax = plt.subplots(figsize=(7, 6))
   sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)

@@ -60,8 +60,9 @@ def hugepages_active(env: Mapping[str, str] = os.environ) -> bool:
   return TUNABLE in env.get("GLIBC_TUNABLES", "").split(":")
 
 
-def hugepages_env(env: Mapping[str, str], glibc: Optional[tuple],
-                  thp: Optional[str]) -> Optional[dict]:
+def hugepages_env(
+  env: Mapping[str, str], glibc: Optional[tuple], thp: Optional[str]
+) -> Optional[dict]:
   """`env` with `TUNABLE` added to GLIBC_TUNABLES (other tunables kept).
 
   Returns None when nothing should change: the tunable is already set; the
@@ -98,4 +99,3 @@ def reexec_with_hugepages() -> None:
     os.execve(sys.executable, [sys.executable] + list(sys.orig_argv[1:]), env)
   except OSError:
     pass
-

@@ -1,4 +1,4 @@
-"""Draw digits from a trained DDPM: `python -m experiments.sample --pretrained mnist --digits 0,1,2`.
+"""Draw digits from a trained DDPM: `python -m experiments.sample --pretrained mnist`.
 
 Samples from the model that ships with the package (`--pretrained mnist`) or
 from a run of `experiments.mnist_ddpm` (`--workdir W`: the EMA parameters of
@@ -26,20 +26,38 @@ from experiments.files import atomic_path
 def build_parser() -> argparse.ArgumentParser:
   p = cli._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--pretrained", choices=sorted(dj.pretrained.REGISTRY),
-                   help="a model that ships with the package")
+  src.add_argument(
+    "--pretrained",
+    choices=sorted(dj.pretrained.REGISTRY),
+    help="a model that ships with the package",
+  )
   src.add_argument("--workdir", help="a DDPM run's workdir (EMA params of its latest checkpoint)")
   p.add_argument("--num_samples", type=int, default=64, help="images to draw")
-  p.add_argument("--digits", default=None,
-                 help="comma-separated digits, repeated over the samples (e.g. 0,1,2); "
-                      "omitted: unconditional samples")
-  p.add_argument("--guidance_scale", type=float, default=None,
-                 help="classifier-free guidance weight w (0 unconditional, 1 conditional, "
-                      "> 1 guided; default: the pretrained model's best, or the run's)")
-  p.add_argument("--sampler", choices=dj.SAMPLERS, default="dpm",
-                 help="ddpm (ancestral), ddim or dpm (DPM-Solver++(2M))")
-  p.add_argument("--steps", type=int, default=None,
-                 help="sampler steps (default: T for ddpm, 50 for ddim, 20 for dpm)")
+  p.add_argument(
+    "--digits",
+    default=None,
+    help="comma-separated digits, repeated over the samples (e.g. 0,1,2); "
+    "omitted: unconditional samples",
+  )
+  p.add_argument(
+    "--guidance_scale",
+    type=float,
+    default=None,
+    help="classifier-free guidance weight w (0 unconditional, 1 conditional, "
+    "> 1 guided; default: the pretrained model's best, or the run's)",
+  )
+  p.add_argument(
+    "--sampler",
+    choices=dj.SAMPLERS,
+    default="dpm",
+    help="ddpm (ancestral), ddim or dpm (DPM-Solver++(2M))",
+  )
+  p.add_argument(
+    "--steps",
+    type=int,
+    default=None,
+    help="sampler steps (default: T for ddpm, 50 for ddim, 20 for dpm)",
+  )
   p.add_argument("--batch_size", type=int, default=500, help="images per sampler call")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--out", required=True, help="output folder")
@@ -66,8 +84,14 @@ def load_model(a) -> tuple:
     best = m.record.get("best_guidance_scale", 1.0)
     return m.model, m.params, m.schedule, m.parameterization, m.num_classes, best
   config, model, schedule, params, _ = mnist_ddpm.load_trained(a.workdir)
-  return (model, params, schedule, config.parameterization, model.num_classes,
-          config.guidance_scale)
+  return (
+    model,
+    params,
+    schedule,
+    config.parameterization,
+    model.num_classes,
+    config.guidance_scale,
+  )
 
 
 def main(argv=None) -> None:
@@ -87,12 +111,16 @@ def main(argv=None) -> None:
   if a.steps is not None and not 1 <= a.steps <= T:
     raise cli.UsageError(f"--steps must lie in [1, {T}] (the model's T), got {a.steps}")
   if a.digits is not None and num_classes == 0:
-    raise cli.UsageError("--digits needs a class-conditional model; this one was trained "
-                         "without labels")
+    raise cli.UsageError(
+      "--digits needs a class-conditional model; this one was trained without labels"
+    )
   w = default_w if a.guidance_scale is None else a.guidance_scale
   n = a.num_samples
-  labels = (np.resize(np.asarray(parse_digits(a.digits, num_classes), np.int32), n)
-            if a.digits is not None else np.full((n,), -1, np.int32))
+  labels = (
+    np.resize(np.asarray(parse_digits(a.digits, num_classes), np.int32), n)
+    if a.digits is not None
+    else np.full((n,), -1, np.int32)
+  )
   b = min(a.batch_size, n)
   shape = (b,) + (28, 28, 1)
 
@@ -110,7 +138,7 @@ def main(argv=None) -> None:
   padded = np.resize(labels, -(-n // b) * b)
   out, t0 = [], time.perf_counter()
   for i in range(padded.size // b):
-    out.append(np.asarray(draw(params, jax.random.fold_in(rng, i), padded[i * b:(i + 1) * b])))
+    out.append(np.asarray(draw(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b])))
     print(f"\rsampled {min((i + 1) * b, n)}/{n}", end="", file=sys.stderr, flush=True)
   print(file=sys.stderr)
   images = np.concatenate(out)[:n]
@@ -119,15 +147,21 @@ def main(argv=None) -> None:
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, images=u8, labels=labels)
-  what = (f"digits {a.digits}, guidance {w:g}" if a.digits is not None else "unconditional")
+  what = f"digits {a.digits}, guidance {w:g}" if a.digits is not None else "unconditional"
   steps = len(dj.sampler_timesteps(schedule, a.sampler, a.steps))
   ncol = 10 if a.digits is None else max(1, min(len(set(labels.tolist())), 16))
-  plotting.save_grid(u8[:min(n, 400)].astype(np.float32) / 255.0,
-                     os.path.join(a.out, "grid.png"), nrow=ncol, value_range=(0, 1),
-                     title=f"{a.pretrained or a.workdir}: {what}, {a.sampler} {steps} steps")
-  print(f"{n} samples in {time.perf_counter() - t0:.1f} s (compile included): "
-        f"{os.path.join(a.out, 'samples.npz')}, {os.path.join(a.out, 'grid.png')}",
-        file=sys.stderr)
+  plotting.save_grid(
+    u8[: min(n, 400)].astype(np.float32) / 255.0,
+    os.path.join(a.out, "grid.png"),
+    nrow=ncol,
+    value_range=(0, 1),
+    title=f"{a.pretrained or a.workdir}: {what}, {a.sampler} {steps} steps",
+  )
+  print(
+    f"{n} samples in {time.perf_counter() - t0:.1f} s (compile included): "
+    f"{os.path.join(a.out, 'samples.npz')}, {os.path.join(a.out, 'grid.png')}",
+    file=sys.stderr,
+  )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def accuracy(apply, params, images_u8, labels) -> float:
   return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels)))
 
 
-def train(epochs: int, batch_size: int, learning_rate: float, seed: int, max_shift: int,
-          mnist=None):
+def train(
+  epochs: int, batch_size: int, learning_rate: float, seed: int, max_shift: int, mnist=None
+):
   """Returns (params, test_accuracy, seconds)."""
   mnist = mnist or load_mnist()
   model = clf.MNISTClassifier()
@@ -53,8 +54,10 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int, max_shi
   n = images.shape[0]
   steps_per_epoch = n // batch_size
   total = epochs * steps_per_epoch
-  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, total // 10),
-                                                      total), weight_decay=1e-4)
+  tx = optax.adamw(
+    optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, total // 10), total),
+    weight_decay=1e-4,
+  )
   init_rng, train_rng, data_rng = jax.random.split(jax.random.key(seed), 3)
   params = model.init(init_rng, jnp.zeros((1, 28, 28, 1)))["params"]
   opt_state = tx.init(params)
@@ -77,9 +80,10 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int, max_shi
   @jax.jit
   def epoch_fn(params, opt_state, epoch):
     perm = jax.random.permutation(jax.random.fold_in(data_rng, epoch), n)
-    idx = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+    idx = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
     (params, opt_state, _), losses = jax.lax.scan(
-        step, (params, opt_state, epoch * steps_per_epoch), idx)
+      step, (params, opt_state, epoch * steps_per_epoch), idx
+    )
     return params, opt_state, losses.mean()
 
   apply = clf.make_apply(model)
@@ -87,8 +91,9 @@ def train(epochs: int, batch_size: int, learning_rate: float, seed: int, max_shi
   for epoch in tqdm(range(epochs), desc="classifier", unit="epoch", file=sys.stderr):
     params, opt_state, loss = epoch_fn(params, opt_state, epoch)
     acc = accuracy(apply, params, mnist.test_images, mnist.test_labels)
-    tqdm.write(f"epoch {epoch + 1}: train loss {float(loss):.4f}, test accuracy {acc:.4f}",
-               file=sys.stderr)
+    tqdm.write(
+      f"epoch {epoch + 1}: train loss {float(loss):.4f}, test accuracy {acc:.4f}", file=sys.stderr
+    )
   return params, acc, time.perf_counter() - t0
 
 
@@ -102,21 +107,29 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
   if a.epochs < 1 or a.batch_size < 1 or a.learning_rate <= 0 or a.max_shift < 0:
-    raise cli.UsageError("--epochs and --batch_size must be >= 1, --learning_rate > 0, "
-                         "--max_shift >= 0")
+    raise cli.UsageError(
+      "--epochs and --batch_size must be >= 1, --learning_rate > 0, --max_shift >= 0"
+    )
   params, acc, secs = train(a.epochs, a.batch_size, a.learning_rate, a.seed, a.max_shift)
   output = os.path.abspath(a.output)
   with atomic_path(output, ".npz.tmp") as tmp:
     digest = clf.save_params(jax.device_get(params), tmp)
-  record = {"test_accuracy": acc, "sha256": digest, "seconds": round(secs, 1),
-            "epochs": a.epochs, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
-            "max_shift": a.max_shift, "seed": a.seed, "jax": jax.__version__,
-            "device": jax.devices()[0].device_kind}
+  record = {
+    "test_accuracy": acc,
+    "sha256": digest,
+    "seconds": round(secs, 1),
+    "epochs": a.epochs,
+    "batch_size": a.batch_size,
+    "learning_rate": a.learning_rate,
+    "max_shift": a.max_shift,
+    "seed": a.seed,
+    "jax": jax.__version__,
+    "device": jax.devices()[0].device_kind,
+  }
   cli.write_json_atomic(os.path.splitext(output)[0] + ".json", record)
   print(json.dumps(record, indent=2))
   if digest != clf.WEIGHTS_SHA256 and output == os.path.abspath(clf.WEIGHTS_PATH):
-    print(f"note: set WEIGHTS_SHA256 = {digest!r} in sample_quality/classifier.py",
-          file=sys.stderr)
+    print(f"note: set WEIGHTS_SHA256 = {digest!r} in sample_quality/classifier.py", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
 from ddpm_jax import param_files
 from ddpm_jax.layers import Conv
 from ddpm_jax.param_files import WeightsError, params_sha256, save_params  # noqa: F401
@@ -53,12 +53,16 @@ class MNISTClassifier(nn.Module):
 def load_params(path: str = WEIGHTS_PATH, sha256: str | None = WEIGHTS_SHA256) -> dict:
   """Loads classifier params from an npz, checking their hash (None skips the check)."""
   return param_files.load_params(
-      path, sha256, what="classifier weights",
-      hint="reinstall the package or rerun `python -m experiments.train_classifier`")
+    path,
+    sha256,
+    what="classifier weights",
+    hint="reinstall the package or rerun `python -m experiments.train_classifier`",
+  )
 
 
-def make_apply(model: MNISTClassifier | None = None,
-               batch_size: int = 1000) -> Callable[[dict, jnp.ndarray], tuple]:
+def make_apply(
+  model: MNISTClassifier | None = None, batch_size: int = 1000
+) -> Callable[[dict, jnp.ndarray], tuple]:
   """Returns jitted `apply(params, images [N, 28, 28, 1] in [0, 1]) -> (logits, features)`,
   evaluated in batches of `batch_size` with one `lax.map` (N need not divide it)."""
   model = model or MNISTClassifier()
@@ -69,8 +73,9 @@ def make_apply(model: MNISTClassifier | None = None,
     b = min(batch_size, n)
     pad = (-n) % b
     x = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-    out = jax.lax.map(lambda xb: model.apply({"params": params}, xb),
-                      x.reshape((-1, b) + images.shape[1:]))
+    out = jax.lax.map(
+      lambda xb: model.apply({"params": params}, xb), x.reshape((-1, b) + images.shape[1:])
+    )
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:n], out)
 
   return apply

@@ -51,8 +51,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-    raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
-                     f"sigma {s1.shape} vs {s2.shape}")
+    raise ValueError(
+      f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+    )
   r1 = _sqrtm_psd(s1)
   m = r1 @ s2 @ r1
   tr_covmean = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
@@ -72,15 +73,19 @@ def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3) -> np.ndarr
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 3) -> float:
   """Unbiased MMD^2 between samples x [m, D] and y [n, D] (U-statistic)."""
   m, n = x.shape[0], y.shape[0]
-  kxx, kyy, kxy = polynomial_kernel(x, x, degree), polynomial_kernel(y, y, degree), \
-      polynomial_kernel(x, y, degree)
+  kxx, kyy, kxy = (
+    polynomial_kernel(x, x, degree),
+    polynomial_kernel(y, y, degree),
+    polynomial_kernel(x, y, degree),
+  )
   sxx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
   syy = (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
   return float(sxx + syy - 2 * kxy.mean())
 
 
-def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> dict:
+def kid(
+  real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> dict:
   """Kernel Inception Distance formula on our features.
 
   The mean of `mmd2_unbiased` over `num_subsets` random pairs of subsets of
@@ -94,12 +99,23 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, subset_size:
     raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
   m = min(subset_size, real.shape[0], fake.shape[0])
   rs = np.random.default_rng(seed)
-  vals = np.array([mmd2_unbiased(real[rs.choice(real.shape[0], m, replace=False)],
-                                 fake[rs.choice(fake.shape[0], m, replace=False)])
-                   for _ in range(num_subsets)])
+  vals = np.array(
+    [
+      mmd2_unbiased(
+        real[rs.choice(real.shape[0], m, replace=False)],
+        fake[rs.choice(fake.shape[0], m, replace=False)],
+      )
+      for _ in range(num_subsets)
+    ]
+  )
   std = float(vals.std(ddof=1)) if num_subsets > 1 else 0.0
-  return {"kid": float(vals.mean()), "kid_std": std, "kid_stderr": std / np.sqrt(num_subsets),
-          "kid_subsets": num_subsets, "kid_subset_size": m}
+  return {
+    "kid": float(vals.mean()),
+    "kid_std": std,
+    "kid_stderr": std / np.sqrt(num_subsets),
+    "kid_subsets": num_subsets,
+    "kid_subset_size": m,
+  }
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,8 +129,8 @@ def knn_radii(f: np.ndarray, k: int = 3, chunk: int = 1000) -> np.ndarray:
     raise ValueError(f"k must lie in [1, N - 1] = [1, {f.shape[0] - 1}], got {k}")
   out = np.empty(f.shape[0])
   for i in range(0, f.shape[0], chunk):
-    d = _sq_dists(f[i:i + chunk], f)
-    out[i:i + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
+    d = _sq_dists(f[i : i + chunk], f)
+    out[i : i + chunk] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself
   return out
 
 
@@ -122,8 +138,8 @@ def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk:
   """Fraction of points inside at least one ball (centre, squared radius)."""
   inside = np.zeros(points.shape[0], bool)
   for i in range(0, points.shape[0], chunk):
-    d = _sq_dists(points[i:i + chunk], centres)
-    inside[i:i + chunk] = (d <= radii[None, :]).any(1)
+    d = _sq_dists(points[i : i + chunk], centres)
+    inside[i : i + chunk] = (d <= radii[None, :]).any(1)
   return float(inside.mean())
 
 
@@ -153,8 +169,11 @@ def classifier_score(probs: np.ndarray, splits: int = 10) -> dict:
     return float(np.exp(kl.mean()))
 
   parts = [score(q) for q in np.array_split(p, splits)]
-  return {"classifier_score": score(p), "classifier_score_split_mean": float(np.mean(parts)),
-          "classifier_score_split_std": float(np.std(parts))}
+  return {
+    "classifier_score": score(p),
+    "classifier_score_split_mean": float(np.mean(parts)),
+    "classifier_score_split_std": float(np.std(parts)),
+  }
 
 
 def class_histogram(probs: np.ndarray) -> dict:
@@ -163,12 +182,16 @@ def class_histogram(probs: np.ndarray) -> dict:
   p = np.asarray(probs)
   counts = np.bincount(p.argmax(1), minlength=p.shape[1])
   frac = counts / counts.sum()
-  return {"class_counts": counts.tolist(), "class_fractions": frac.round(4).tolist(),
-          "class_tv_from_uniform": float(0.5 * np.abs(frac - 1 / p.shape[1]).sum())}
+  return {
+    "class_counts": counts.tolist(),
+    "class_fractions": frac.round(4).tolist(),
+    "class_tv_from_uniform": float(0.5 * np.abs(frac - 1 / p.shape[1]).sum()),
+  }
 
 
-def mean_pairwise_distance(f: np.ndarray, max_points: Optional[int] = 5000, seed: int = 0,
-                           chunk: int = 1000) -> float:
+def mean_pairwise_distance(
+  f: np.ndarray, max_points: Optional[int] = 5000, seed: int = 0, chunk: int = 1000
+) -> float:
   """Mean Euclidean distance over all pairs i < j (diversity); on a random
   subset of `max_points` rows when N is larger."""
   f = _check_features("features", f)
@@ -176,7 +199,7 @@ def mean_pairwise_distance(f: np.ndarray, max_points: Optional[int] = 5000, seed
     f = f[np.random.default_rng(seed).choice(f.shape[0], max_points, replace=False)]
   n, total = f.shape[0], 0.0
   for i in range(0, n, chunk):
-    total += np.sqrt(_sq_dists(f[i:i + chunk], f)).sum()
+    total += np.sqrt(_sq_dists(f[i : i + chunk], f)).sum()
   return float(total / (n * (n - 1)))  # the diagonal adds zeros
 
 
@@ -192,11 +215,22 @@ def readable_fraction(probs: np.ndarray, threshold: float = READABLE_THRESHOLD) 
   return float(np.mean(p.max(axis=1) >= threshold))
 
 
-def all_metrics(real: np.ndarray, fake: np.ndarray, fake_probs: np.ndarray, *, k: int = 3,
-                kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
+def all_metrics(
+  real: np.ndarray,
+  fake: np.ndarray,
+  fake_probs: np.ndarray,
+  *,
+  k: int = 3,
+  kid_subsets: int = 100,
+  kid_subset_size: int = 1000,
+  seed: int = 0,
+) -> dict:
   """Every metric above for one set of samples against the reference features."""
-  out = {"fd": frechet_distance_features(real, fake), "num_samples": int(fake.shape[0]),
-         "num_reference": int(real.shape[0])}
+  out = {
+    "fd": frechet_distance_features(real, fake),
+    "num_samples": int(fake.shape[0]),
+    "num_reference": int(real.shape[0]),
+  }
   out.update(kid(real, fake, kid_subsets, kid_subset_size, seed))
   out.update(precision_recall(real, fake, k))
   out.update(classifier_score(fake_probs, splits=min(10, fake.shape[0])))

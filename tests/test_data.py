@@ -12,6 +12,7 @@ def test_numpy_only_unpickler_refuses_code():
   class Evil:
     def __reduce__(self):
       return (os.system, ("echo pwned",))
+
   blob = pickle.dumps(Evil())
   with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
     data._NumpyOnlyUnpickler(io.BytesIO(blob)).load()
@@ -27,8 +28,13 @@ def test_pickle_hash_is_checked_before_unpickling():
 
 def test_corrupt_cache_is_detected(tmp_path):
   path = tmp_path / "mnist.npz"
-  np.savez(path, train_images=np.zeros((2, 28, 28, 1), np.uint8), train_labels=np.zeros(2, np.uint8),
-           test_images=np.zeros((1, 28, 28, 1), np.uint8), test_labels=np.zeros(1, np.uint8))
+  np.savez(
+    path,
+    train_images=np.zeros((2, 28, 28, 1), np.uint8),
+    train_labels=np.zeros(2, np.uint8),
+    test_images=np.zeros((1, 28, 28, 1), np.uint8),
+    test_labels=np.zeros(1, np.uint8),
+  )
   with pytest.raises(data.DataError, match="is corrupt"):
     data._load_npz(str(path))
   path.write_bytes(b"truncated")
@@ -41,5 +47,16 @@ def test_mnist_loads_with_canonical_split():
   assert ds.train_images.shape == (60000, 28, 28, 1) and ds.train_images.dtype == np.uint8
   assert ds.test_images.shape == (10000, 28, 28, 1)
   assert ds.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-  assert np.bincount(ds.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+  assert np.bincount(ds.test_labels).tolist() == [
+    980,
+    1135,
+    1032,
+    1010,
+    982,
+    892,
+    958,
+    1028,
+    974,
+    1009,
+  ]
   assert ds.train_images.max() == 255

@@ -21,13 +21,22 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def ran(monkeypatch):
   """Counts trace-time calls of the custom kernels."""
   counts = collections.Counter()
-  for name in ("_conv_gemm", "_conv3x3_winograd", "_wgrad3x3_winograd", "_wgrad",
-               "_dx_stride2", "_dx_stride1", "_conv_transpose_2x", "_phase_conv"):
+  for name in (
+    "_conv_gemm",
+    "_conv3x3_winograd",
+    "_wgrad3x3_winograd",
+    "_wgrad",
+    "_dx_stride2",
+    "_dx_stride1",
+    "_conv_transpose_2x",
+    "_phase_conv",
+  ):
     real = getattr(layers, name)
 
     def wrapped(*args, _real=real, _name=name, **kwargs):
       counts[_name] += 1
       return _real(*args, **kwargs)
+
     monkeypatch.setattr(layers, name, wrapped)
   return counts
 
@@ -41,8 +50,18 @@ def _compare(fast, ref, x, key, atol=2e-4):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-3), g_fast, g_ref)
 
 
-@pytest.mark.parametrize("case", ["winograd", "im2col", "one_by_one", "stride2_phases",
-                                  "stride2_odd", "chunked_winograd", "chunked_im2col"])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "winograd",
+    "im2col",
+    "one_by_one",
+    "stride2_phases",
+    "stride2_odd",
+    "chunked_winograd",
+    "chunked_im2col",
+  ],
+)
 def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   kernel, strides, size, cin, cout, batch = (3, 3), (1, 1), 8, 16, 24, 3
   if case == "im2col":

@@ -23,16 +23,20 @@ def _a_v(schedule, t, shape):
 
 def class_logits(schedule):
   """Exact log p(y | x_t) up to a constant: two equally likely classes."""
+
   def logits_fn(x, t):
     a, v = _a_v(schedule, t, x.shape)
-    d = jnp.stack([jnp.sum(((x - a * m) ** 2 / (2 * v)).reshape(x.shape[0], -1), axis=1)
-                   for m in MUS], axis=-1)
+    d = jnp.stack(
+      [jnp.sum(((x - a * m) ** 2 / (2 * v)).reshape(x.shape[0], -1), axis=1) for m in MUS], axis=-1
+    )
     return -d
+
   return logits_fn
 
 
 def mixture_cond_eps_fn(schedule):
   """Exact E[eps | x_t, y]; y = NULL gives the mixture's E[eps | x_t]."""
+
   def per_class(x, t, m):
     a, v = _a_v(schedule, t, x.shape)
     return jnp.sqrt(1 - a**2) * (x - a * m) / v
@@ -43,6 +47,7 @@ def mixture_cond_eps_fn(schedule):
     uncond = jnp.sum(w[:, :, None, None, None] * eps, axis=0)
     sel = jnp.where((y == 0)[:, None, None, None], eps[0], eps[1])
     return jnp.where((y == NULL)[:, None, None, None], uncond, sel)
+
   return cond_eps_fn
 
 
@@ -91,7 +96,8 @@ def test_classifier_guidance_with_exact_classifier_is_the_conditional_model(sche
   cond = mixture_cond_eps_fn(schedule)
   uncond = lambda x, t: cond(x, t, jnp.full((x.shape[0],), NULL))
   guided = lambda y, s: dj.classifier_guidance_eps_fn(
-      uncond, schedule, dj.classifier_grad_log_p(class_logits(schedule), y), s)
+    uncond, schedule, dj.classifier_grad_log_p(class_logits(schedule), y), s
+  )
   x = jax.random.normal(jax.random.key(1), (4, 2, 2, 1))
   t = jnp.array([5, 60, 120, 190])
   y4 = jnp.array([0, 1, 0, 1])
@@ -120,13 +126,23 @@ def test_guidance_argument_errors(schedule):
     dj.classifier_free_eps_fn(cond, jnp.zeros((3, 1), jnp.int32), 2.0, NULL)
   with pytest.raises(ValueError, match="labels for a batch"):
     dj.classifier_free_eps_fn(cond, jnp.zeros(3, jnp.int32), 2.0, NULL)(
-        jnp.zeros((4, 2, 2, 1)), jnp.zeros(4, jnp.int32))
+      jnp.zeros((4, 2, 2, 1)), jnp.zeros(4, jnp.int32)
+    )
 
 
 # Small versions of both U-Nets (quick to compile).
-TINY = {"simple": lambda **kw: dj.SimpleUNet(channels=(4, 8, 8), time_dim=16, **kw),
-        "unet": lambda **kw: dj.UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1,
-                                     num_groups=4, num_heads=2, dropout=0.0, **kw)}
+TINY = {
+  "simple": lambda **kw: dj.SimpleUNet(channels=(4, 8, 8), time_dim=16, **kw),
+  "unet": lambda **kw: dj.UNet(
+    base_channels=8,
+    channel_mults=(1,),
+    num_res_blocks=1,
+    num_groups=4,
+    num_heads=2,
+    dropout=0.0,
+    **kw,
+  ),
+}
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))
@@ -141,8 +157,13 @@ def test_conditional_unet_labels(arch):
   @jax.jit
   def outputs(p):
     f = lambda y: model.apply({"params": p}, x, t, y=y)
-    return f(None), f(jnp.array([0, 2])), f(jnp.array([0, 1])), f(jnp.array([1, 1])), \
-        f(jnp.array([3, 3]))
+    return (
+      f(None),
+      f(jnp.array([0, 2])),
+      f(jnp.array([0, 1])),
+      f(jnp.array([1, 1])),
+      f(jnp.array([3, 3])),
+    )
 
   # Fresh tables are zero: every label gives the unconditional output.
   none, y02, _, _, _ = outputs(params)
@@ -162,8 +183,9 @@ def test_conditional_train_step_learns_the_label_embedding():
   schedule = dj.make_schedule("linear", 100)
   tx = optax.adam(1e-2)
   state = dj.create_train_state(jax.random.key(0), model, tx, (8, 8, 1))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1),
-                                    label_dropout=0.5))
+  step = jax.jit(
+    dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1), label_dropout=0.5)
+  )
   images = jax.random.uniform(jax.random.key(2), (8, 8, 8, 1), minval=-1, maxval=1)
   labels = jnp.arange(8) % 10
   new, m = step(state, (images, labels))

@@ -31,7 +31,9 @@ def _run(argv, capsys, main=mnist_ddpm.main):
   return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags,text", [
+@pytest.mark.parametrize(
+  "flags,text",
+  [
     (["--seed", "9223372036854775808"], "--seed 9223372036854775808 is out of range"),
     (["--seed", "-3"], "--seed must be >= 0"),
     (["--timesteps", "10000000000000"], "--timesteps 10000000000000 is out of range"),
@@ -39,7 +41,8 @@ def _run(argv, capsys, main=mnist_ddpm.main):
     (["--learning_rate", "inf"], "--learning_rate must be a finite number"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
     (["--ema_decay", "nan"], "--ema_decay must be a finite number"),
-])
+  ],
+)
 def test_flag_values_out_of_range(tmp_path, flags, text, capsys):
   code, err = _run(["--workdir", str(tmp_path / "w"), "--preset", "smoke", *flags], capsys)
   assert code == 2 and text in err and "Traceback" not in err, err
@@ -51,6 +54,7 @@ def test_unexpected_exception_is_one_line_with_debug_for_the_traceback(capsys):
   def broken(argv):
     del argv
     raise TypeError("unsupported operand\nsecond line")
+
   code, err = _run([], capsys, main=broken)
   assert code == 1 and "internal error: TypeError: unsupported operand" in err
   assert "--debug" in err and len(err.strip().splitlines()) == 1, err
@@ -58,12 +62,15 @@ def test_unexpected_exception_is_one_line_with_debug_for_the_traceback(capsys):
     cli.run_main(broken, ["--debug"])
 
 
-@pytest.mark.parametrize("edit,text", [
+@pytest.mark.parametrize(
+  "edit,text",
+  [
     (lambda c: c.update(timesteps="100"), "timesteps = '100' is not of type int"),
     (lambda c: c.update(learning_rate=None), "learning_rate = None is not of type float"),
     (lambda c: c.update(conditional=1), "conditional = 1 is not of type bool"),
     (lambda c: c.pop("steps"), "lacks the fields ['steps']"),
-])
+  ],
+)
 def test_stored_config_is_type_checked(finished_run, tmp_path, edit, text, capsys):
   workdir = _copy(finished_run, tmp_path)
   path = workdir / "config.json"
@@ -72,8 +79,7 @@ def test_stored_config_is_type_checked(finished_run, tmp_path, edit, text, capsy
   path.write_text(json.dumps(config))
   code, err = _run(["--workdir", str(workdir)], capsys)
   assert code == 2 and text in err and "Traceback" not in err, err
-  code, err = _run(["--workdir", str(workdir), "--num_samples", "10"], capsys,
-                   main=evaluate.main)
+  code, err = _run(["--workdir", str(workdir), "--num_samples", "10"], capsys, main=evaluate.main)
   assert code == 2 and text in err, err
 
 
@@ -89,9 +95,15 @@ def test_fewer_steps_than_trained_is_refused(finished_run, tmp_path, capsys):
 
 def test_metrics_log_skips_bad_lines_and_keeps_valid_records(tmp_path, capsys):
   path = tmp_path / "metrics.jsonl"
-  lines = [json.dumps({"step": 1, "loss": 1.0}), "garbage {", "7", json.dumps({"step": 2}),
-           json.dumps({"step": 3, "loss": 0.5}), json.dumps({"step": True, "loss": 0.1}),
-           json.dumps({"step": 9, "loss": 0.2})]
+  lines = [
+    json.dumps({"step": 1, "loss": 1.0}),
+    "garbage {",
+    "7",
+    json.dumps({"step": 2}),
+    json.dumps({"step": 3, "loss": 0.5}),
+    json.dumps({"step": True, "loss": 0.1}),
+    json.dumps({"step": 9, "loss": 0.2}),
+  ]
   path.write_text("\n".join(lines) + "\n")
   assert [r["step"] for r in cli.MetricsLog.read(str(path))] == [1, 2, 3, 9]
   assert "skipped 3 malformed line(s)" in capsys.readouterr().err
@@ -107,8 +119,9 @@ def test_finished_run_with_appended_garbage_still_resumes(finished_run, tmp_path
     f.write('7\n{"step": 1}\nnot json\n')
   code, err = _run(["--workdir", str(workdir), "--steps", "8"], capsys)
   assert code == 0 and "Traceback" not in err, err
-  steps = [r["step"] for r in cli.MetricsLog.read(str(workdir / "metrics.jsonl"),
-                                                   required=("loss",))]
+  steps = [
+    r["step"] for r in cli.MetricsLog.read(str(workdir / "metrics.jsonl"), required=("loss",))
+  ]
   assert steps == [2, 4, 6, 8]
 
 
@@ -129,20 +142,34 @@ def test_mnist_cache_hash_covers_dtype_and_shape(tmp_path):
   ds = data.load_mnist(use_tfds=False)
   arrays = (ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
   path = tmp_path / "mnist.npz"
-  np.savez(path, train_images=ds.train_images.view(np.int8), train_labels=ds.train_labels,
-           test_images=ds.test_images, test_labels=ds.test_labels)
+  np.savez(
+    path,
+    train_images=ds.train_images.view(np.int8),
+    train_labels=ds.train_labels,
+    test_images=ds.test_images,
+    test_labels=ds.test_labels,
+  )
   with pytest.raises(data.DataError, match="is corrupt"):
     data._load_npz(str(path))  # the same bytes as int8
-  np.savez(path, train_images=ds.train_images.reshape(60000, 784), train_labels=ds.train_labels,
-           test_images=ds.test_images, test_labels=ds.test_labels)
+  np.savez(
+    path,
+    train_images=ds.train_images.reshape(60000, 784),
+    train_labels=ds.train_labels,
+    test_images=ds.test_images,
+    test_labels=ds.test_labels,
+  )
   with pytest.raises(data.DataError, match="is corrupt"):
     data._load_npz(str(path))
   assert data.arrays_sha256(arrays) == data.ARRAYS_SHA256
 
 
 def test_served_arrays_are_checked():
-  ok = (np.zeros((60000, 28, 28), np.int64), np.zeros(60000, np.int64),
-        np.zeros((10000, 28, 28, 1), np.uint8), np.zeros(10000, np.uint8))
+  ok = (
+    np.zeros((60000, 28, 28), np.int64),
+    np.zeros(60000, np.int64),
+    np.zeros((10000, 28, 28, 1), np.uint8),
+    np.zeros(10000, np.uint8),
+  )
   out = data.check_arrays(ok, "src")
   assert out[0].shape == (60000, 28, 28, 1) and all(a.dtype == np.uint8 for a in out)
   bad_range = (ok[0] + 300,) + ok[1:]
@@ -154,10 +181,13 @@ def test_served_arrays_are_checked():
     data.check_arrays((ok[0].astype(np.float32),) + ok[1:], "src")
 
 
-@pytest.mark.parametrize("flags,text", [
+@pytest.mark.parametrize(
+  "flags,text",
+  [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--num_samples", "10001"], "--num_samples must lie in [10, 10000]"),
-])
+  ],
+)
 def test_evaluate_refuses_up_front(finished_run, flags, text, capsys):
   code, err = _run(["--workdir", str(finished_run), *flags], capsys, main=evaluate.main)
   assert code == 2 and text in err, err
@@ -168,18 +198,39 @@ def test_second_job_on_a_locked_workdir_is_refused(tmp_path):
   import subprocess
   import sys
   import time
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "w"
   workdir.mkdir()
-  holder = subprocess.Popen([sys.executable, "-c",
-                             "import sys, time; from experiments import cli; "
-                             f"cli.lock_workdir({str(workdir)!r}); print('locked', flush=True); "
-                             "time.sleep(60)"], cwd=root, stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from experiments import cli; "
+      f"cli.lock_workdir({str(workdir)!r}); print('locked', flush=True); "
+      "time.sleep(60)",
+    ],
+    cwd=root,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
-    p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(workdir),
-                        "--preset", "smoke"], cwd=root, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "experiments.mnist_ddpm",
+        "--workdir",
+        str(workdir),
+        "--preset",
+        "smoke",
+      ],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and f"in use by another job (pid {holder.pid})" in lines[0], p.stderr
@@ -196,6 +247,7 @@ def test_closing_never_certifies_steps_it_did_not_write(finished_run, tmp_path):
   """Error paths close the Checkpointer: that must not write a manifest for a
   step whose files it never wrote (they may be corrupt)."""
   from experiments.checkpoints import MANIFEST, Checkpointer
+
   workdir = _copy(finished_run, tmp_path)
   manifest = workdir / "checkpoints" / "6" / MANIFEST
   manifest.unlink()
@@ -210,6 +262,7 @@ def test_unhashed_checkpoint_is_set_aside_and_the_run_resumes(finished_run, tmp_
   resumes from the newest verified step and ends as the uninterrupted run."""
   from experiments.checkpoints import MANIFEST
   from tests.test_crash_safety import restore
+
   workdir = _copy(finished_run, tmp_path)
   step6 = workdir / "checkpoints" / "6"
   (step6 / MANIFEST).unlink()
@@ -232,6 +285,7 @@ def test_unhashed_checkpoint_is_set_aside_and_the_run_resumes(finished_run, tmp_
 
 def _leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -239,13 +293,17 @@ def test_tensorstore_disk_full_is_exit_4_in_one_line(tmp_path, monkeypatch, caps
   """TensorStore reports a full disk as ValueError('RESOURCE_EXHAUSTED ...')."""
   import logging
   import threading
+
   from experiments import checkpoints
+
   real_save = checkpoints.ocp.CheckpointManager.save
 
   def save(self, step, *args, **kwargs):
     if step >= 3:
-      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/x/d/1\": "
-                       "[OS error 28: No space left on device]")
+      raise ValueError(
+        'RESOURCE_EXHAUSTED: Error writing local file "/x/d/1": '
+        "[OS error 28: No space left on device]"
+      )
     return real_save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", save)
@@ -256,7 +314,7 @@ def test_tensorstore_disk_full_is_exit_4_in_one_line(tmp_path, monkeypatch, caps
     threading.excepthook = hook
     logging.disable(logging.NOTSET)
   assert code == 4, err
-  lines = [l for l in err.strip().splitlines() if "error" in l.lower()]
+  lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
   assert len(lines) == 1 and "RESOURCE_EXHAUSTED" in lines[0], err
   assert "Traceback" not in err
 
@@ -264,14 +322,20 @@ def test_tensorstore_disk_full_is_exit_4_in_one_line(tmp_path, monkeypatch, caps
 def _popen_job(workdir, *flags):
   import subprocess
   import sys
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.Popen([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
-                           str(workdir), *flags], cwd=root, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(workdir), *flags],
+    cwd=root,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _wait_for(cond, proc, timeout=300):
   import time
+
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None and not cond():
     time.sleep(0.01)
@@ -284,9 +348,9 @@ def _tmp_folders(workdir):
 
 def test_sigterm_during_final_sampling_keeps_the_final_checkpoint(tmp_path):
   import signal
+
   workdir = tmp_path / "w"
-  flags = ["--preset", "smoke", "--sampler", "ddpm", "--sample_steps", "100",
-           "--num_samples", "64"]
+  flags = ["--preset", "smoke", "--sampler", "ddpm", "--sample_steps", "100", "--num_samples", "64"]
   proc = _popen_job(workdir, *flags)
   manifest = workdir / "checkpoints" / "6" / "sha256.json"
   assert _wait_for(manifest.exists, proc), proc.communicate()[1][-2000:]
@@ -305,11 +369,22 @@ def test_sigterm_during_final_sampling_keeps_the_final_checkpoint(tmp_path):
 def test_double_ctrl_c_ends_cleanly(tmp_path):
   import signal
   import time
+
   workdir = tmp_path / "w"
-  proc = _popen_job(workdir, "--preset", "smoke", "--steps", "400", "--checkpoint_every_steps",
-                    "1", "--log_every_steps", "1")
-  assert _wait_for(lambda: len(cli.MetricsLog.read(str(workdir / "metrics.jsonl"), quiet=True))
-                   >= 5, proc)
+  proc = _popen_job(
+    workdir,
+    "--preset",
+    "smoke",
+    "--steps",
+    "400",
+    "--checkpoint_every_steps",
+    "1",
+    "--log_every_steps",
+    "1",
+  )
+  assert _wait_for(
+    lambda: len(cli.MetricsLog.read(str(workdir / "metrics.jsonl"), quiet=True)) >= 5, proc
+  )
   proc.send_signal(signal.SIGINT)
   time.sleep(0.05)
   proc.send_signal(signal.SIGINT)

@@ -14,8 +14,9 @@ from ddpm_jax import likelihood as lk
 LEVELS = jnp.arange(256) / 127.5 - 1.0  # the 256-level grid of [-1, 1]
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, 0.0), (0.3, -3.0), (-0.98, -5.0), (0.5, -8.0),
-                                            (1.7, -2.0), (-1.0, -4.6)])
+@pytest.mark.parametrize(
+  "mean,log_scale", [(0.0, 0.0), (0.3, -3.0), (-0.98, -5.0), (0.5, -8.0), (1.7, -2.0), (-1.0, -4.6)]
+)
 def test_discretized_gaussian_is_a_distribution_over_the_levels(mean, log_scale):
   logp = lk.discretized_gaussian_log_likelihood(LEVELS, mean, log_scale)
   assert bool(jnp.all(jnp.isfinite(logp)))
@@ -54,8 +55,9 @@ def test_vlb_of_a_point_mass_with_its_exact_eps(variance):
   # KL terms: only the variance differs.
   model_var = pv if variance == "beta_tilde" else betas
   want_kl = d * 0.5 * (np.log(model_var[1:] / pv[1:]) + pv[1:] / model_var[1:] - 1)
-  np.testing.assert_allclose(out["terms"][1:], np.tile(want_kl[:, None], (1, 3)),
-                             rtol=1e-3, atol=2e-5)
+  np.testing.assert_allclose(
+    out["terms"][1:], np.tile(want_kl[:, None], (1, 3)), rtol=1e-3, atol=2e-5
+  )
   # Decoder: N(c, pv[1]) integrated over c's bin (edge bins take the tails).
   sd, h = math.sqrt(pv[1]), 1 / 255
   p_mid = norm.cdf(h / sd) - norm.cdf(-h / sd)
@@ -76,8 +78,10 @@ def test_vlb_rewards_the_right_model():
   than a model that predicts zero noise."""
   s = dj.make_schedule("linear", 50, beta_start=1e-3, beta_end=0.1)
   c = LEVELS[jnp.array([30, 200, 128, 77])].reshape(1, 2, 2, 1)
-  good = lambda x, t: (x - jnp.sqrt(dj.extract(s.alphas_cumprod, t, x.shape)) * c) / jnp.sqrt(
-      1 - dj.extract(s.alphas_cumprod, t, x.shape))
+  good = lambda x, t: (
+    (x - jnp.sqrt(dj.extract(s.alphas_cumprod, t, x.shape)) * c)
+    / jnp.sqrt(1 - dj.extract(s.alphas_cumprod, t, x.shape))
+  )
   bad = lambda x, t: jnp.zeros_like(x)
   bpd = lambda f: float(lk.vlb_terms(f, s, jax.random.key(1), c, "beta")["bits_per_dim"][0])
   assert bpd(good) < bpd(bad)

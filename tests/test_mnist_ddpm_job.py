@@ -26,6 +26,7 @@ def final_params(workdir):
 
 def _abstract():
   import ddpm_jax as dj
+
   model = dj.make_model("test")
   tx = dj.make_optimizer(1e-3, 6, warmup_steps=2)
   return jax.eval_shape(lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1)))
@@ -39,8 +40,13 @@ def smoke_run(tmp_path_factory):
 
 
 def test_smoke_job_outputs(smoke_run):
-  for name in ["config.json", "metrics.jsonl", "loss_curve.png", "samples_final.png",
-               "trajectory.png"]:
+  for name in [
+    "config.json",
+    "metrics.jsonl",
+    "loss_curve.png",
+    "samples_final.png",
+    "trajectory.png",
+  ]:
     assert os.path.getsize(smoke_run / name) > 0, name
   config = json.loads((smoke_run / "config.json").read_text())
   assert config["preset"] == "smoke" and config["model"] == "test" and config["steps"] == 6
@@ -69,28 +75,50 @@ def test_resume_continues_identically(smoke_run, tmp_path):
 
 def test_bad_flags_give_one_line_and_exit_2(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
-  for flags, expect in [(["--bogus", "1"], "unrecognized arguments: --bogus"),
-                        (["--preset", "nope"], "invalid choice: 'nope'"),
-                        (["--eta", "2"], "--eta must lie in [0, 1], got 2.0"),
-                        (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]"),
-                        (["--sampler", "dpm", "--temperature", "0.5"], "dpm (DPM-Solver++) adds no noise"),
-                        (["--label_dropout", "1.5"], "--label_dropout must lie in [0, 1]"),
-                        (["--spacing", "logsnr"], "--spacing must be one of")]:
-    p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--workdir",
-                        str(tmp_path / "w"), *flags], capture_output=True, text=True, env=env)
+  for flags, expect in [
+    (["--bogus", "1"], "unrecognized arguments: --bogus"),
+    (["--preset", "nope"], "invalid choice: 'nope'"),
+    (["--eta", "2"], "--eta must lie in [0, 1], got 2.0"),
+    (["--sample_steps", "5000", "--sampler", "ddim"], "--sample_steps must lie in [1, 1000]"),
+    (["--sampler", "dpm", "--temperature", "0.5"], "dpm (DPM-Solver++) adds no noise"),
+    (["--label_dropout", "1.5"], "--label_dropout must lie in [0, 1]"),
+    (["--spacing", "logsnr"], "--spacing must be one of"),
+  ]:
+    p = subprocess.run(
+      [sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(tmp_path / "w"), *flags],
+      capture_output=True,
+      text=True,
+      env=env,
+    )
     assert p.returncode == 2, p.stderr
     assert expect in p.stderr and "Traceback" not in p.stderr, p.stderr
   assert not (tmp_path / "w").exists() or not os.listdir(tmp_path / "w")
 
 
 def test_help_lists_flags():
-  p = subprocess.run([sys.executable, "-m", "experiments.mnist_ddpm", "--help"],
-                     capture_output=True, text=True)
+  p = subprocess.run(
+    [sys.executable, "-m", "experiments.mnist_ddpm", "--help"], capture_output=True, text=True
+  )
   assert p.returncode == 0
-  for flag in ["--workdir", "--preset", "--epochs", "--steps", "--batch_size", "--learning_rate",
-               "--schedule", "--timesteps", "--model", "--sampler", "--sample_steps",
-               "--num_samples", "--ema_decay", "--seed", "--conditional", "--guidance_scale",
-               "--temperature"]:
+  for flag in [
+    "--workdir",
+    "--preset",
+    "--epochs",
+    "--steps",
+    "--batch_size",
+    "--learning_rate",
+    "--schedule",
+    "--timesteps",
+    "--model",
+    "--sampler",
+    "--sample_steps",
+    "--num_samples",
+    "--ema_decay",
+    "--seed",
+    "--conditional",
+    "--guidance_scale",
+    "--temperature",
+  ]:
     assert flag in p.stdout
 
 
@@ -100,14 +128,18 @@ def test_bfloat16_compute_keeps_float32_state(tmp_path):
   assert records and all(np.isfinite(r["loss"]) for r in records)
   state = final_params(tmp_path)
   assert {str(a.dtype) for a in jax.tree.leaves(state.params)} == {"float32"}
-  assert {str(a.dtype) for a in jax.tree.leaves(state.opt_state) if hasattr(a, "dtype")} <= {"float32", "int32"}
+  assert {str(a.dtype) for a in jax.tree.leaves(state.opt_state) if hasattr(a, "dtype")} <= {
+    "float32",
+    "int32",
+  }
 
 
 def test_divergence_stops_without_saving_or_is_skipped(tmp_path, capsys):
   """A learning rate of 1e30 makes the loss non-finite within a few steps."""
   stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
-  code = cli.run_main(mnist_ddpm.main, ["--workdir", str(stop_dir), "--preset", "smoke",
-                                        "--learning_rate", "1e30"])
+  code = cli.run_main(
+    mnist_ddpm.main, ["--workdir", str(stop_dir), "--preset", "smoke", "--learning_rate", "1e30"]
+  )
   err = capsys.readouterr().err
   assert code == 3 and "non-finite loss or gradient at step" in err and "Traceback" not in err
   ck = Checkpointer(str(stop_dir / "checkpoints"))
@@ -127,9 +159,23 @@ def test_divergence_stops_without_saving_or_is_skipped(tmp_path, capsys):
 def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
   import signal
   import time
+
   workdir = tmp_path / "pre"
-  cmd = [sys.executable, "-m", "experiments.mnist_ddpm", "--workdir", str(workdir), "--preset",
-         "smoke", "--steps", "5000", "--log_every_steps", "1", "--checkpoint_every_steps", "100000"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.mnist_ddpm",
+    "--workdir",
+    str(workdir),
+    "--preset",
+    "smoke",
+    "--steps",
+    "5000",
+    "--log_every_steps",
+    "1",
+    "--checkpoint_every_steps",
+    "100000",
+  ]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
@@ -151,8 +197,23 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
 
 
 def test_v_prediction_min_snr_and_dpm_solver_job(tmp_path):
-  run(tmp_path, "--parameterization", "v", "--loss_weighting", "min_snr", "--sampler", "dpm",
-      "--sample_steps", "5", "--steps", "2", "--num_samples", "4", "--spacing", "quadratic")
+  run(
+    tmp_path,
+    "--parameterization",
+    "v",
+    "--loss_weighting",
+    "min_snr",
+    "--sampler",
+    "dpm",
+    "--sample_steps",
+    "5",
+    "--steps",
+    "2",
+    "--num_samples",
+    "4",
+    "--spacing",
+    "quadratic",
+  )
   records = cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
   assert records and all(np.isfinite(r["loss"]) for r in records)
   assert (tmp_path / "samples_final.png").exists() and (tmp_path / "trajectory.png").exists()

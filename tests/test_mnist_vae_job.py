@@ -30,8 +30,16 @@ def restore(workdir, sub="checkpoints"):
 def test_smoke_job_end_to_end_and_resumable(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   run(a, "--epochs", "2", "--latent_dim", "2")
-  for name in ["config.json", "metrics.jsonl", "learning_curves.png", "samples.png",
-               "reconstructions.png", "manifold.png", "latent_scatter.png", "final_eval.json"]:
+  for name in [
+    "config.json",
+    "metrics.jsonl",
+    "learning_curves.png",
+    "samples.png",
+    "reconstructions.png",
+    "manifold.png",
+    "latent_scatter.png",
+    "final_eval.json",
+  ]:
     assert os.path.getsize(a / name) > 0, name
   records = cli.MetricsLog.read(str(a / "metrics.jsonl"))
   assert [r["epoch"] for r in records] == [1, 2]
@@ -55,15 +63,22 @@ def test_smoke_job_end_to_end_and_resumable(tmp_path):
 
 def test_bad_values_and_conflicting_preset(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
+
   def job(*flags):
-    return subprocess.run([sys.executable, "-m", "experiments.mnist_vae", "--workdir",
-                           str(tmp_path / "w"), *flags], capture_output=True, text=True, env=env)
+    return subprocess.run(
+      [sys.executable, "-m", "experiments.mnist_vae", "--workdir", str(tmp_path / "w"), *flags],
+      capture_output=True,
+      text=True,
+      env=env,
+    )
+
   p = job("--latent_dim", "0")
   assert p.returncode == 2 and "--latent_dim must be >= 1, got 0" in p.stderr
   assert "Traceback" not in p.stderr
   # A workdir holding a smoke run refuses --preset better, naming the fields.
-  cli.write_json_atomic(str(tmp_path / "w" / "config.json"),
-                        {"preset": "smoke", "epochs": 1, "batch_size": 500, "iwae_k": 8,
-                         "eval_examples": 200})
+  cli.write_json_atomic(
+    str(tmp_path / "w" / "config.json"),
+    {"preset": "smoke", "epochs": 1, "batch_size": 500, "iwae_k": 8, "eval_examples": 200},
+  )
   p = job("--preset", "better")
   assert p.returncode == 2 and "differs in" in p.stderr and "hidden" in p.stderr, p.stderr

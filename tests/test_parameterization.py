@@ -48,8 +48,11 @@ def test_loss_weights_match_their_formulas(setup):
   snr = ab / (1 - ab)
   np.testing.assert_allclose(dj.snr(s, t), snr, rtol=1e-4)
   g = 5.0
-  expect = {"eps": np.minimum(snr, g) / snr, "x0": np.minimum(snr, g),
-            "v": np.minimum(snr, g) / (snr + 1)}
+  expect = {
+    "eps": np.minimum(snr, g) / snr,
+    "x0": np.minimum(snr, g),
+    "v": np.minimum(snr, g) / (snr + 1),
+  }
   for kind, w in expect.items():
     np.testing.assert_allclose(dj.loss_weight(s, t, kind, "min_snr"), w, rtol=1e-4)
     np.testing.assert_array_equal(dj.loss_weight(s, t, kind, "none"), np.ones(6))
@@ -86,8 +89,9 @@ def test_l1_loss_weights_use_square_roots_of_the_conversions(setup):
   r = P.snr(s, t)
   w_eps = jnp.minimum(r, 5.0) / r
   for kind, c in (("eps", jnp.ones_like(r)), ("x0", r), ("v", r / (1 + r))):
-    np.testing.assert_allclose(P.loss_weight(s, t, kind, "min_snr", loss_type="l1"),
-                               w_eps * jnp.sqrt(c), rtol=1e-5)
+    np.testing.assert_allclose(
+      P.loss_weight(s, t, kind, "min_snr", loss_type="l1"), w_eps * jnp.sqrt(c), rtol=1e-5
+    )
     np.testing.assert_allclose(P.loss_weight(s, t, kind, "min_snr"), w_eps * c, rtol=1e-5)
   with pytest.raises(ValueError, match="loss_type"):
     P.loss_weight(s, t, "x0", "min_snr", loss_type="huber")

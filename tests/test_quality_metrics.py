@@ -16,8 +16,9 @@ def feats(seed, n=300, d=8, shift=0.0, scale=1.0):
 def test_fd_of_a_set_with_itself_is_zero_and_fd_is_symmetric():
   a, b = feats(0), feats(1, shift=0.5, scale=1.3)
   assert qm.frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-8)
-  assert qm.frechet_distance_features(a, b) == pytest.approx(qm.frechet_distance_features(b, a),
-                                                             rel=1e-9)
+  assert qm.frechet_distance_features(a, b) == pytest.approx(
+    qm.frechet_distance_features(b, a), rel=1e-9
+  )
   assert qm.frechet_distance_features(a, b) > 0.5
 
 
@@ -33,7 +34,9 @@ def test_fd_matches_scipy_sqrtm():
 def test_fd_closed_form_for_isotropic_gaussians():
   d = 4  # N(0, I) vs N(m, 4I): |m|^2 + d (1 + 4 - 2 * 2)
   m = np.full(d, 0.5)
-  assert qm.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(d * 0.25 + d)
+  assert qm.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d)) == pytest.approx(
+    d * 0.25 + d
+  )
 
 
 def test_mmd2_unbiased_matches_double_loop():
@@ -101,12 +104,15 @@ def test_mean_pairwise_distance_brute_force():
   assert qm.mean_pairwise_distance(np.ones((5, 3))) == 0.0
 
 
-@pytest.mark.parametrize("call,match", [
+@pytest.mark.parametrize(
+  "call,match",
+  [
     (lambda: qm.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2)), "mismatched"),
     (lambda: qm.kid(np.ones((5, 3)), np.ones((5, 4))), "feature dims differ"),
     (lambda: qm.precision_recall(np.ones((3, 2)), np.ones((10, 2)), k=3), "N >= 4"),
     (lambda: qm.feature_stats(np.full((4, 2), np.nan)), "non-finite"),
-])
+  ],
+)
 def test_metric_argument_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()

@@ -18,14 +18,17 @@ def test_hugepages_env_adds_the_tunable_and_keeps_others():
   assert runtime.hugepages_env({}, (2, 35), "always") == {"GLIBC_TUNABLES": runtime.TUNABLE}
 
 
-@pytest.mark.parametrize("env, glibc, thp", [
+@pytest.mark.parametrize(
+  "env, glibc, thp",
+  [
     ({"GLIBC_TUNABLES": runtime.TUNABLE}, (2, 36), "madvise"),  # already set: no restart loop
     ({runtime.OPT_OUT: "0"}, (2, 36), "madvise"),  # opted out
     ({}, (2, 34), "madvise"),  # glibc without the tunable
     ({}, None, "madvise"),  # not glibc (musl, macOS)
     ({}, (2, 36), "never"),  # transparent huge pages off
     ({}, (2, 36), None),  # no THP in this kernel
-])
+  ],
+)
 def test_hugepages_env_leaves_the_process_alone(env, glibc, thp):
   assert runtime.hugepages_env(env, glibc, thp) is None
 
@@ -45,27 +48,53 @@ def test_python_m_restarts_with_the_tunable(tmp_path):
   root.mkdir()
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
   expect = runtime.hugepages_env(env, runtime.glibc_version(), runtime.thp_mode()) is not None
-  code = ("import sys, os; import experiments; "
-          "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])")
+  code = (
+    "import sys, os; import experiments; print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])"
+  )
   (root / "probe_main.py").write_text(code)
   env["PYTHONPATH"] = os.pathsep.join([str(root), os.getcwd()])
-  out = subprocess.run([sys.executable, "-m", "probe_main", "a", "--b=1"], env=env,
-                       capture_output=True, text=True, check=True).stdout.strip()
+  out = subprocess.run(
+    [sys.executable, "-m", "probe_main", "a", "--b=1"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   # A module that is not `experiments.X` is not restarted by importing experiments.
   assert out == "['a', '--b=1']"
-  out = subprocess.run([sys.executable, "-c", "import sys, experiments, os; "
-                        "print(os.environ.get('GLIBC_TUNABLES', ''))"], env=env,
-                       capture_output=True, text=True, check=True).stdout.strip()
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      "import sys, experiments, os; print(os.environ.get('GLIBC_TUNABLES', ''))",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   assert out == ""
   (root / "experiments_probe").mkdir()
   (root / "experiments_probe" / "__init__.py").write_text(
-      "from experiments.runtime import reexec_with_hugepages\nreexec_with_hugepages()\n")
+    "from experiments.runtime import reexec_with_hugepages\nreexec_with_hugepages()\n"
+  )
   (root / "experiments_probe" / "show.py").write_text(
-      "import os, sys\nprint(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n")
-  out = subprocess.run([sys.executable, "-m", "experiments_probe.show", "a", "--b=1"], env=env,
-                       capture_output=True, text=True, check=True).stdout.strip()
+    "import os, sys\nprint(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:])\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments_probe.show", "a", "--b=1"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   assert out == (f"{runtime.TUNABLE} ['a', '--b=1']" if expect else "['a', '--b=1']")
   env[runtime.OPT_OUT] = "0"
-  out = subprocess.run([sys.executable, "-m", "experiments_probe.show", "x"], env=env,
-                       capture_output=True, text=True, check=True).stdout.strip()
+  out = subprocess.run(
+    [sys.executable, "-m", "experiments_probe.show", "x"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.strip()
   assert out == "['x']"

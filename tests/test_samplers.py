@@ -1,5 +1,3 @@
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +14,11 @@ def toy_eps_fn(T):
 
 def gaussian_eps_fn(schedule, mu, sd):
   """Exact E[eps | x_t] when x0 ~ N(mu, sd^2) independently per pixel."""
+
   def eps_fn(x, t):
     ab = dj.extract(schedule.alphas_cumprod, t, x.shape)
     return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * mu) / (ab * sd**2 + 1 - ab)
+
   return eps_fn
 
 
@@ -37,9 +37,11 @@ def test_sampler_traced_once(T, steps):
   """The scan body is traced once, whatever the number of steps."""
   s = dj.make_schedule("linear", T)
   calls = []
+
   def eps_fn(x, t):
     calls.append(1)
     return 0.1 * x
+
   if steps is None:
     jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE)).lower(jax.random.key(0))
   else:
@@ -60,7 +62,9 @@ def test_ddim_full_steps_eta1_equals_ancestral_beta_tilde(clip):
   s = dj.make_schedule("linear", T)
   eps_fn = toy_eps_fn(T)
   rng = jax.random.key(7)
-  a = jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE, variance="beta_tilde", clip_x0=clip))(rng)
+  a = jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE, variance="beta_tilde", clip_x0=clip))(
+    rng
+  )
   b = jax.jit(lambda r: dj.ddim_sample(eps_fn, s, r, SHAPE, T, eta=1.0, clip_x0=clip))(rng)
   np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
 
@@ -69,8 +73,9 @@ def test_trajectory_frames():
   s = dj.make_schedule("linear", 25)
   x_T = jax.random.normal(jax.random.key(3), SHAPE)
   final = dj.ddpm_sample(toy_eps_fn(25), s, jax.random.key(0), SHAPE, x_T=x_T)
-  x, frames = jax.jit(lambda r: dj.ddpm_sample(toy_eps_fn(25), s, r, SHAPE, x_T=x_T,
-                                                trajectory_every=10))(jax.random.key(0))
+  x, frames = jax.jit(
+    lambda r: dj.ddpm_sample(toy_eps_fn(25), s, r, SHAPE, x_T=x_T, trajectory_every=10)
+  )(jax.random.key(0))
   assert frames.shape == (1 + 3,) + SHAPE  # x_T, after steps 10, 20, 25
   np.testing.assert_array_equal(frames[0], x_T)
   np.testing.assert_allclose(frames[-1], x, atol=1e-6)
@@ -88,12 +93,24 @@ def test_ddim_timesteps():
   assert dj.ddim_timesteps(1000, 5, "linspace")[-1] == 0
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 11), "num_steps must be an integer in \\[1, 10\\]"),
+@pytest.mark.parametrize(
+  "call,match",
+  [
+    (
+      lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 11),
+      "num_steps must be an integer in \\[1, 10\\]",
+    ),
     (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 0), "num_steps"),
-    (lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 5, eta=1.5), "eta must lie in \\[0, 1\\], got 1.5"),
-    (lambda s: dj.ddpm_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, variance="big"), "unknown variance"),
-])
+    (
+      lambda s: dj.ddim_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, 5, eta=1.5),
+      "eta must lie in \\[0, 1\\], got 1.5",
+    ),
+    (
+      lambda s: dj.ddpm_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, variance="big"),
+      "unknown variance",
+    ),
+  ],
+)
 def test_sampler_argument_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call(dj.make_schedule("linear", 10))
@@ -128,8 +145,11 @@ def test_respaced_ancestral_equals_ddim_eta1(spacing):
   s = dj.make_schedule("linear", T)
   eps_fn = toy_eps_fn(T)
   rng = jax.random.key(5)
-  a = jax.jit(lambda r: dj.ddpm_sample(eps_fn, s, r, SHAPE, variance="beta_tilde", num_steps=K,
-                                       spacing=spacing))(rng)
+  a = jax.jit(
+    lambda r: dj.ddpm_sample(
+      eps_fn, s, r, SHAPE, variance="beta_tilde", num_steps=K, spacing=spacing
+    )
+  )(rng)
   b = jax.jit(lambda r: dj.ddim_sample(eps_fn, s, r, SHAPE, K, eta=1.0, spacing=spacing))(rng)
   np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
   full = dj.ddpm_sample(eps_fn, s, rng, SHAPE)
@@ -155,8 +175,7 @@ def test_dpm_solver_deterministic_traced_once_and_frames():
     return toy_eps_fn(100)(x, t)
 
   x_T = jax.random.normal(jax.random.key(3), SHAPE)
-  f = jax.jit(lambda r: dj.dpm_solver_sample(eps_fn, s, r, SHAPE, 12, x_T=x_T,
-                                             trajectory_every=5))
+  f = jax.jit(lambda r: dj.dpm_solver_sample(eps_fn, s, r, SHAPE, 12, x_T=x_T, trajectory_every=5))
   x, frames = f(jax.random.key(0))
   x2, _ = f(jax.random.key(1))  # the key only draws x_T, given here
   np.testing.assert_array_equal(x, x2)
@@ -175,8 +194,9 @@ def test_dpm_solver_one_step_is_the_x0_prediction_at_T():
   x_T = jax.random.normal(jax.random.key(4), SHAPE)
   x = dj.dpm_solver_sample(toy_eps_fn(50), s, jax.random.key(0), SHAPE, 1, x_T=x_T)
   t = jnp.full((SHAPE[0],), 49, jnp.int32)
-  np.testing.assert_allclose(x, dj.predict_x0_from_eps(s, x_T, t, toy_eps_fn(50)(x_T, t)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    x, dj.predict_x0_from_eps(s, x_T, t, toy_eps_fn(50)(x_T, t)), rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("spacing", dj.samplers.SPACINGS)
@@ -184,8 +204,9 @@ def test_one_step_starts_from_pure_noise_for_every_spacing(spacing):
   """A single step must be taken at T-1, never at t = 0 (pure noise labelled clean)."""
   np.testing.assert_array_equal(dj.ddim_timesteps(1000, 1, spacing), [999])
   s = dj.make_schedule("linear", 1000)
-  x = dj.ddim_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(0), (2000, 2, 2, 1), 1,
-                     spacing=spacing)
+  x = dj.ddim_sample(
+    gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(0), (2000, 2, 2, 1), 1, spacing=spacing
+  )
   assert float(x.std()) < 0.05  # the x0 prediction at T-1 is the data mean, not noise (sd 1)
 
 
@@ -196,25 +217,33 @@ def test_dpm_solver_final_step_is_first_order():
   eps_fn = gaussian_eps_fn(s, 0.5, 0.3)
   x_T = jax.random.normal(jax.random.key(3), (64, 2, 2, 1))
   for spacing in ("linspace", "trailing"):
-    dpm = dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing,
-                               x_T=x_T)
+    dpm = dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing, x_T=x_T)
     ddim = dj.ddim_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing, x_T=x_T)
     np.testing.assert_allclose(dpm, ddim, rtol=2e-4, atol=2e-4)
-    second = dj.dpm_solver_sample(eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing,
-                                  x_T=x_T, lower_order_final=False)
+    second = dj.dpm_solver_sample(
+      eps_fn, s, jax.random.key(0), x_T.shape, 3, spacing=spacing, x_T=x_T, lower_order_final=False
+    )
     assert float(jnp.abs(second - ddim).max()) > 1e-2
 
 
-@pytest.mark.parametrize("spacing,steps,tol", [
-    ("logsnr", 10, 0.01), ("logsnr", 20, 0.01), ("quadratic", 10, 0.01),
-    ("quadratic", 20, 0.01), ("linspace", 20, 0.05)])
+@pytest.mark.parametrize(
+  "spacing,steps,tol",
+  [
+    ("logsnr", 10, 0.01),
+    ("logsnr", 20, 0.01),
+    ("quadratic", 10, 0.01),
+    ("quadratic", 20, 0.01),
+    ("linspace", 20, 0.05),
+  ],
+)
 def test_dpm_solver_gaussian_accuracy_by_spacing(spacing, steps, tol):
   """Sample sd against the probability-flow ODE's answer for N(0.5, 0.3^2) data
   (0.3035 for the linear T=1000 schedule from x_T ~ N(0, I)). A second-order
   step onto t = 0 overshoots with linspace (0.388 at 20 steps)."""
   s = dj.make_schedule("linear", 1000)
-  x = dj.dpm_solver_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11),
-                           (4000, 2, 2, 1), steps, spacing=spacing)
+  x = dj.dpm_solver_sample(
+    gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11), (4000, 2, 2, 1), steps, spacing=spacing
+  )
   assert float(x.std()) == pytest.approx(0.3035, abs=tol)
 
 
@@ -225,10 +254,10 @@ def test_logsnr_spacing_does_not_crowd_pure_noise_on_cosine():
   ts = dj.samplers.logsnr_timesteps(s, 20)
   assert ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0)
   assert np.sum(ts >= 990) <= 2
-  x = dj.dpm_solver_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11),
-                           (4000, 2, 2, 1), 10)
+  x = dj.dpm_solver_sample(gaussian_eps_fn(s, 0.5, 0.3), s, jax.random.key(11), (4000, 2, 2, 1), 10)
   assert float(x.std()) == pytest.approx(0.3035, abs=0.01)  # 0.2685 with the crowded steps
   # The linear schedule's spacing is unchanged by the floor.
   lin = dj.make_schedule("linear", 1000)
-  np.testing.assert_array_equal(dj.samplers.logsnr_timesteps(lin, 20),
-                                dj.samplers.logsnr_timesteps(lin, 20, min_logsnr=-1e9))
+  np.testing.assert_array_equal(
+    dj.samplers.logsnr_timesteps(lin, 20), dj.samplers.logsnr_timesteps(lin, 20, min_logsnr=-1e9)
+  )

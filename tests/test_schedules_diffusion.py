@@ -19,11 +19,15 @@ def test_linear_schedule_closed_form(T):
   np.testing.assert_allclose(s.alphas_cumprod_prev, ab_prev, rtol=1e-5)
   np.testing.assert_allclose(s.sqrt_alphas_cumprod, np.sqrt(ab), rtol=1e-5)
   np.testing.assert_allclose(s.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - ab), rtol=1e-5)
-  np.testing.assert_allclose(s.posterior_variance, betas * (1 - ab_prev) / (1 - ab), rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(
+    s.posterior_variance, betas * (1 - ab_prev) / (1 - ab), rtol=1e-5, atol=1e-12
+  )
   assert s.posterior_variance[0] == 0.0
   assert np.all(np.isfinite(s.posterior_log_variance_clipped))
   if T > 1:
-    assert s.posterior_log_variance_clipped[0] == pytest.approx(math.log(float(s.posterior_variance[1])), rel=1e-5)
+    assert s.posterior_log_variance_clipped[0] == pytest.approx(
+      math.log(float(s.posterior_variance[1])), rel=1e-5
+    )
   assert s.num_timesteps == T and s.betas.dtype == jnp.float32
 
 
@@ -40,18 +44,21 @@ def test_cosine_schedule_closed_form():
 def test_schedule_is_pytree_and_jittable():
   s = dj.make_schedule("linear", 20)
   leaves = jax.tree.leaves(s)
-  assert all(l.shape == (20,) for l in leaves)
+  assert all(leaf.shape == (20,) for leaf in leaves)
   out = jax.jit(lambda sch: sch.alphas_cumprod[-1])(s)
   assert float(out) == pytest.approx(float(s.alphas_cumprod[-1]))
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(kind="sigmoidal"), "unknown schedule kind 'sigmoidal'"),
     (dict(kind="linear", num_timesteps=0), "num_timesteps must be an integer >= 1, got 0"),
     (dict(kind="linear", beta_end=1.5), "beta_end must lie in \\(0, 1\\), got 1.5"),
     (dict(kind="linear", beta_start=0.0), "beta_start must lie in"),
     (dict(kind="cosine", beta_start=0.1), "unknown option"),
-])
+  ],
+)
 def test_schedule_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     dj.make_schedule(**kwargs)
@@ -69,7 +76,9 @@ def test_q_sample_formula_and_statistics(key):
   noise = jax.random.normal(key, x0.shape)
   x_t = jax.jit(dj.q_sample)(s, x0, t, noise)
   ab = np.asarray(s.alphas_cumprod)[np.asarray(t)][:, None, None, None]
-  np.testing.assert_allclose(x_t, np.sqrt(ab) * 0.7 + np.sqrt(1 - ab) * np.asarray(noise), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    x_t, np.sqrt(ab) * 0.7 + np.sqrt(1 - ab) * np.asarray(noise), rtol=1e-5, atol=1e-6
+  )
 
   # Statistics over many noise draws at one t.
   n = 20000
@@ -101,12 +110,16 @@ def test_posterior_mean_three_ways(key):
   abp = np.where(ti > 0, ab[ti - 1], 1.0)[:, None, None, None]
   a_t = (1 - b[ti])[:, None, None, None]
   ab_t = ab[ti][:, None, None, None]
-  mu_np = (np.sqrt(abp) * b[ti][:, None, None, None] * np.asarray(x0, np.float64)
-           + np.sqrt(a_t) * (1 - abp) * np.asarray(x_t, np.float64)) / (1 - ab_t)
+  mu_np = (
+    np.sqrt(abp) * b[ti][:, None, None, None] * np.asarray(x0, np.float64)
+    + np.sqrt(a_t) * (1 - abp) * np.asarray(x_t, np.float64)
+  ) / (1 - ab_t)
   np.testing.assert_allclose(mu_true, mu_np, atol=1e-4)
   np.testing.assert_allclose(mu_eps, mu_true, atol=1e-3)
   np.testing.assert_allclose(mu_direct, mu_true, atol=1e-3)
-  np.testing.assert_allclose(var[:, 0, 0, 0], b[ti] * (1 - abp[:, 0, 0, 0]) / (1 - ab[ti]), rtol=1e-4)
+  np.testing.assert_allclose(
+    var[:, 0, 0, 0], b[ti] * (1 - abp[:, 0, 0, 0]) / (1 - ab[ti]), rtol=1e-4
+  )
 
 
 def test_eps_x0_conversions_round_trip(key):

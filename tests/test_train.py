@@ -18,10 +18,14 @@ def test_train_step_lowers_loss_on_fixed_batch():
   model, schedule, tx, state = setup()
   batch = jnp.tanh(jax.random.normal(jax.random.key(1), (16, 8, 8, 1)))
   apply = lambda p, x, t, r: model.apply({"params": p}, x, t)
-  eval_loss = jax.jit(lambda p: jnp.mean(jnp.stack([
-      dj.eps_loss(apply, p, schedule, jax.random.key(k), batch) for k in range(8)])))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2)),
-                 donate_argnums=0)
+  eval_loss = jax.jit(
+    lambda p: jnp.mean(
+      jnp.stack([dj.eps_loss(apply, p, schedule, jax.random.key(k), batch) for k in range(8)])
+    )
+  )
+  step = jax.jit(
+    dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2)), donate_argnums=0
+  )
   before = float(eval_loss(state.params))
   for _ in range(40):
     state, m = step(state, batch)
@@ -35,12 +39,16 @@ def test_train_step_lowers_loss_on_fixed_batch():
 def test_ema_update_and_keys_from_step():
   model, schedule, tx, state = setup()
   batch = jnp.zeros((4, 8, 8, 1))
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2),
-                                    ema_decay=0.9, ema_warmup=False))
+  step = jax.jit(
+    dj.make_train_step(
+      model, schedule, tx, base_rng=jax.random.key(2), ema_decay=0.9, ema_warmup=False
+    )
+  )
   s1, m1 = step(state, batch)
   expect = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.ema_params, s1.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               s1.ema_params, expect)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), s1.ema_params, expect
+  )
   # The same state gives the same step; another step index draws other noise.
   s1b, m1b = step(state, batch)
   assert float(m1["loss"]) == float(m1b["loss"])
@@ -69,8 +77,9 @@ def test_learning_rate_schedule_warmup_then_cosine():
 def test_nonfinite_step_is_flagged_and_optionally_skipped(skip):
   model, schedule, tx, state = setup()
   bad = jnp.full((4, 8, 8, 1), jnp.nan)
-  step = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2),
-                                    skip_nonfinite=skip))
+  step = jax.jit(
+    dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2), skip_nonfinite=skip)
+  )
   new, m = step(state, bad)
   assert float(m["finite"]) == 0.0 and int(new.step) == 1
   leaves_ok = [bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new.params)]
@@ -92,8 +101,9 @@ def test_replicas_draw_their_own_noise_under_axis_name():
   batch = jnp.stack([images, images])  # identical data on both replicas
   step = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2), axis_name="r")
   states, metrics = jax.jit(jax.vmap(step, in_axes=(None, 0), axis_name="r"))(state, batch)
-  jax.tree.map(lambda a: np.testing.assert_allclose(a[0], a[1], rtol=1e-6, atol=1e-7),
-               states.params)  # the pmean'd update is the same on both
+  jax.tree.map(
+    lambda a: np.testing.assert_allclose(a[0], a[1], rtol=1e-6, atol=1e-7), states.params
+  )  # the pmean'd update is the same on both
   single = jax.jit(dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2)))
   _, m = single(state, images)
   assert abs(float(metrics["loss"][0]) - float(m["loss"])) > 1e-4 * float(m["loss"])

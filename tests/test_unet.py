@@ -22,9 +22,10 @@ def test_simple_preset_matches_pytorch_parameter_count():
   assert n_params(init_shapes(dj.make_model("simple"), (1, 28, 28, 1))) == 2_755_201
 
 
-@pytest.mark.parametrize("preset,count", [("simple_half", 689_473), ("simple_half_emb", 734_881),
-                                          ("tiny", 408_193),
-                                          ("test", 44_889)])
+@pytest.mark.parametrize(
+  "preset,count",
+  [("simple_half", 689_473), ("simple_half_emb", 734_881), ("tiny", 408_193), ("test", 44_889)],
+)
 def test_preset_parameter_counts(preset, count):
   assert n_params(init_shapes(dj.make_model(preset), (1, 28, 28, 1))) == count
 
@@ -48,14 +49,23 @@ def test_conditional_simple_unet_embeds_in_every_block():
   assert float(jnp.abs(a - b).max()) > 1e-3
 
 
-@pytest.mark.parametrize("preset,shape", [("simple", (2, 28, 28, 1)), ("simple", (2, 32, 32, 3)),
-                                          ("test", (2, 28, 28, 1)), ("test", (3, 32, 32, 3)),
-                                          ("small", (1, 32, 32, 3))])
+@pytest.mark.parametrize(
+  "preset,shape",
+  [
+    ("simple", (2, 28, 28, 1)),
+    ("simple", (2, 32, 32, 3)),
+    ("test", (2, 28, 28, 1)),
+    ("test", (3, 32, 32, 3)),
+    ("small", (1, 32, 32, 3)),
+  ],
+)
 def test_output_shapes(preset, shape):
   model = dj.make_model(preset)
   params = init_shapes(model, shape)
-  out = jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros(shape),
-                                             jnp.zeros((shape[0],), jnp.int32)), params)
+  out = jax.eval_shape(
+    lambda p: model.apply({"params": p}, jnp.zeros(shape), jnp.zeros((shape[0],), jnp.int32)),
+    params,
+  )
   assert out.shape == shape
 
 
@@ -79,6 +89,7 @@ def test_bad_image_size_raises():
 def test_fast_conv_matches_flax_conv(key, kernel, cin, cout):
   """im2col GEMMs for few channels, Winograd for a 3x3 with >= 16 (odd 9x7 size)."""
   from ddpm_jax import layers
+
   w = jnp.zeros(kernel + (cin, cout))
   assert layers._is_winograd(w, ((1, 1), (1, 1)), (1, 1)) == (kernel == (3, 3) and cin == 16)
   x = jax.random.normal(key, (2, 9, 7, cin))
@@ -98,12 +109,14 @@ def test_fast_conv_matches_flax_conv(key, kernel, cin, cout):
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
 @pytest.mark.parametrize("chunk_bytes", [None, 3000])
 @pytest.mark.parametrize("winograd", [False, True])
-def test_fast_conv_strided_and_batch_chunked_matches_flax(key, batch, size, strides,
-                                                          chunk_bytes, winograd, monkeypatch):
+def test_fast_conv_strided_and_batch_chunked_matches_flax(
+  key, batch, size, strides, chunk_bytes, winograd, monkeypatch
+):
   """Strided convs (the even size takes the phase input gradient, the odd one
   XLA's), whole-batch and chunked (a small CHUNK_BYTES forces the scans); at
   stride 1 both the im2col and (forced for 3 channels) the Winograd paths."""
   from ddpm_jax import layers
+
   if winograd:
     if strides != (1, 1):
       pytest.skip("Winograd is for stride 1")
@@ -125,6 +138,7 @@ def test_fast_conv_strided_and_batch_chunked_matches_flax(key, batch, size, stri
 
 def test_wgrad_chunking_picks_divisors():
   from ddpm_jax import layers
+
   assert layers._chunk_images(128, 784) == 2
   assert layers._chunk_images(128, 49) == 32
   assert layers._chunk_images(7, 784) == 2 - 1  # 7 is prime: one image per chunk
@@ -134,6 +148,7 @@ def test_wgrad_chunking_picks_divisors():
 @pytest.mark.parametrize("chunk_bytes", [None, 500])
 def test_conv_transpose_2x_matches_flax(key, chunk_bytes, monkeypatch):
   from ddpm_jax import layers
+
   if chunk_bytes is not None:  # one image per chunk in every scan
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
   x = jax.random.normal(key, (4, 7, 5, 6))
@@ -157,4 +172,3 @@ def test_timestep_embedding_matches_seed_formula():
   freqs = np.exp(-np.log(10000) * np.arange(half) / (half - 1))
   args = np.array([0, 7, 999])[:, None] * freqs[None]
   np.testing.assert_allclose(e, np.concatenate([np.sin(args), np.cos(args)], -1), atol=1e-4)
-

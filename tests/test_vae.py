@@ -12,8 +12,9 @@ import vae_jax as vj
 def test_kl_closed_form_matches_monte_carlo():
   mean = jnp.array([0.5, -1.0, 0.2])
   logvar = jnp.array([-0.5, 0.3, 0.0])
-  z = vj.reparameterize(jax.random.key(0), jnp.broadcast_to(mean, (200000, 3)),
-                        jnp.broadcast_to(logvar, (200000, 3)))
+  z = vj.reparameterize(
+    jax.random.key(0), jnp.broadcast_to(mean, (200000, 3)), jnp.broadcast_to(logvar, (200000, 3))
+  )
   log_q = vj.gaussian_log_density(z, mean[None], logvar[None])
   log_p = vj.gaussian_log_density(z, jnp.zeros_like(z), jnp.zeros_like(z))
   mc = float(jnp.mean(log_q - log_p))
@@ -32,7 +33,7 @@ def test_bernoulli_log_likelihood_direct_and_extreme():
   xb = jnp.array([1.0, 0.0, 0.0, 1.0])
   ll = float(vj.bernoulli_log_likelihood(big, xb))
   assert np.isfinite(ll) and ll == pytest.approx(-400.0, rel=1e-6)
-  g = jax.grad(lambda l: vj.bernoulli_log_likelihood(l, xb))(big)
+  g = jax.grad(lambda logits: vj.bernoulli_log_likelihood(logits, xb))(big)
   assert np.all(np.isfinite(g))
 
 
@@ -61,15 +62,19 @@ def test_iwae_k1_equals_elbo_in_expectation_and_grows_with_k():
   # ELBO estimated with many single samples vs the k=1 bound averaged likewise.
   reps = 1000
   elbo = jax.vmap(lambda r: -vj.batch_loss(enc, dec, r, x)[1]["elbo_loss"])(
-      jax.random.split(jax.random.key(2), reps))
+    jax.random.split(jax.random.key(2), reps)
+  )
   iw1 = jax.vmap(lambda r: vj.iwae_bound(enc, dec, r, x, 1).mean())(
-      jax.random.split(jax.random.key(3), reps))
+    jax.random.split(jax.random.key(3), reps)
+  )
   stderr = math.sqrt(float(elbo.var() + iw1.var()) / reps)
   assert abs(float(iw1.mean()) - float(elbo.mean())) < 4 * stderr, (iw1.mean(), elbo.mean(), stderr)
   # The bound grows with k in expectation: average each over 16 keys.
   keys = jax.random.split(jax.random.key(4), 16)
-  b = [float(jax.vmap(lambda r: vj.iwae_bound(enc, dec, r, x, k, chunk=50).mean())(keys).mean())
-       for k in (1, 10, 100)]
+  b = [
+    float(jax.vmap(lambda r, k=k: vj.iwae_bound(enc, dec, r, x, k, chunk=50).mean())(keys).mean())
+    for k in (1, 10, 100)
+  ]
   assert b[0] < b[1] < b[2], b
 
 

@@ -31,8 +31,12 @@ class TorchDense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(self.features, kernel_init=torch_linear_kernel_init,
-                    bias_init=torch_linear_bias_init(x.shape[-1]), name="dense")(x)
+    return nn.Dense(
+      self.features,
+      kernel_init=torch_linear_kernel_init,
+      bias_init=torch_linear_bias_init(x.shape[-1]),
+      name="dense",
+    )(x)
 
 
 class MLPEncoder(nn.Module):
@@ -47,7 +51,9 @@ class MLPEncoder(nn.Module):
     h = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       h = nn.relu(TorchDense(width, name=f"fc{i + 1}")(h))
-    return TorchDense(self.latent_dim, name="fc_mu")(h), TorchDense(self.latent_dim, name="fc_logvar")(h)
+    return TorchDense(self.latent_dim, name="fc_mu")(h), TorchDense(
+      self.latent_dim, name="fc_logvar"
+    )(h)
 
 
 class MLPDecoder(nn.Module):
@@ -77,7 +83,9 @@ class ConvEncoder(nn.Module):
     for c in self.channels:
       h = nn.relu(nn.Conv(c, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))(h))
     h = nn.relu(nn.Dense(self.hidden)(h.reshape(h.shape[0], -1)))
-    return nn.Dense(self.latent_dim, name="fc_mu")(h), nn.Dense(self.latent_dim, name="fc_logvar")(h)
+    return nn.Dense(self.latent_dim, name="fc_mu")(h), nn.Dense(self.latent_dim, name="fc_logvar")(
+      h
+    )
 
 
 class ConvDecoder(nn.Module):
@@ -114,12 +122,15 @@ class VAE(nn.Module):
     return self.encoder(x), self.decoder(z)
 
 
-def make_vae(model: str = "mlp", latent_dim: int = 20, hidden: int = 400,
-             num_hidden_layers: int = 1) -> VAE:
+def make_vae(
+  model: str = "mlp", latent_dim: int = 20, hidden: int = 400, num_hidden_layers: int = 1
+) -> VAE:
   """The seeds' MLP VAE (model="mlp") or the small convolutional one ("conv")."""
   if latent_dim < 1 or hidden < 1 or num_hidden_layers < 1:
-    raise ValueError(f"latent_dim, hidden and num_hidden_layers must be >= 1, got "
-                     f"{latent_dim}, {hidden}, {num_hidden_layers}")
+    raise ValueError(
+      f"latent_dim, hidden and num_hidden_layers must be >= 1, got "
+      f"{latent_dim}, {hidden}, {num_hidden_layers}"
+    )
   if model == "mlp":
     widths = (hidden,) * num_hidden_layers
     return VAE(MLPEncoder(widths, latent_dim), MLPDecoder(widths))
@@ -137,5 +148,7 @@ def init_vae(vae: VAE, rng, latent_dim: int):
 
 def vae_fns(vae: VAE, params):
   """(encode_fn(x) -> (mean, logvar), decode_fn(z) -> logits) closed over params."""
-  return (lambda x: vae.apply({"params": params}, x),
-          lambda z: vae.apply({"params": params}, z, method=VAE.decode))
+  return (
+    lambda x: vae.apply({"params": params}, x),
+    lambda z: vae.apply({"params": params}, z, method=VAE.decode),
+  )

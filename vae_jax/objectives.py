@@ -39,8 +39,9 @@ def bernoulli_log_likelihood(logits, x):
 def gaussian_log_likelihood(mean, x, log_scale=0.0):
   """sum_i log N(x_i; mean_i, exp(log_scale)^2)."""
   var = jnp.exp(2.0 * log_scale)
-  return jnp.sum(-0.5 * jnp.square(x - mean) / var - log_scale - 0.5 * math.log(2 * math.pi),
-                 axis=-1)
+  return jnp.sum(
+    -0.5 * jnp.square(x - mean) / var - log_scale - 0.5 * math.log(2 * math.pi), axis=-1
+  )
 
 
 def log_likelihood(out, x, likelihood: str):
@@ -53,8 +54,9 @@ def log_likelihood(out, x, likelihood: str):
 
 def gaussian_log_density(z, mean, logvar):
   """log N(z; mean, exp(logvar)) summed over the last axis."""
-  return jnp.sum(-0.5 * (math.log(2 * math.pi) + logvar + jnp.square(z - mean) / jnp.exp(logvar)),
-                 axis=-1)
+  return jnp.sum(
+    -0.5 * (math.log(2 * math.pi) + logvar + jnp.square(z - mean) / jnp.exp(logvar)), axis=-1
+  )
 
 
 def elbo_terms(encode_fn: Callable, decode_fn: Callable, rng, x, likelihood="bernoulli"):
@@ -78,8 +80,7 @@ def batch_loss(encode_fn, decode_fn, rng, x, beta: float = 1.0, likelihood="bern
   return loss, {"rec": jnp.mean(-rec), "kl": jnp.mean(kl), "elbo_loss": jnp.mean(-rec + kl)}
 
 
-def iwae_bound(encode_fn, decode_fn, rng, x, k: int, chunk: int = 100,
-               likelihood="bernoulli"):
+def iwae_bound(encode_fn, decode_fn, rng, x, k: int, chunk: int = 100, likelihood="bernoulli"):
   """Importance-weighted bound log (1/k) sum_j p(x, z_j) / q(z_j | x) per example.
 
   With k = 1 this is the one-sample ELBO; it grows with k towards log p(x).
@@ -108,9 +109,11 @@ def iwae_bound(encode_fn, decode_fn, rng, x, k: int, chunk: int = 100,
     eps = jax.random.normal(jax.random.fold_in(rng, i), (chunk,) + mean.shape, mean.dtype)
     z = mean[None] + jnp.exp(0.5 * logvar)[None] * eps  # [S, B, L]
     out = decode_fn(z.reshape(-1, z.shape[-1])).reshape(chunk, x.shape[0], -1)
-    log_w = (log_likelihood(out, jnp.broadcast_to(xf, out.shape), likelihood)
-             + gaussian_log_density(z, jnp.zeros_like(z), jnp.zeros_like(z))
-             - gaussian_log_density(z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape)))
+    log_w = (
+      log_likelihood(out, jnp.broadcast_to(xf, out.shape), likelihood)
+      + gaussian_log_density(z, jnp.zeros_like(z), jnp.zeros_like(z))
+      - gaussian_log_density(z, jnp.broadcast_to(mean, z.shape), jnp.broadcast_to(logvar, z.shape))
+    )
     return jnp.logaddexp(carry, jax.nn.logsumexp(log_w, axis=0)), None
 
   init = jnp.full((x.shape[0],), -jnp.inf, jnp.float32)

@@ -31,8 +31,16 @@ def to_unit(images_u8):
   return images_u8.astype(jnp.float32) / 255.0
 
 
-def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1.0,
-                     likelihood: str = "bernoulli", skip_nonfinite: bool = False):
+def make_train_epoch(
+  vae: VAE,
+  tx,
+  *,
+  base_rng,
+  batch_size: int,
+  beta: float = 1.0,
+  likelihood: str = "bernoulli",
+  skip_nonfinite: bool = False,
+):
   """Returns `train_epoch(state, images_u8, epoch) -> (state, metrics)`, jittable.
 
   Shuffles the device-resident uint8 images [N, 28, 28, 1] with a key folded
@@ -59,8 +67,9 @@ def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+    new = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
     finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
     if skip_nonfinite:
       kept = state.replace(step=state.step + 1)
@@ -73,9 +82,10 @@ def make_train_epoch(vae: VAE, tx, *, base_rng, batch_size: int, beta: float = 1
     if steps < 1:
       raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
     perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), n)
-    idx = perm[:steps * batch_size].reshape(steps, batch_size)
-    state, m = jax.lax.scan(lambda s, i: step(s, to_unit(jnp.take(images_u8, i, axis=0))),
-                            state, idx)
+    idx = perm[: steps * batch_size].reshape(steps, batch_size)
+    state, m = jax.lax.scan(
+      lambda s, i: step(s, to_unit(jnp.take(images_u8, i, axis=0))), state, idx
+    )
     finite = m.pop("finite")
     out = {"nonfinite_steps": jnp.sum(~finite)}
     if skip_nonfinite:
@@ -94,9 +104,12 @@ def scan_batches(fn, images_u8, batch_size: int, rng):
   n = images_u8.shape[0]
   b = min(batch_size, n)
   steps = n // b
-  xs = images_u8[:steps * b].reshape((steps, b) + images_u8.shape[1:])
-  _, out = jax.lax.scan(lambda _, a: (None, fn(jax.random.fold_in(rng, a[0]), to_unit(a[1]))),
-                        None, (jnp.arange(steps), xs))
+  xs = images_u8[: steps * b].reshape((steps, b) + images_u8.shape[1:])
+  _, out = jax.lax.scan(
+    lambda _, a: (None, fn(jax.random.fold_in(rng, a[0]), to_unit(a[1]))),
+    None,
+    (jnp.arange(steps), xs),
+  )
   return out
 
 
@@ -106,23 +119,26 @@ def make_evaluate(vae: VAE, *, batch_size: int = 500, likelihood: str = "bernoul
 
   def evaluate(params, images_u8, rng):
     enc, dec = vae_fns(vae, params)
-    m = scan_batches(lambda r, x: batch_loss(enc, dec, r, x, 1.0, likelihood)[1],
-                     images_u8, batch_size, rng)
+    m = scan_batches(
+      lambda r, x: batch_loss(enc, dec, r, x, 1.0, likelihood)[1], images_u8, batch_size, rng
+    )
     m = jax.tree.map(jnp.mean, m)
     return {"loss": m["elbo_loss"], "rec": m["rec"], "kl": m["kl"]}
 
   return evaluate
 
 
-def make_iwae_nll(vae: VAE, *, k: int, batch_size: int = 100, chunk: int = 100,
-                  likelihood: str = "bernoulli"):
+def make_iwae_nll(
+  vae: VAE, *, k: int, batch_size: int = 100, chunk: int = 100, likelihood: str = "bernoulli"
+):
   """Returns `iwae_nll(params, images_u8 [N, ...], rng) -> [N // batch_size * batch_size]`
   per-image NLL estimates (-IWAE bound with k samples), scanning over batches."""
 
   def iwae_nll(params, images_u8, rng):
     enc, dec = vae_fns(vae, params)
-    nll = scan_batches(lambda r, x: -iwae_bound(enc, dec, r, x, k, chunk, likelihood),
-                       images_u8, batch_size, rng)
+    nll = scan_batches(
+      lambda r, x: -iwae_bound(enc, dec, r, x, k, chunk, likelihood), images_u8, batch_size, rng
+    )
     return nll.reshape(-1)
 
   return iwae_nll

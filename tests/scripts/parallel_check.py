@@ -6,7 +6,6 @@ Prints one JSON line; tests/test_parallel.py asserts on it.
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,20 +43,36 @@ def main():
     s = parallel.parallel_sampler(sample, mesh)(state.ema_params, jax.random.key(3))
     results[n] += (np.asarray(s), len(s.sharding.device_set))
   (s1, l1, _, x1, _), (s4, l4, nd, x4, sd) = results[1], results[4]
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
-                                       s1.params, s4.params))
+  diffs = jax.tree.leaves(
+    jax.tree.map(
+      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), s1.params, s4.params
+    )
+  )
   scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(s1.params))
-  out.update(loss_1=l1, loss_4=l4, param_max_diff=max(diffs), param_scale=scale,
-             batch_devices=nd, sample_devices=sd,
-             sample_max_diff=float(np.max(np.abs(x1 - x4))), step_4=int(s4.step))
+  out.update(
+    loss_1=l1,
+    loss_4=l4,
+    param_max_diff=max(diffs),
+    param_scale=scale,
+    batch_devices=nd,
+    sample_devices=sd,
+    sample_max_diff=float(np.max(np.abs(x1 - x4))),
+    step_4=int(s4.step),
+  )
   # Reference: the plain single-device jit of the same step.
   ref_state = init()
   plain = jax.jit(step)
   for _ in range(2):
     ref_state, m = plain(ref_state, batch)
-  out["plain_vs_4_max_diff"] = max(jax.tree.leaves(jax.tree.map(
-      lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_state.params,
-      s4.params)))
+  out["plain_vs_4_max_diff"] = max(
+    jax.tree.leaves(
+      jax.tree.map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+        ref_state.params,
+        s4.params,
+      )
+    )
+  )
   try:
     parallel.shard_batch(batch[:6], parallel.make_mesh(devices))
     out["indivisible_error"] = None
