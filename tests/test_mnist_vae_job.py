@@ -82,3 +82,14 @@ def test_bad_values_and_conflicting_preset(tmp_path):
   )
   p = job("--preset", "better")
   assert p.returncode == 2 and "differs in" in p.stderr and "hidden" in p.stderr, p.stderr
+
+
+def test_dynamic_binarization_reports_a_true_nll(tmp_path):
+  run(tmp_path / "d", "--binarize", "dynamic")
+  result = json.loads((tmp_path / "d" / "final_eval.json").read_text())
+  assert result["binarize"] == "dynamic" and "binarized" in result["test_nll_iwae_is"]
+  # Binary pixels are easier to code than the grey levels' cross-entropy: a lower bound.
+  assert 60 < result["test_nll_iwae"] < 200 and result["test_nll_iwae"] < result["test_neg_elbo"]
+  run(tmp_path / "g")
+  grey = json.loads((tmp_path / "g" / "final_eval.json").read_text())
+  assert grey["binarize"] == "none" and "not a normalised likelihood" in grey["test_nll_iwae_is"]

@@ -114,3 +114,15 @@ def test_sampling_helpers():
   path = vj.interpolate(dec, jnp.zeros(4), jnp.ones(4), 7)
   assert path.shape == (7, 28, 28, 1)
   np.testing.assert_allclose(path[0], vj.decode_grid(dec, jnp.zeros((1, 4)))[0], atol=1e-6)
+
+
+def test_dynamic_binarization_draws_bernoulli_pixels():
+  images = jnp.asarray(np.array([0, 64, 128, 255] * 2500, np.uint8).reshape(100, 10, 10, 1))
+  x = vj.train.binarize(jax.random.key(0), images)
+  assert set(np.unique(np.asarray(x)).tolist()) <= {0.0, 1.0}
+  p = np.asarray(x).reshape(-1, 4).mean(0)
+  np.testing.assert_allclose(p, [0, 64 / 255, 128 / 255, 1], atol=0.03)
+  u8 = vj.train.binarize_u8(jax.random.key(0), images)
+  assert u8.dtype == jnp.uint8 and set(np.unique(np.asarray(u8)).tolist()) <= {0, 255}
+  with pytest.raises(ValueError, match="binarization"):
+    vj.make_train_epoch(None, None, base_rng=jax.random.key(0), batch_size=2, binarization="x")

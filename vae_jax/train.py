@@ -31,6 +31,21 @@ def to_unit(images_u8):
   return images_u8.astype(jnp.float32) / 255.0
 
 
+BINARIZE = ("none", "dynamic")
+
+
+def binarize(rng, images_u8):
+  """Stochastic binarization: each pixel is 1 with probability its grey level
+  (uint8 [...] -> float32 0/1), the IWAE paper's dynamic MNIST."""
+  x = to_unit(images_u8)
+  return (jax.random.uniform(rng, x.shape) < x).astype(jnp.float32)
+
+
+def binarize_u8(rng, images_u8):
+  """A fixed stochastic binarization as uint8 0/255 (e.g. of the test set once)."""
+  return (binarize(rng, images_u8) * 255).astype(jnp.uint8)
+
+
 def make_train_epoch(
   vae: VAE,
   tx,
@@ -40,8 +55,12 @@ def make_train_epoch(
   beta: float = 1.0,
   likelihood: str = "bernoulli",
   skip_nonfinite: bool = False,
+  binarization: str = "none",
 ):
   """Returns `train_epoch(state, images_u8, epoch) -> (state, metrics)`, jittable.
+
+  binarization "dynamic" trains on a fresh Bernoulli draw of every batch
+  (pixel = 1 with probability its grey level); "none" on grey levels.
 
   Shuffles the device-resident uint8 images [N, 28, 28, 1] with a key folded
   from `epoch`, then scans the update over N // batch_size batches (the last
@@ -56,10 +75,17 @@ def make_train_epoch(
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if binarization not in BINARIZE:
+    raise ValueError(f"binarization must be one of {BINARIZE}, got {binarization!r}")
   shuffle_rng, step_rng = jax.random.split(base_rng)
 
-  def step(state: VAEState, x):
+  def step(state: VAEState, x_u8):
     rng = jax.random.fold_in(step_rng, state.step)
+    if binarization == "dynamic":
+      bin_rng, rng = jax.random.split(rng)
+      x = binarize(bin_rng, x_u8)
+    else:
+      x = to_unit(x_u8)
 
     def loss_fn(p):
       enc, dec = vae_fns(vae, p)
@@ -83,9 +109,7 @@ def make_train_epoch(
       raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
     perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, epoch), n)
     idx = perm[: steps * batch_size].reshape(steps, batch_size)
-    state, m = jax.lax.scan(
-      lambda s, i: step(s, to_unit(jnp.take(images_u8, i, axis=0))), state, idx
-    )
+    state, m = jax.lax.scan(lambda s, i: step(s, jnp.take(images_u8, i, axis=0)), state, idx)
     finite = m.pop("finite")
     out = {"nonfinite_steps": jnp.sum(~finite)}
     if skip_nonfinite:
