@@ -84,6 +84,14 @@ def build_parser(
     "run again with the same workdir to continue (not stored in config.json)",
   )
   p.add_argument(
+    "--compilation_cache",
+    default=None,
+    metavar="DIR",
+    help="persistent XLA compilation cache, so a restart (e.g. after preemption) does not "
+    "compile again; 'none' disables it (default: $JAX_COMPILATION_CACHE_DIR if set, else "
+    f"{default_compilation_cache()})",
+  )
+  p.add_argument(
     "--preset",
     choices=sorted(presets),
     default=None,
@@ -279,6 +287,26 @@ def restore_hint(config, workdir: str) -> str:
   return f" (this run changes {', '.join(diff)} from {path})" if diff else ""
 
 
+def default_compilation_cache() -> str:
+  return os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax", "xla_cache")
+
+
+def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
+  """Points JAX's persistent compilation cache at `directory` ("none": off;
+  None: $JAX_COMPILATION_CACHE_DIR if set, else the default); returns it."""
+  import jax
+
+  if directory is None:
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache()
+  if directory.lower() == "none":
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  jax.config.update("jax_enable_compilation_cache", True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return directory
+
+
 class RunArgs(typing.NamedTuple):
   config: Any
   preset: str
@@ -331,6 +359,7 @@ def resolve_config(
     preset = args.preset or "default"
     config = dataclasses.replace(preset_config(config_cls, presets, args.preset), **explicit)
   check_values(config)
+  use_compilation_cache(args.compilation_cache)
   return RunArgs(config, preset, workdir, args.stop_after)
 
 
