@@ -28,7 +28,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from experiments.cli import UsageError
+from experiments.errors import UsageError
+from experiments.files import atomic_path, read_json, write_json_atomic
 
 
 class CheckpointError(UsageError):
@@ -88,7 +89,6 @@ def _file_hashes(folder: str) -> dict:
 
 def write_manifest(folder: str) -> None:
   """Records the hashes of a complete step folder (atomically)."""
-  from experiments.files import atomic_path
 
   hashes = _file_hashes(folder)
   with atomic_path(os.path.join(folder, MANIFEST), ".json.tmp") as tmp:
@@ -274,6 +274,23 @@ class Checkpointer:
       remove_temporary_folders(self.directory)
 
 
+def restore_hint(config, workdir: str) -> str:
+  """For checkpoint errors: ' (this run changes a, b from W/config.json)', or ''."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    stored = read_json(path)
+  except (OSError, ValueError):
+    return ""
+  if not isinstance(stored, dict):
+    return ""
+  diff = [
+    f.name
+    for f in dataclasses.fields(config)
+    if f.name in stored and stored[f.name] != getattr(config, f.name)
+  ]
+  return f" (this run changes {', '.join(diff)} from {path})" if diff else ""
+
+
 def resume_or_init(
   ckpt: Checkpointer,
   init,
@@ -288,7 +305,6 @@ def resume_or_init(
   checkpoint readable, is `workdir/config.json` rewritten with `config`, so a
   refused run leaves the workdir as it was. A run asking for fewer than
   `total_steps` steps than the checkpoint holds is refused (UsageError)."""
-  from experiments import cli
 
   latest = ckpt.latest_step()
   if latest is not None and total_steps is not None and latest > total_steps:
@@ -298,10 +314,10 @@ def resume_or_init(
       "workdir"
     )
   if latest is not None:
-    state = ckpt.restore(jax.eval_shape(init), latest, hint=cli.restore_hint(config, workdir))
+    state = ckpt.restore(jax.eval_shape(init), latest, hint=restore_hint(config, workdir))
   else:
     state = init()
-  cli.write_json_atomic(
+  write_json_atomic(
     os.path.join(workdir, "config.json"), {"preset": preset, **dataclasses.asdict(config)}
   )
   return state, latest

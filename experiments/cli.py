@@ -19,16 +19,21 @@ import tempfile
 import typing
 from typing import Any, Optional
 
-from experiments.files import atomic_path
+from experiments.checkpoints import close_all_quietly
+from experiments.data import DataError
+from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
+  EXIT_DIVERGED,
+  EXIT_INTERNAL,
+  EXIT_IO,
+  EXIT_USAGE,
+  UsageError,
+)
+from experiments.files import atomic_path, read_json, write_json_atomic  # noqa: F401
 
 
 def flag(default, text: str):
   """A config dataclass field with its `--help` text."""
   return dataclasses.field(default=default, metadata={"help": text})
-
-
-class UsageError(ValueError):
-  """Bad flags or configuration; the job prints the message and exits 2."""
 
 
 def _parse_bool(s: str) -> bool:
@@ -172,20 +177,6 @@ def prepare_workdir(workdir: str) -> None:
     os.fsync(f.fileno())
 
 
-def read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  with atomic_path(path, ".json.tmp") as tmp:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write("\n")
-      f.flush()
-      os.fsync(f.fileno())
-
-
 def stored_fields(workdir: str) -> dict:
   """The parsed `workdir/config.json`; UsageError when missing or unreadable."""
   path = os.path.join(workdir, "config.json")
@@ -268,23 +259,6 @@ def load_config(config_cls, workdir: str) -> tuple:
     )
   check_values(config)
   return config, preset
-
-
-def restore_hint(config, workdir: str) -> str:
-  """For checkpoint errors: ' (this run changes a, b from W/config.json)', or ''."""
-  path = os.path.join(workdir, "config.json")
-  try:
-    stored = read_json(path)
-  except (OSError, ValueError):
-    return ""
-  if not isinstance(stored, dict):
-    return ""
-  diff = [
-    f.name
-    for f in dataclasses.fields(config)
-    if f.name in stored and stored[f.name] != getattr(config, f.name)
-  ]
-  return f" (this run changes {', '.join(diff)} from {path})" if diff else ""
 
 
 def default_compilation_cache() -> str:
@@ -426,9 +400,6 @@ class MetricsLog:
     return out
 
 
-EXIT_INTERNAL, EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 1, 2, 3, 4
-
-
 def silence_background_threads() -> None:
   """On an error exit: no log records or thread tracebacks from Orbax's and
   TensorStore's writer threads, which would bury the one-line message."""
@@ -455,9 +426,6 @@ def run_main(fn, argv=None) -> int:
   other exception: one line naming it, exit 1; `--debug` anywhere in argv
   shows its traceback instead.
   """
-
-  from experiments.checkpoints import close_all_quietly
-  from experiments.data import DataError
 
   prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
   argv = list(sys.argv[1:] if argv is None else argv)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import ddpm_jax as dj
 import vae_jax as vj
-from experiments import cli, mnist_ddpm, mnist_vae, plotting
+from experiments import cli, ddpm_setup, plotting, vae_setup
 from experiments.data import ARRAYS_SHA256, default_cache_dir, load_mnist
 from experiments.files import atomic_path
 from sample_quality import classifier as clf
@@ -167,7 +167,7 @@ def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -
 def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, batch: int):
   """The job's jitted sampler (split over devices when the batch allows)."""
   config = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
-  return mnist_ddpm.make_sampler(config, model, schedule, (batch, 28, 28, 1))
+  return ddpm_setup.make_sampler(config, model, schedule, (batch, 28, 28, 1))
 
 
 # ------------------------------------------------------------------------ table
@@ -233,7 +233,7 @@ def build_parser():
   p.add_argument("--workdir", required=True, help="a DDPM or VAE run's workdir")
   p.add_argument(
     "--sampler",
-    choices=mnist_ddpm.SAMPLERS,
+    choices=ddpm_setup.SAMPLERS,
     default=None,
     help="DDPM runs: ancestral (ddpm), ddim or dpm (DPM-Solver++ 2M; default: the run's sampler)",
   )
@@ -242,7 +242,7 @@ def build_parser():
     type=int,
     default=None,
     help="DDPM runs: sampler steps (default: T for ddpm, the run's "
-    f"--sample_steps or {mnist_ddpm.DDIM_DEFAULT_STEPS} for ddim)",
+    f"--sample_steps or {ddpm_setup.DDIM_DEFAULT_STEPS} for ddim)",
   )
   p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's)")
   p.add_argument("--num_samples", type=int, default=10000, help="images to draw and score")
@@ -263,7 +263,7 @@ def build_parser():
   )
   p.add_argument(
     "--sweep_samplers",
-    default=",".join(mnist_ddpm.SAMPLERS),
+    default=",".join(ddpm_setup.SAMPLERS),
     help="samplers of the sweep (default: all)",
   )
   p.add_argument(
@@ -313,9 +313,9 @@ def main(argv=None) -> None:
     )
   sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
   for x in sweep_samplers:
-    if x not in mnist_ddpm.SAMPLERS:
+    if x not in ddpm_setup.SAMPLERS:
       raise cli.UsageError(
-        f"--sweep_samplers: unknown sampler {x!r}; choose from {mnist_ddpm.SAMPLERS}"
+        f"--sweep_samplers: unknown sampler {x!r}; choose from {ddpm_setup.SAMPLERS}"
       )
   scales = parse_list(a.guidance, "--guidance", float, 0) if a.guidance else None
   if a.vlb_num_images < 1:
@@ -327,7 +327,7 @@ def main(argv=None) -> None:
       "--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM runs only"
     )
   if kind == "ddpm":
-    config, _ = cli.load_config(mnist_ddpm.Config, workdir)
+    config, _ = cli.load_config(ddpm_setup.Config, workdir)
     T = config.timesteps
     sampler = a.sampler or config.sampler
     eta = config.eta if a.eta is None else a.eta
@@ -336,8 +336,8 @@ def main(argv=None) -> None:
       if a.steps is not None
       else {
         "ddpm": T,
-        "ddim": config.sample_steps or mnist_ddpm.DDIM_DEFAULT_STEPS,
-        "dpm": config.sample_steps or mnist_ddpm.DPM_DEFAULT_STEPS,
+        "ddim": config.sample_steps or ddpm_setup.DDIM_DEFAULT_STEPS,
+        "dpm": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
       }[sampler]
     )
     if scales and not config.conditional:
@@ -379,7 +379,7 @@ def main(argv=None) -> None:
     return {name: metrics, **baseline_metrics(n)}
 
   if kind == "vae":
-    c, vae, params, step = mnist_vae.load_trained(workdir)
+    c, vae, params, step = vae_setup.load_trained(workdir)
     fn = jax.jit(lambda p, r: vj.sample_prior(vj.vae_fns(vae, p)[1], r, batch, c.latent_dim))
     imgs, spi = draw(fn, params, rng, a.num_samples, batch, "VAE samples")
     imgs = to_uint8(imgs, (0.0, 1.0))
@@ -397,7 +397,7 @@ def main(argv=None) -> None:
     )
     return
 
-  config, model, schedule, params, step = mnist_ddpm.load_trained(workdir)
+  config, model, schedule, params, step = ddpm_setup.load_trained(workdir)
 
   if not a.skip_main:
     fn = ddpm_sampler(config, model, schedule, sampler, steps, eta, batch)
@@ -438,7 +438,7 @@ def main(argv=None) -> None:
           f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}",
           file=sys.stderr,
         )
-    order = {name: i for i, name in enumerate(mnist_ddpm.SAMPLERS)}
+    order = {name: i for i, name in enumerate(ddpm_setup.SAMPLERS)}
     rows.sort(key=lambda r: (order[r["sampler"]], r["steps"]))
     record = {**_meta("ddpm", workdir, step, n), "sweep": rows, "baselines": baseline_metrics(n)}
     cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
@@ -464,8 +464,8 @@ def main(argv=None) -> None:
     print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
 
   if scales:
-    n_per = max(1, -(-a.num_samples // mnist_ddpm.NUM_CLASSES))
-    n = n_per * mnist_ddpm.NUM_CLASSES
+    n_per = max(1, -(-a.num_samples // ddpm_setup.NUM_CLASSES))
+    n = n_per * ddpm_setup.NUM_CLASSES
     rows, grids = [], []
     gconfig = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
     for w in scales:
@@ -476,10 +476,10 @@ def main(argv=None) -> None:
       m = evaluate_images(net, ref, imgs, a.seed)
       _, probs = net.embed(imgs)
       pred = probs.argmax(axis=1)
-      per_class = [float(np.mean(pred[labels == k] == k)) for k in range(mnist_ddpm.NUM_CLASSES)]
+      per_class = [float(np.mean(pred[labels == k] == k)) for k in range(ddpm_setup.NUM_CLASSES)]
       sure = probs.max(axis=1) >= qm.READABLE_THRESHOLD
       per_class_readable = [
-        float(np.mean(sure[labels == k])) for k in range(mnist_ddpm.NUM_CLASSES)
+        float(np.mean(sure[labels == k])) for k in range(ddpm_setup.NUM_CLASSES)
       ]
       m.update(
         guidance_scale=w,
@@ -520,11 +520,11 @@ def earlier_sweep_rows(path: str, step: int, rerun: list) -> list:
 def draw_classes(config, model, schedule, params, scale: float, n_per: int, batch: int, rng):
   """n_per samples of each digit with classifier-free guidance `scale`:
   (images [10 n_per, ...], labels [10 n_per], seconds per image)."""
-  labels = np.repeat(np.arange(mnist_ddpm.NUM_CLASSES, dtype=np.int32), n_per)
+  labels = np.repeat(np.arange(ddpm_setup.NUM_CLASSES, dtype=np.int32), n_per)
   b = min(batch, labels.size)
   pad = -labels.size % b
   padded = np.concatenate([labels, labels[:pad]])
-  fn = mnist_ddpm.make_sampler(
+  fn = ddpm_setup.make_sampler(
     config, model, schedule, (b, 28, 28, 1), labels=padded[:b], guidance_scale=scale
   )
   compiled = fn.lower(params, rng, padded[:b]).compile()
@@ -556,7 +556,7 @@ def vlb_eval(
   )
   totals, priors, terms = [], [], []
   for i in tqdm(range(0, n, batch), desc="VLB", unit="batch", file=sys.stderr, dynamic_ncols=True):
-    x = mnist_ddpm.to_float(test_images[i : min(i + batch, n)])
+    x = ddpm_setup.to_float(test_images[i : min(i + batch, n)])
     out = fn(params, x, jax.random.fold_in(rng, i))
     totals.append(np.asarray(out["total"], np.float64))
     priors.append(np.asarray(out["prior"], np.float64))

@@ -19,7 +19,7 @@ import sys
 import jax
 
 import ddpm_jax as dj
-from experiments import cli, mnist_ddpm
+from experiments import cli, ddpm_setup
 
 
 def quality(workdir: str) -> dict:
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
   p.add_argument("--best_guidance_scale", type=float, required=True)
   p.add_argument("--notes", default="")
   a = p.parse_args(argv)
-  config, model, schedule, params, step = mnist_ddpm.load_trained(a.workdir)
+  config, model, schedule, params, step = ddpm_setup.load_trained(a.workdir)
   if not config.conditional:
     raise cli.UsageError("the pretrained model must be class-conditional (--conditional true)")
   history = cli.MetricsLog.read(

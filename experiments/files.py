@@ -1,10 +1,13 @@
-"""Atomic file writes: a temporary file in the target folder, renamed into place."""
+"""Atomic file writes (a temporary file in the target folder, renamed into place)
+and JSON files written that way."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -27,29 +30,15 @@ def atomic_path(path: str, suffix: str = ".tmp"):
       os.remove(tmp)
 
 
-class Preemption:
-  """Context manager: while active, SIGTERM sets `requested` instead of killing
-  the process, so a training loop can checkpoint and leave (preemptible VMs
-  send SIGTERM before they stop). The previous handler comes back on exit."""
+def read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
 
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __enter__(self):
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    import signal
-
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
+def write_json_atomic(path: str, obj: Any) -> None:
+  with atomic_path(path, ".json.tmp") as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+      f.flush()
+      os.fsync(f.fileno())

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli, mnist_ddpm, plotting
+from experiments import cli, ddpm_setup, plotting
 from experiments.files import atomic_path
 
 
@@ -83,7 +83,7 @@ def load_model(a) -> tuple:
       raise cli.UsageError(str(e)) from None
     best = m.record.get("best_guidance_scale", 1.0)
     return m.model, m.params, m.schedule, m.parameterization, m.num_classes, best
-  config, model, schedule, params, _ = mnist_ddpm.load_trained(a.workdir)
+  config, model, schedule, params, _ = ddpm_setup.load_trained(a.workdir)
   return (
     model,
     params,
