@@ -19,6 +19,7 @@ import tempfile
 import typing
 from typing import Any, Optional
 
+from ddpm_jax.param_files import WeightsError
 from experiments.checkpoints import close_all_quietly
 from experiments.data import DataError
 from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
@@ -420,9 +421,10 @@ def run_main(fn, argv=None) -> int:
   """Runs fn(argv), turning the expected failures into one stderr line each.
 
   Exit 2: a UsageError (bad flags, config conflicts, unreadable checkpoints),
-  DataError or ValueError. Exit 3: a FloatingPointError (divergence; the job
-  has kept its last good checkpoint). Exit 4: an OSError (full or read-only
-  disk, permissions); the workdir keeps its last complete checkpoint. Any
+  DataError or WeightsError; a plain ValueError is a bug (exit 1). Exit 3: a
+  FloatingPointError (divergence; the job has kept its last good checkpoint).
+  Exit 4: an OSError (full or read-only disk, permissions); the workdir keeps
+  its last complete checkpoint. Any
   other exception: one line naming it, exit 1; `--debug` anywhere in argv
   shows its traceback instead.
   """
@@ -443,7 +445,7 @@ def run_main(fn, argv=None) -> int:
       raise
     finally:
       close_all_quietly()
-  except (UsageError, DataError, ValueError, FloatingPointError) as e:
+  except (UsageError, DataError, WeightsError, FloatingPointError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED if isinstance(e, FloatingPointError) else EXIT_USAGE
   except OSError as e:

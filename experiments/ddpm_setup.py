@@ -244,6 +244,12 @@ def validate(config: Config) -> None:
       1 <= config.sample_steps <= config.timesteps,
       f"--sample_steps must lie in [1, {config.timesteps}] (T), got {config.sample_steps}",
     )
+    try:  # the sampler's timesteps exist (e.g. quadratic spacing repeats for many steps)
+      dj.sampler_timesteps(
+        make_schedule(config), config.sampler, config.sample_steps, config.spacing
+      )
+    except ValueError as e:
+      raise cli.UsageError(f"--sample_steps {config.sample_steps}: {e}") from None
   need(
     config.compute_dtype in COMPUTE_DTYPES,
     f"--compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {config.compute_dtype!r}",
