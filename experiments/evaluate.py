@@ -297,10 +297,14 @@ def main(argv=None) -> None:
   for name in ("num_samples", "batch_size"):
     if getattr(a, name) < 1:
       raise cli.UsageError(f"--{name} must be >= 1, got {getattr(a, name)}")
-  if not 10 <= a.num_samples <= REFERENCE_SIZE:
+  if a.num_samples < 10:
     raise cli.UsageError(
-      f"--num_samples must lie in [10, {REFERENCE_SIZE}] (the metrics need a "
-      f"few; the reference set has {REFERENCE_SIZE}), got {a.num_samples}"
+      f"--num_samples must be >= 10 (the metrics need a few), got {a.num_samples}"
+    )
+  if a.num_samples > REFERENCE_SIZE:
+    raise cli.UsageError(
+      f"--num_samples must lie in [10, {REFERENCE_SIZE}] (the reference set has "
+      f"{REFERENCE_SIZE} images), got {a.num_samples}"
     )
   if a.steps is not None and a.steps < 1:
     raise cli.UsageError(f"--steps must be >= 1, got {a.steps}")

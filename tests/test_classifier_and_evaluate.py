@@ -1,5 +1,6 @@
 """The packaged MNIST feature network and `python -m experiments.evaluate`."""
 
+import dataclasses
 import json
 import os
 
@@ -160,7 +161,8 @@ def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
   ],
 )
 def test_evaluate_bad_flags(tmp_path, flags, match):
-  (tmp_path / "config.json").write_text(json.dumps({"preset": "smoke", "timesteps": 100}))
+  config = dict(dataclasses.asdict(mnist_ddpm.Config()), preset="smoke", timesteps=100)
+  (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(evaluate.cli.UsageError, match=match):
     evaluate.main(["--workdir", str(tmp_path), *flags])
 
