@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m experiments.mnist_vae` with the smoke preset."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -76,9 +77,10 @@ def test_bad_values_and_conflicting_preset(tmp_path):
   assert p.returncode == 2 and "--latent_dim must be >= 1, got 0" in p.stderr
   assert "Traceback" not in p.stderr
   # A workdir holding a smoke run refuses --preset better, naming the fields.
+  smoke = {"epochs": 1, "batch_size": 500, "iwae_k": 8, "eval_examples": 200}
   cli.write_json_atomic(
     str(tmp_path / "w" / "config.json"),
-    {"preset": "smoke", "epochs": 1, "batch_size": 500, "iwae_k": 8, "eval_examples": 200},
+    {**dataclasses.asdict(mnist_vae.Config()), "preset": "smoke", **smoke},
   )
   p = job("--preset", "better")
   assert p.returncode == 2 and "differs in" in p.stderr and "hidden" in p.stderr, p.stderr
