@@ -29,7 +29,7 @@ from ddpm_jax.unet import make_model
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # name -> (weights file, sha256 of the parameters' contents, see `param_files.params_sha256`)
 REGISTRY = {
-  "mnist": ("mnist_cond.npz", "c5df83d5c8239bfb8b5953b0002cabb89f3b5163450f51687664d2dd19c7c34f"),
+  "mnist": ("mnist_cond.npz", "ae44b0500084939bead8e27789d6757081db1657863292a2586b465bfcc55ec9"),
 }
 
 
