@@ -230,7 +230,18 @@ def parse_list(text: str, flag: str, kind=int, low=1) -> list:
 
 def build_parser():
   p = cli._Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", required=True, help="a DDPM or VAE run's workdir")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a DDPM or VAE run's workdir (results go to W/eval/)")
+  src.add_argument(
+    "--pretrained",
+    choices=sorted(dj.pretrained.REGISTRY),
+    help="a model that ships with the package (results go to --out)",
+  )
+  p.add_argument(
+    "--out",
+    default=None,
+    help="with --pretrained: output folder (default: runs/eval_pretrained_<name>)",
+  )
   p.add_argument(
     "--sampler",
     choices=ddpm_setup.SAMPLERS,
@@ -292,8 +303,19 @@ def build_parser():
 
 def main(argv=None) -> None:
   a = build_parser().parse_args(argv)
-  workdir = os.path.abspath(a.workdir)
-  kind = run_kind(workdir)
+  pretrained = None
+  if a.pretrained:
+    try:
+      pretrained = dj.load_pretrained(a.pretrained)
+    except dj.param_files.WeightsError as e:
+      raise cli.UsageError(str(e)) from None
+    workdir = os.path.abspath(a.out or os.path.join("runs", f"eval_pretrained_{a.pretrained}"))
+    kind = "ddpm"
+  else:
+    if a.out:
+      raise cli.UsageError("--out applies with --pretrained; a workdir's results go to W/eval/")
+    workdir = os.path.abspath(a.workdir)
+    kind = run_kind(workdir)
   for name in ("num_samples", "batch_size"):
     if getattr(a, name) < 1:
       raise cli.UsageError(f"--{name} must be >= 1, got {getattr(a, name)}")
@@ -331,7 +353,10 @@ def main(argv=None) -> None:
       "--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM runs only"
     )
   if kind == "ddpm":
-    config, _ = cli.load_config(ddpm_setup.Config, workdir)
+    if pretrained is not None:
+      config = ddpm_setup.Config(**pretrained.record["config"])
+    else:
+      config, _ = cli.load_config(ddpm_setup.Config, workdir)
     T = config.timesteps
     sampler = a.sampler or config.sampler
     eta = config.eta if a.eta is None else a.eta
@@ -356,7 +381,7 @@ def main(argv=None) -> None:
           else f"step count {s} must be >= 1"
         )
   batch = min(a.batch_size, a.num_samples)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = workdir if pretrained is not None else os.path.join(workdir, "eval")
 
   mnist = load_mnist()
   net = FeatureNet()
@@ -401,7 +426,11 @@ def main(argv=None) -> None:
     )
     return
 
-  config, model, schedule, params, step = ddpm_setup.load_trained(workdir)
+  if pretrained is not None:
+    model, schedule, params = pretrained.model, pretrained.schedule, pretrained.params
+    step = pretrained.record["steps"]
+  else:
+    config, model, schedule, params, step = ddpm_setup.load_trained(workdir)
 
   if not a.skip_main:
     fn = ddpm_sampler(config, model, schedule, sampler, steps, eta, batch)

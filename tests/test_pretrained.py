@@ -1,5 +1,6 @@
 """The shipped pretrained MNIST model and `python -m experiments.sample`."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -125,3 +126,28 @@ def test_sample_job_bad_flags_one_line_exit_2(tmp_path, args, match):
   lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
   assert len(lines) == 1 and match in lines[0], r.stderr
   assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_scores_the_pretrained_model(tmp_path):
+  from experiments import evaluate
+
+  evaluate.main(
+    [
+      "--pretrained",
+      "mnist",
+      "--out",
+      str(tmp_path),
+      "--skip_main",
+      "--guidance",
+      "2",
+      "--sampler",
+      "dpm",
+      "--steps",
+      "5",
+      "--num_samples",
+      "20",
+    ]
+  )
+  rec = json.loads((tmp_path / "guidance_n20.json").read_text())
+  (row,) = rec["rows"]
+  assert row["guidance_scale"] == 2 and row["accuracy"] >= 0.8 and 0 <= row["readable"] <= 1
