@@ -106,7 +106,7 @@ PRESETS = {
   "quick": {
     "_doc": "half-width SimpleUNet with the time embedding in every block, v-prediction with "
     "Min-SNR-5 weighting, 3000 steps of batch 128 (6.4 epochs), ancestral sampling over 100 "
-    "respaced steps; ~15 minutes on 2 CPU cores",
+    "respaced steps; 11-13 minutes of training on 2 CPU cores",
     "model": "simple_half_emb",
     "batch_size": 128,
     "steps": 3000,
