@@ -22,10 +22,10 @@ import ddpm_jax as dj
 from experiments import cli, ddpm_setup
 
 
-def quality(workdir: str) -> dict:
-  """The evaluation records of W/eval/ (guidance sweeps and sampler sweeps)."""
+def quality(eval_dir: str) -> dict:
+  """The evaluation records in eval_dir (guidance sweeps and sampler sweeps)."""
   out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "eval", "*.json"))):
+  for path in sorted(glob.glob(os.path.join(eval_dir, "*.json"))):
     rec = cli.read_json(path)
     keep = {k: rec[k] for k in ("checkpoint_step", "num_samples", "reference_readable") if k in rec}
     for key in ("rows", "sweep", "results", "baselines"):
@@ -42,6 +42,11 @@ def main(argv=None) -> None:
   p.add_argument("--command", required=True, help="the training command, for the record")
   p.add_argument("--best_guidance_scale", type=float, required=True)
   p.add_argument("--notes", default="")
+  p.add_argument(
+    "--eval_dir",
+    default=None,
+    help="evaluation JSONs to record (default: W/eval; e.g. the --out of `evaluate --pretrained`)",
+  )
   a = p.parse_args(argv)
   config, model, schedule, params, step = ddpm_setup.load_trained(a.workdir)
   if not config.conditional:
@@ -73,7 +78,7 @@ def main(argv=None) -> None:
     "jax": jax.__version__,
     "device": jax.devices()[0].device_kind,
     "notes": a.notes,
-    "quality": quality(a.workdir),
+    "quality": quality(a.eval_dir or os.path.join(a.workdir, "eval")),
   }
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
     json.dump(record, f, indent=1)
