@@ -42,6 +42,7 @@ from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   weight_options,
 )
 from experiments.preemption import Preemption
+from experiments.tensorboard_log import TensorBoardLog
 
 
 def train_and_evaluate(
@@ -132,10 +133,12 @@ def train_and_evaluate(
 
   def save_samples(step, name, title):
     imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
+    tb.image("samples", imgs, step, nrow)
     plotting.save_grid(
       imgs, os.path.join(workdir, name), nrow=nrow, title=title.replace("(EMA", f"({what}EMA")
     )
 
+  tb = TensorBoardLog(workdir, resumed_step=latest)
   metrics = cli.MetricsLog(
     os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=latest if latest is not None else None
   )
@@ -208,6 +211,7 @@ def train_and_evaluate(
             "time": time.time(),
           }
           metrics.write(record)
+          tb.scalars(step, record)
           pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
           loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
         if step % config.checkpoint_every_steps == 0 and step < total_steps:
@@ -228,6 +232,7 @@ def train_and_evaluate(
     if end_step < total_steps:
       if last_saved != step:
         ckpt.save(step, jax.device_get(state))
+      tb.close()
       ckpt.close()
       if preemption.requested:
         print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
@@ -243,6 +248,7 @@ def train_and_evaluate(
     def leave_if_preempted(stage):
       """SIGTERM after the last step: the final checkpoint is complete; stop here."""
       if preemption.requested:
+        tb.close()
         ckpt.close()
         print(
           f"SIGTERM {stage}: the final checkpoint (step {total_steps}) is complete; run "
@@ -300,6 +306,7 @@ def train_and_evaluate(
         f"outputs in {workdir}",
         file=sys.stderr,
       )
+    tb.close()
     ckpt.close()
     return state
 

@@ -25,6 +25,7 @@ from experiments import cli, plotting
 from experiments.checkpoints import Checkpointer, resume_or_init
 from experiments.data import load_mnist
 from experiments.preemption import Preemption
+from experiments.tensorboard_log import TensorBoardLog
 from experiments.vae_setup import (  # noqa: F401  (re-exported for callers)
   PRESETS,
   TEST_BINARIZATION_SEED,
@@ -35,9 +36,12 @@ from experiments.vae_setup import (  # noqa: F401  (re-exported for callers)
 )
 
 
-def save_pictures(c: Config, vae, params, test_images, test_labels, workdir, rng):
+def save_pictures(c: Config, vae, params, test_images, test_labels, workdir, rng, step: int):
   enc, dec = vj.vae_fns(vae, params)
   samples = jax.jit(lambda r: vj.sample_prior(dec, r, 64, c.latent_dim))(rng)
+  tb = TensorBoardLog(workdir, resumed_step=step)
+  tb.image("samples", np.asarray(samples), step, 8, value_range=(0, 1))
+  tb.close()
   plotting.save_grid(
     np.asarray(samples),
     os.path.join(workdir, "samples.png"),
@@ -130,6 +134,7 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
     os.path.join(workdir, "metrics.jsonl"),
     keep_up_to_step=int(state.step) if latest is not None else None,
   )
+  tb = TensorBoardLog(workdir, resumed_step=int(state.step) if latest is not None else None)
   end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, epoch + stop_after_epochs)
   pbar = tqdm(
     total=c.epochs, initial=epoch, desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True
@@ -167,6 +172,7 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
           "time": time.time(),
         }
         metrics.write(record)
+        tb.scalars(int(state.step), record)
         host_state = jax.device_get(state)
         ckpt.save(int(state.step), host_state)
         best.save(int(state.step), host_state, metrics={"test_loss": tm["loss"]})
@@ -180,6 +186,7 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
         )
     finally:
       pbar.close()
+  tb.close()
   ckpt.close()
   best.close()
   if preemption.requested and epoch < c.epochs:
@@ -206,7 +213,9 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
     ylabel="negative ELBO (nats / image)",
     title="VAE learning curves",
   )
-  save_pictures(c, vae, state.params, test_images, mnist.test_labels, workdir, pic_rng)
+  save_pictures(
+    c, vae, state.params, test_images, mnist.test_labels, workdir, pic_rng, int(state.step)
+  )
 
   n = c.eval_examples
   t0 = time.perf_counter()
