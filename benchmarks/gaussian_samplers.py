@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import ddpm_jax as dj
+from experiments import runtime
 
 MU, SD = 0.5, 0.3
 
@@ -70,4 +71,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # as the jobs do: huge pages for XLA's buffers
   main()

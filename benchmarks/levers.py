@@ -110,4 +110,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+  runtime.reexec_with_hugepages()  # as the jobs do: huge pages for XLA's buffers
   main()

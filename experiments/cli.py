@@ -20,6 +20,7 @@ import typing
 from typing import Any, Optional
 
 from ddpm_jax.param_files import WeightsError
+from experiments import runtime
 from experiments.checkpoints import close_all_quietly
 from experiments.data import DataError
 from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
@@ -472,5 +473,7 @@ def run_main(fn, argv=None) -> int:
 
 
 def exit_main(fn) -> None:
-  """`sys.exit(run_main(fn))`, for a job's `__main__`."""
+  """A job's `__main__`: restart once with huge pages (runtime.py), then
+  `sys.exit(run_main(fn))`."""
+  runtime.reexec_with_hugepages()
   sys.exit(run_main(fn))

@@ -729,4 +729,4 @@ def plot_sweep(rows: list, base: dict, path: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run_main(main))
+  cli.exit_main(main)

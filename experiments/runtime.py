@@ -12,7 +12,8 @@ for transparent huge pages, which cuts the faults 50x. Measured by
 
 Tunables are read only when a process starts. So `python -m experiments.X`
 and `python -m benchmarks.X` restart themselves once, with the tunable set,
-before they import JAX. Set DDPM_JAX_HUGEPAGES=0 to opt out. For your own
+from their `__main__` blocks (`cli.exit_main`), before JAX runs anything;
+importing the packages does nothing. Set DDPM_JAX_HUGEPAGES=0 to opt out. For your own
 scripts, export the variable yourself:
 
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py
@@ -82,13 +83,15 @@ def hugepages_env(
 def reexec_with_hugepages() -> None:
   """Restarts `python -m <module> ...` with `TUNABLE` set, where it helps.
 
-  A no-op except while a `python -m` launch is importing its package: then
-  sys.argv[0] is "-m" and nothing of JAX has run yet. The new process has the
-  same PID, arguments and environment, plus the tunable. It does not restart
+  For a `python -m` launch's `__main__` block, before JAX has run anything
+  (imports are fine: no backend is initialised at import). A no-op in any
+  other process. The new process has the same PID, arguments and
+  environment, plus the tunable. It does not restart
   again, because the tunable is then set. Errors leave this process running
   as it is.
   """
-  if sys.argv[:1] != ["-m"] or not getattr(sys, "orig_argv", None):
+  orig = getattr(sys, "orig_argv", None)
+  if not orig or "-m" not in orig[1:]:
     return
   env = hugepages_env(os.environ, glibc_version(), thp_mode())
   if env is None:

@@ -133,4 +133,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(cli.run_main(main))
+  cli.exit_main(main)
