@@ -14,22 +14,11 @@ from __future__ import annotations
 import argparse
 
 import jax
-import jax.numpy as jnp
 
 import ddpm_jax as dj
 from experiments import runtime
 
 MU, SD = 0.5, 0.3
-
-
-def gaussian_eps_fn(schedule):
-  """E[eps | x_t] when x0 ~ N(MU, SD^2) independently per pixel."""
-
-  def eps_fn(x, t):
-    ab = dj.extract(schedule.alphas_cumprod, t, x.shape)
-    return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * SD**2 + 1 - ab)
-
-  return eps_fn
 
 
 def _sd(fn, n: int) -> float:
@@ -50,7 +39,7 @@ def main(argv=None) -> None:
   p.add_argument("--samplers", default=None, help="comma-separated names (default: all)")
   a = p.parse_args(argv)
   s = dj.make_schedule(a.schedule, a.timesteps)
-  eps_fn = gaussian_eps_fn(s)
+  eps_fn = dj.gaussian_eps_fn(s, MU, SD)
   shape, rng = (4000, 2, 2, 1), jax.random.key(11)
   samplers = {
     "ddpm": lambda n: dj.sample(eps_fn, s, rng, shape, "ddpm", n, variance="beta_tilde"),

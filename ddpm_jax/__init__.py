@@ -5,7 +5,15 @@ training step. Everything is a pure function or a Flax module holding only
 parameters; samplers take a plain `eps_fn(x_t, t)`.
 """
 
-from ddpm_jax import guidance, likelihood, parallel, param_files, parameterization, pretrained
+from ddpm_jax import (
+  eps_fns,
+  guidance,
+  likelihood,
+  parallel,
+  param_files,
+  parameterization,
+  pretrained,
+)
 from ddpm_jax.diffusion import (
   extract,
   p_mean_from_eps,
@@ -14,16 +22,15 @@ from ddpm_jax.diffusion import (
   q_posterior_mean_variance,
   q_sample,
 )
+from ddpm_jax.eps_fns import eps_fn_from_model, gaussian_eps_fn, model_cond_eps_fn, model_eps_fn
 from ddpm_jax.guidance import (
   classifier_free_eps_fn,
   classifier_grad_log_p,
   classifier_guidance_eps_fn,
-  drop_labels,
-  model_cond_eps_fn,
 )
 from ddpm_jax.layers import Conv, ConvTranspose2x, conv_gemm, conv_transpose_2x, timestep_embedding
 from ddpm_jax.losses import diffusion_loss, eps_loss
-from ddpm_jax.parameterization import eps_fn_from_model, loss_weight, snr
+from ddpm_jax.parameterization import loss_weight, snr
 from ddpm_jax.pretrained import Pretrained, load_pretrained
 from ddpm_jax.samplers import (
   SAMPLERS,
@@ -39,11 +46,11 @@ from ddpm_jax.schedules import Schedule, make_schedule, schedule_from_betas
 from ddpm_jax.train import (
   TrainState,
   create_train_state,
+  drop_labels,
   ema_update,
   learning_rate_schedule,
   make_optimizer,
   make_train_step,
-  model_eps_fn,
 )
 from ddpm_jax.unet import PRESETS, SimpleUNet, UNet, make_model
 
@@ -93,6 +100,8 @@ __all__ = [
   "timestep_embedding",
   "trajectory_timesteps",
   "Pretrained",
+  "eps_fns",
+  "gaussian_eps_fn",
   "SAMPLERS",
   "load_pretrained",
   "param_files",

@@ -3,7 +3,7 @@ that any sampler takes, so guidance composes with DDPM, DDIM and DPM-Solver.
 
 * Classifier-free guidance (Ho & Salimans 2022): a class-conditional network
   trained with its label replaced by a null label with probability p
-  (`drop_labels`) is evaluated with and without the label, and
+  (`train.drop_labels`) is evaluated with and without the label, and
   eps = eps(x_t, t, null) + w (eps(x_t, t, y) - eps(x_t, t, null)).
   w = 0 is the unconditional model, w = 1 the conditional one, w > 1 trades
   diversity for fidelity to the class.
@@ -25,34 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import extract
-from ddpm_jax.parameterization import eps_fn_from_model
+from ddpm_jax.eps_fns import CondEpsFn, model_cond_eps_fn  # noqa: F401  (re-exported)
 from ddpm_jax.schedules import Schedule
 
 # cond_eps_fn(x_t [B,H,W,C], t [B], y [B] int) -> eps [B,H,W,C]
-CondEpsFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Scale = Union[float, jnp.ndarray]
-
-
-def drop_labels(rng: jax.Array, labels: jnp.ndarray, num_classes: int, p: float) -> jnp.ndarray:
-  """labels [B] with each entry replaced by the null label `num_classes`
-  with probability p (independently), for classifier-free guidance training."""
-  labels = jnp.asarray(labels)
-  if p == 0:
-    return labels
-  drop = jax.random.bernoulli(rng, p, labels.shape)
-  return jnp.where(drop, num_classes, labels).astype(labels.dtype)
-
-
-def model_cond_eps_fn(
-  model, params, schedule: Schedule, parameterization: str = "eps"
-) -> CondEpsFn:
-  """A class-conditional U-Net (eps, x0 or v prediction) as `cond_eps_fn(x_t, t, y)`."""
-
-  def cond_eps_fn(x_t, t, y):
-    model_fn = lambda x, s: model.apply({"params": params}, x, s, y=y)
-    return eps_fn_from_model(model_fn, schedule, parameterization)(x_t, t)
-
-  return cond_eps_fn
 
 
 def classifier_free_eps_fn(

@@ -14,8 +14,6 @@ Shapes: x_t, predictions and targets are [B, ...]; t is [B] int; weights [B].
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import extract
@@ -25,7 +23,8 @@ PARAMETERIZATIONS = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr", "p2")
 
 
-def _check(parameterization: str) -> None:
+def check_parameterization(parameterization: str) -> None:
+  """ValueError unless parameterization is one of PARAMETERIZATIONS."""
   if parameterization not in PARAMETERIZATIONS:
     raise ValueError(
       f"unknown parameterization {parameterization!r}; expected one of {PARAMETERIZATIONS}"
@@ -47,7 +46,7 @@ def snr(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
 
 def to_eps(schedule: Schedule, x_t, t, pred, parameterization: str):
   """The eps implied by a prediction of the given kind."""
-  _check(parameterization)
+  check_parameterization(parameterization)
   if parameterization == "eps":
     return pred
   a, s = _a_s(schedule, t, x_t.shape)
@@ -58,7 +57,7 @@ def to_eps(schedule: Schedule, x_t, t, pred, parameterization: str):
 
 def to_x0(schedule: Schedule, x_t, t, pred, parameterization: str):
   """The x0 implied by a prediction of the given kind."""
-  _check(parameterization)
+  check_parameterization(parameterization)
   if parameterization == "x0":
     return pred
   a, s = _a_s(schedule, t, x_t.shape)
@@ -69,7 +68,7 @@ def to_x0(schedule: Schedule, x_t, t, pred, parameterization: str):
 
 def to_v(schedule: Schedule, x_t, t, pred, parameterization: str):
   """The v implied by a prediction of the given kind."""
-  _check(parameterization)
+  check_parameterization(parameterization)
   if parameterization == "v":
     return pred
   a, s = _a_s(schedule, t, x_t.shape)
@@ -80,27 +79,13 @@ def to_v(schedule: Schedule, x_t, t, pred, parameterization: str):
 
 def target(schedule: Schedule, x0, t, noise, parameterization: str):
   """The regression target for a network of the given kind at x_t = q_sample(x0, t, noise)."""
-  _check(parameterization)
+  check_parameterization(parameterization)
   if parameterization == "eps":
     return noise
   if parameterization == "x0":
     return x0
   a, s = _a_s(schedule, t, x0.shape)
   return a * noise - s * x0
-
-
-def eps_fn_from_model(model_fn: Callable, schedule: Schedule, parameterization: str) -> Callable:
-  """Wraps `model_fn(x_t, t)`, which predicts eps, x0 or v, into the
-  `eps_fn(x_t, t)` every sampler takes."""
-  _check(parameterization)
-  if parameterization == "eps":
-    return model_fn
-
-  def eps_fn(x_t, t):
-    pred = model_fn(x_t, t).astype(jnp.float32)
-    return to_eps(schedule, x_t.astype(jnp.float32), t, pred, parameterization)
-
-  return eps_fn
 
 
 def loss_weight(
@@ -127,7 +112,7 @@ def loss_weight(
   With loss_type "l1" the errors relate by the square roots of those factors
   (|eps err| = sqrt(SNR) |x0 err|), so the conversion uses them.
   """
-  _check(parameterization)
+  check_parameterization(parameterization)
   if loss_type not in ("mse", "l1"):
     raise ValueError(f"unknown loss_type {loss_type!r}; expected 'mse' or 'l1'")
   if weighting not in WEIGHTINGS:

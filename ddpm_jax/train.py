@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax.guidance import drop_labels
+from ddpm_jax.eps_fns import model_eps_fn  # noqa: F401  (re-exported)
 from ddpm_jax.losses import LOSS_TYPES, diffusion_loss
 from ddpm_jax.parameterization import loss_weight
 from ddpm_jax.schedules import Schedule
@@ -129,19 +129,14 @@ def ema_decay_at(step, decay: float, warmup: bool = True):
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def model_eps_fn(
-  model: nn.Module, params, *, labels=None, train: bool = False, rng=None
-) -> Callable:
-  """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers.
-
-  labels: for a class-conditional U-Net, the class of each image [B] (the
-  null label `model.num_classes` for unconditional samples); None: the
-  unconditional net, or the null label for a conditional one. For
-  classifier-free guidance use `guidance.classifier_free_eps_fn`.
-  """
-  rngs = {"dropout": rng} if (train and rng is not None) else None
-  extra = {} if labels is None else {"y": labels}
-  return lambda x_t, t: model.apply({"params": params}, x_t, t, train=train, rngs=rngs, **extra)
+def drop_labels(rng: jax.Array, labels: jnp.ndarray, num_classes: int, p: float) -> jnp.ndarray:
+  """labels [B] with each entry replaced by the null label `num_classes`
+  with probability p (independently), for classifier-free guidance training."""
+  labels = jnp.asarray(labels)
+  if p == 0:
+    return labels
+  drop = jax.random.bernoulli(rng, p, labels.shape)
+  return jnp.where(drop, num_classes, labels).astype(labels.dtype)
 
 
 def make_train_step(

@@ -12,14 +12,7 @@ def toy_eps_fn(T):
   return lambda x, t: 0.3 * x * jnp.tanh(t.astype(jnp.float32) / T)[:, None, None, None]
 
 
-def gaussian_eps_fn(schedule, mu, sd):
-  """Exact E[eps | x_t] when x0 ~ N(mu, sd^2) independently per pixel."""
-
-  def eps_fn(x, t):
-    ab = dj.extract(schedule.alphas_cumprod, t, x.shape)
-    return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * mu) / (ab * sd**2 + 1 - ab)
-
-  return eps_fn
+gaussian_eps_fn = dj.gaussian_eps_fn  # exact E[eps | x_t] for N(mu, sd^2) data
 
 
 def test_ddpm_deterministic_for_fixed_key():
