@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from experiments.errors import UsageError
-from experiments.files import atomic_path, read_json, write_json_atomic
+from experiments.files import atomic_path, read_json, sha256_file, write_json_atomic
 
 
 class CheckpointError(UsageError):
@@ -79,11 +78,7 @@ def _file_hashes(folder: str) -> dict:
       rel = os.path.relpath(path, folder)
       if rel == MANIFEST:
         continue
-      h = hashlib.sha256()
-      with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-          h.update(block)
-      out[rel] = h.hexdigest()
+      out[rel] = sha256_file(path)
   return out
 
 

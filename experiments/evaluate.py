@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from tqdm import tqdm
 import ddpm_jax as dj
 import vae_jax as vj
 from experiments import cli, ddpm_setup, plotting, vae_setup
-from experiments.data import ARRAYS_SHA256, default_cache_dir, load_mnist
+from experiments.data import ARRAYS_SHA256, arrays_sha256, default_cache_dir, load_mnist
 from experiments.files import atomic_path
 from sample_quality import classifier as clf
 from sample_quality import metrics as qm
@@ -73,13 +72,6 @@ class FeatureNet:
     return np.asarray(feats, np.float64), np.asarray(jax.nn.softmax(logits), np.float64)
 
 
-def _array_sha256(a: np.ndarray) -> str:
-  """sha256 over dtype, shape and bytes (the same bytes as another dtype differ)."""
-  h = hashlib.sha256(f"{a.dtype.str}:{a.shape};".encode())
-  h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
-
-
 def reference_features(
   net: FeatureNet, test_images: np.ndarray, cache_dir: Optional[str] = None
 ) -> np.ndarray:
@@ -97,7 +89,7 @@ def reference_features(
         feats, digest = z["features"], str(z["sha256"])
       if feats.shape != (test_images.shape[0], clf.FEATURE_DIM):
         problem = f"shape {feats.shape}"
-      elif _array_sha256(feats) != digest:
+      elif arrays_sha256([feats]) != digest:
         problem = "contents differ from their sha256"
     except Exception as e:  # zip, npz or key errors alike
       problem = f"{type(e).__name__}: {e}"
@@ -107,7 +99,7 @@ def reference_features(
   feats, _ = net.embed(test_images)
   with atomic_path(path, ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
-      np.savez(f, features=feats, sha256=np.array(_array_sha256(feats)))
+      np.savez(f, features=feats, sha256=np.array(arrays_sha256([feats])))
   return feats
 
 

@@ -4,6 +4,7 @@ and JSON files written that way."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -42,3 +43,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
       f.write("\n")
       f.flush()
       os.fsync(f.fileno())
+
+
+def sha256_file(path: str) -> str:
+  """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
