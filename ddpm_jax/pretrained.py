@@ -29,7 +29,7 @@ from ddpm_jax.unet import make_model
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # name -> (weights file, sha256 of the parameters' contents, see `param_files.params_sha256`)
 REGISTRY = {
-  "mnist": ("mnist_cond.npz", "ae44b0500084939bead8e27789d6757081db1657863292a2586b465bfcc55ec9"),
+  "mnist": ("mnist_cond.npz", "759bb9e5b1ba98f8d90e1669822db052aba002d16e39092f2e275f116dea93a9"),
 }
 
 
