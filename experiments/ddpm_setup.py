@@ -99,6 +99,21 @@ DDIM_DEFAULT_STEPS = dj.samplers.DEFAULT_STEPS["ddim"]
 DPM_DEFAULT_STEPS = dj.samplers.DEFAULT_STEPS["dpm"]
 SAMPLERS = dj.SAMPLERS
 
+_QUICK = {
+  "batch_size": 128,
+  "steps": 3000,
+  "learning_rate": 2e-3,
+  "warmup_steps": 200,
+  "ema_decay": 0.999,
+  "parameterization": "v",
+  "loss_weighting": "min_snr",
+  "sampler": "ddpm",
+  "sample_steps": 100,
+  "sample_every_epochs": 2,
+  "checkpoint_every_steps": 500,
+  "log_every_steps": 50,
+}
+
 PRESETS = {
   "default": {
     "_doc": "the seed notebook (SimpleUNet, T=1000, batch 128, 30 epochs); meant for a GPU or TPU"
@@ -108,37 +123,15 @@ PRESETS = {
     "Min-SNR-5 weighting, 3000 steps of batch 128 (6.4 epochs), ancestral sampling over 100 "
     "respaced steps; 11-13 minutes of training on 2 CPU cores",
     "model": "simple_half_emb",
-    "batch_size": 128,
-    "steps": 3000,
-    "learning_rate": 2e-3,
-    "warmup_steps": 200,
-    "ema_decay": 0.999,
-    "parameterization": "v",
-    "loss_weighting": "min_snr",
-    "sampler": "ddpm",
-    "sample_steps": 100,
-    "sample_every_epochs": 2,
-    "checkpoint_every_steps": 500,
-    "log_every_steps": 50,
+    **_QUICK,
   },
   "quick_cond": {
     "_doc": "the quick recipe, class-conditional (label and time embedding in every block, "
     "label dropout 0.1); grids of each digit with classifier-free guidance 3",
     "model": "simple_half",
     "conditional": True,
-    "batch_size": 128,
-    "steps": 3000,
-    "learning_rate": 2e-3,
-    "warmup_steps": 200,
-    "ema_decay": 0.999,
-    "parameterization": "v",
-    "loss_weighting": "min_snr",
-    "sampler": "ddpm",
-    "sample_steps": 100,
     "guidance_scale": 3.0,
-    "sample_every_epochs": 2,
-    "checkpoint_every_steps": 500,
-    "log_every_steps": 50,
+    **_QUICK,
   },
   "smoke": {
     "_doc": "tiny model, a few steps, under a minute (tests)",
