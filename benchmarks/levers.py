@@ -23,7 +23,7 @@ CHILD = r"""
 import json, sys
 import jax
 from benchmarks.run import train_bench, forward_bench, matmul_peak
-from ddpm_jax import layers
+from nnbase import conv as layers
 gemm = sys.argv[1] == "1"; iters = int(sys.argv[2])
 for k, v in json.loads(sys.argv[3]).items():
   setattr(layers, k, v)
@@ -37,7 +37,7 @@ print(json.dumps({"train": t["images_per_sec"], "forward": f["images_per_sec"],
 _NO_WINOGRAD = {"WINOGRAD_MIN_CHANNELS": 10**9}
 _NO_CHUNKS = {"CHUNK_BYTES": 2**62}
 
-# (name, XLA flags, conv_gemm on, ddpm_jax.layers overrides)
+# (name, XLA flags, conv_gemm on, nnbase.conv overrides)
 LEVERS = [
   ("conv_gemm (default)", "", True, {}),
   ("XLA convolutions", "", False, {}),

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
+import nnbase
 import vae_jax as vj
 from benchmarks import torch_ref
 from experiments import runtime
@@ -147,7 +148,7 @@ def train_bench(
   return {
     "preset": preset,
     "batch": batch,
-    "gemm_conv": dj.layers.use_gemm_conv(gemm),
+    "gemm_conv": nnbase.conv.use_gemm_conv(gemm),
     "dtype": jnp.dtype(dtype).name,
     "images_per_sec": batch / dt,
     "step_ms": 1e3 * dt,
@@ -342,7 +343,7 @@ def main(argv=None) -> None:
   # The backend's default convolutions first, then the other kind for the seed net.
   cases = [(name, None, jnp.float32) for name in presets]
   if "simple" in presets:
-    cases.append(("simple", not dj.layers.use_gemm_conv(None), jnp.float32))
+    cases.append(("simple", not nnbase.conv.use_gemm_conv(None), jnp.float32))
   if a.bf16:
     cases += [(name, None, jnp.bfloat16) for name in presets]
   for name, gemm, dtype in cases:

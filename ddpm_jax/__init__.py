@@ -10,7 +10,6 @@ from ddpm_jax import (
   guidance,
   likelihood,
   parallel,
-  param_files,
   parameterization,
   pretrained,
 )
@@ -28,7 +27,6 @@ from ddpm_jax.guidance import (
   classifier_grad_log_p,
   classifier_guidance_eps_fn,
 )
-from ddpm_jax.layers import Conv, ConvTranspose2x, conv_gemm, conv_transpose_2x, timestep_embedding
 from ddpm_jax.losses import diffusion_loss, eps_loss
 from ddpm_jax.parameterization import loss_weight, snr
 from ddpm_jax.pretrained import Pretrained, load_pretrained
@@ -52,7 +50,9 @@ from ddpm_jax.train import (
   make_optimizer,
   make_train_step,
 )
-from ddpm_jax.unet import PRESETS, SimpleUNet, UNet, make_model
+from ddpm_jax.unet import PRESETS, SimpleUNet, UNet, make_model, timestep_embedding
+from nnbase import param_files  # re-exported: dj.param_files.WeightsError
+from nnbase.conv import Conv, ConvTranspose2x, conv_gemm, conv_transpose_2x
 
 __all__ = [
   "Conv",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ddpm_jax.diffusion import extract
+from ddpm_jax.diffusion import extract, predict_eps_from_x0, predict_x0_from_eps
 from ddpm_jax.schedules import Schedule
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -49,9 +49,9 @@ def to_eps(schedule: Schedule, x_t, t, pred, parameterization: str):
   check_parameterization(parameterization)
   if parameterization == "eps":
     return pred
-  a, s = _a_s(schedule, t, x_t.shape)
   if parameterization == "x0":
-    return (x_t - a * pred) / s
+    return predict_eps_from_x0(schedule, x_t, t, pred)
+  a, s = _a_s(schedule, t, x_t.shape)
   return s * x_t + a * pred
 
 
@@ -60,9 +60,9 @@ def to_x0(schedule: Schedule, x_t, t, pred, parameterization: str):
   check_parameterization(parameterization)
   if parameterization == "x0":
     return pred
-  a, s = _a_s(schedule, t, x_t.shape)
   if parameterization == "eps":
-    return (x_t - s * pred) / a
+    return predict_x0_from_eps(schedule, x_t, t, pred)
+  a, s = _a_s(schedule, t, x_t.shape)
   return a * x_t - s * pred
 
 

@@ -21,10 +21,10 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax import param_files
 from ddpm_jax.guidance import classifier_free_eps_fn, model_cond_eps_fn
 from ddpm_jax.schedules import Schedule, make_schedule
 from ddpm_jax.unet import make_model
+from nnbase import param_files
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
 # name -> (weights file, sha256 of the parameters' contents, see `param_files.params_sha256`)

@@ -13,12 +13,26 @@ Presets are `functools.partial`s; `make_model(name)` looks them up.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ddpm_jax.layers import Conv, ConvTranspose2x, timestep_embedding
+from nnbase.conv import Conv, ConvTranspose2x
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+  """Sinusoidal embedding of the seeds: [B] -> [B, dim], sin then cos halves.
+
+  Frequencies are exp(-log(max_period) * i / (half - 1)), i = 0..half-1.
+  """
+  if dim < 4 or dim % 2:
+    raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 def check_image_shape(shape, factor: int):

@@ -19,7 +19,6 @@ import tempfile
 import typing
 from typing import Any, Optional
 
-from ddpm_jax.param_files import WeightsError
 from experiments import runtime
 from experiments.checkpoints import close_all_quietly
 from experiments.data import DataError
@@ -31,6 +30,7 @@ from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
   UsageError,
 )
 from experiments.files import atomic_path, read_json, write_json_atomic  # noqa: F401
+from nnbase.param_files import WeightsError
 
 
 def flag(default, text: str):

@@ -18,6 +18,7 @@ import numpy as np
 import ddpm_jax as dj
 from experiments import cli
 from experiments.checkpoints import restore_latest
+from nnbase import pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +282,7 @@ def grid_labels(config: Config) -> np.ndarray:
   return np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), config.samples_per_class)
 
 
-def to_float(images_u8: jnp.ndarray) -> jnp.ndarray:
-  """uint8 [B, H, W, C] -> float32 in [-1, 1] (the seeds' Normalize(0.5, 0.5))."""
-  return images_u8.astype(jnp.float32) / 127.5 - 1.0
+to_float = pixels.u8_to_signed  # uint8 -> [-1, 1] (the seeds' Normalize(0.5, 0.5))
 
 
 def make_sampler(

@@ -38,7 +38,6 @@ import time
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ import vae_jax as vj
 from experiments import cli, ddpm_setup, plotting, vae_setup
 from experiments.data import ARRAYS_SHA256, arrays_sha256, default_cache_dir, load_mnist
 from experiments.files import atomic_path
+from nnbase import pixels
 from sample_quality import classifier as clf
 from sample_quality import metrics as qm
 
@@ -67,7 +67,7 @@ class FeatureNet:
     self._apply = clf.make_apply()
 
   def embed(self, images_u8: np.ndarray) -> tuple:
-    x = jnp.asarray(images_u8, jnp.float32) / 255.0
+    x = pixels.u8_to_unit(images_u8)
     logits, feats = self._apply(self.params, x)
     return np.asarray(feats, np.float64), np.asarray(jax.nn.softmax(logits), np.float64)
 
@@ -103,11 +103,7 @@ def reference_features(
   return feats
 
 
-def to_uint8(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
-  """Float images -> uint8 [N, 28, 28, 1], as if saved to PNG (clipped, rounded)."""
-  lo, hi = value_range
-  u = (np.asarray(images, np.float64) - lo) / (hi - lo)
-  return np.rint(np.clip(u, 0, 1) * 255).astype(np.uint8)
+to_uint8 = pixels.to_uint8
 
 
 # -------------------------------------------------------------------- baselines
@@ -154,6 +150,22 @@ def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -
     out.append(np.asarray(compiled(params, jax.random.fold_in(rng, i))))
   secs = time.perf_counter() - t0
   return np.concatenate(out)[:n], secs / (num_batches * batch_size)
+
+
+def sampler_overrides(config, a, sampler: str, steps: int):
+  """The run's config with --variance, --spacing and --temperature applied and checked."""
+  changes = {k: getattr(a, k) for k in ("variance", "spacing", "temperature")}
+  changes = {k: v for k, v in changes.items() if v is not None}
+  new = dataclasses.replace(config, **changes)
+  if changes:  # the job's checks name the bad flag (e.g. --temperature with dpm)
+    ddpm_setup.validate(dataclasses.replace(new, sampler=sampler, sample_steps=steps))
+  return new
+
+
+def sampler_suffix(a, sep: str) -> str:
+  """'' or e.g. '_beta_tilde_T0.9' naming the sampler flags that were given."""
+  parts = [a.variance, a.spacing, None if a.temperature is None else f"T{a.temperature:g}"]
+  return "".join(sep + p for p in parts if p)
 
 
 def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, batch: int):
@@ -248,6 +260,24 @@ def build_parser():
     f"--sample_steps or {ddpm_setup.DDIM_DEFAULT_STEPS} for ddim)",
   )
   p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the run's)")
+  p.add_argument(
+    "--variance",
+    choices=("beta", "beta_tilde"),
+    default=None,
+    help="ancestral (ddpm) variance (default: the run's)",
+  )
+  p.add_argument(
+    "--spacing",
+    default=None,
+    help="sampler timestep spacing: trailing, linspace, quadratic, or logsnr for dpm "
+    "(default: the run's, else the sampler's)",
+  )
+  p.add_argument(
+    "--temperature",
+    type=float,
+    default=None,
+    help="noise scale of the ddpm and ddim samplers (default: the run's)",
+  )
   p.add_argument("--num_samples", type=int, default=10000, help="images to draw and score")
   p.add_argument("--batch_size", type=int, default=500, help="images per compiled sampler call")
   p.add_argument("--seed", type=int, default=0, help="sampling and subset seed")
@@ -340,9 +370,11 @@ def main(argv=None) -> None:
     raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
   if a.skip_main and not (sweep or a.vlb or scales):
     raise cli.UsageError("--skip_main needs --sweep, --vlb or --guidance")
-  if kind == "vae" and (sweep or a.sampler or a.steps or a.vlb or scales):
+  ddpm_only = (sweep, a.sampler, a.steps, a.vlb, scales, a.variance, a.spacing, a.temperature)
+  if kind == "vae" and any(x is not None and x is not False for x in ddpm_only):
     raise cli.UsageError(
-      "--sampler, --steps, --sweep, --vlb and --guidance apply to DDPM runs only"
+      "--sampler, --steps, --sweep, --vlb, --guidance, --variance, --spacing and "
+      "--temperature apply to DDPM runs only"
     )
   if kind == "ddpm":
     if pretrained is not None:
@@ -361,6 +393,7 @@ def main(argv=None) -> None:
         "dpm": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
       }[sampler]
     )
+    config = sampler_overrides(config, a, sampler, steps)
     if scales and not config.conditional:
       raise cli.UsageError(
         f"--guidance needs a class-conditional run; {workdir} was trained without --conditional"
@@ -430,10 +463,10 @@ def main(argv=None) -> None:
     imgs = to_uint8(imgs)
     m = evaluate_images(net, ref, imgs, a.seed)
     m.update(seconds_per_image=spi, sampler=sampler, steps=steps, eta=eta)
-    name = f"DDPM {config.model} ({sampler}, {steps} steps)"
+    name = f"DDPM {config.model} ({sampler}, {steps} steps{sampler_suffix(a, ', ')})"
     report(
       out_dir,
-      f"{sampler}_{steps}steps_n{a.num_samples}",
+      f"{sampler}_{steps}steps{sampler_suffix(a, '_')}_n{a.num_samples}",
       {
         **_meta("ddpm", workdir, step, a.num_samples),
         "results": with_baselines(name, m, a.num_samples),
@@ -657,7 +690,7 @@ def plot_guidance(rows: list, grids: list, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   for ax, r, g in zip(axes[1:], rows, grids):
-    ax.imshow(plotting.tile(g.astype(np.float32) / 255.0, 10)[..., 0], cmap="gray")
+    ax.imshow(plotting.tile(pixels.to_unit(g, (0, 255)), 10)[..., 0], cmap="gray")
     ax.set_title(f"w = {r['guidance_scale']:g}: rows 0-9, FD {r['fd']:.1f}")
     ax.axis("off")
   fig.suptitle("Classifier-free guidance: do samples show the digit asked for?")
@@ -668,7 +701,7 @@ def plot_guidance(rows: list, grids: list, path: str) -> None:
 def report(out_dir: str, tag: str, record: dict, images_u8: np.ndarray) -> None:
   cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
   plotting.save_grid(
-    images_u8[:100].astype(np.float32) / 255.0,
+    pixels.to_unit(images_u8[:100], (0, 255)),
     os.path.join(out_dir, tag + ".png"),
     nrow=10,
     title=f"{tag}: first 100 samples",

@@ -16,7 +16,6 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 import ddpm_jax as dj
 from experiments import cli, plotting
@@ -41,7 +40,7 @@ from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   validate,
   weight_options,
 )
-from experiments.preemption import Preemption
+from experiments.runner import Action, Runner
 from experiments.tensorboard_log import TensorBoardLog
 
 
@@ -139,176 +138,127 @@ def train_and_evaluate(
     )
 
   tb = TensorBoardLog(workdir, resumed_step=latest)
-  metrics = cli.MetricsLog(
-    os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=latest if latest is not None else None
-  )
-  step = int(state.step)
-  last_saved = latest
-  end_step = total_steps if stop_after_steps is None else min(total_steps, step + stop_after_steps)
-  perm_epoch, perm = -1, None
-  loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
-  pending = []  # (step, finite flag on device) since the last check
-  skipped = 0
+  metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=latest)
+  epoch_perm_cache = {}
+  window = dict(loss=0.0, finite=0.0, steps=0, start=time.perf_counter())
 
-  def check_finite():
-    """Pulls the pending finite flags; raises (nothing saved) or counts skips."""
-    nonlocal skipped
-    if not pending:
-      return
-    flags = jax.device_get([f for _, f in pending])
-    bad = [s for (s, _), f in zip(pending, flags) if not f]
-    pending.clear()
-    if bad and not config.skip_nonfinite:
-      kept = f"step {last_saved}" if last_saved is not None else "none yet"
-      raise FloatingPointError(
-        f"non-finite loss or gradient at step {bad[0]}; stopped without saving it (last good "
-        f"checkpoint: {kept}). Lower --learning_rate, or pass --skip_nonfinite true to skip "
-        "such steps"
-      )
-    if bad:
-      skipped += len(bad)
-      tqdm.write(f"skipped {len(bad)} non-finite step(s), first at step {bad[0]}", file=sys.stderr)
+  def train_unit(step):
+    """Runs step `step + 1`; returns 1 when its loss or gradient was non-finite."""
+    nonlocal state
+    epoch = step // steps_per_epoch
+    if epoch not in epoch_perm_cache:
+      epoch_perm_cache.clear()
+      epoch_perm_cache[epoch] = epoch_perm(epoch)
+    state, m = step_fn(state, images, train_labels, epoch_perm_cache[epoch])
+    window["loss"] = window["loss"] + jnp.where(m["finite"] > 0, m["loss"], 0.0)
+    window["finite"] = window["finite"] + m["finite"]
+    window["steps"] += 1
+    window["grad_norm"] = m["grad_norm"]
+    return 1 - m["finite"]
 
-  pbar = tqdm(
+  def log(step):
+    n_finite = float(window["finite"])
+    loss = float(window["loss"]) / n_finite if n_finite else float("nan")
+    ips = window["steps"] * batch / (time.perf_counter() - window["start"])
+    record = {
+      "step": step,
+      "epoch": step / steps_per_epoch,
+      "loss": loss,
+      "grad_norm": float(window["grad_norm"]),
+      "learning_rate": float(lr_fn(step - 1)),
+      "images_per_sec": ips,
+      "skipped_steps": runner.skipped,
+      "time": time.time(),
+    }
+    metrics.write(record)
+    tb.scalars(step, record)
+    runner.pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
+    window.update(loss=0.0, finite=0.0, steps=0, start=time.perf_counter())
+
+  def epoch_samples(step):
+    e = step // steps_per_epoch
+    save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
+    window["start"] = time.perf_counter()  # keep sampling time out of img/s
+
+  runner = Runner(
+    position=int(state.step),
     total=total_steps,
-    initial=step,
-    desc="train",
     unit="step",
-    dynamic_ncols=True,
-    mininterval=2.0,
+    save=lambda step: ckpt.save(step, jax.device_get(state)),
+    checkpoint_every=config.checkpoint_every_steps,
+    actions=[
+      Action(config.log_every_steps, log, last=True),
+      Action(steps_per_epoch * config.sample_every_epochs, epoch_samples),
+    ],
+    stop_after=stop_after_steps,
+    skip_nonfinite=config.skip_nonfinite,
+    last_saved=latest,
+    on_close=[tb.close, ckpt.close],
+  )
+  with runner:
+    if not runner.run(train_unit):
+      return state
+    ckpt.wait()
+    final = (
+      f"the final checkpoint (step {total_steps}) is complete; run again to draw the final samples"
+    )
+    runner.leave_if_preempted("after the last training step", final)
+    final_pictures(
+      config, state, workdir, total_steps, save_samples, sample_rng, model, schedule, image_shape
+    )
+    runner.leave_if_preempted("while drawing the final samples", final)
+    runner.close()
+    return state
+
+
+def final_pictures(
+  config, state, workdir, total_steps, save_samples, sample_rng, model, schedule, image_shape
+):
+  """The final sample grid, the denoising trajectory and the loss curve."""
+  ts = sampler_timesteps(config)
+  t0 = time.perf_counter()
+  save_samples(
+    total_steps,
+    "samples_final.png",
+    f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)",
+  )
+  n_grid = len(grid_labels(config)) if config.conditional else config.num_samples
+  print(
+    f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s (compile included)",
     file=sys.stderr,
   )
-  with Preemption() as preemption:
-    try:
-      while step < end_step:
-        if preemption.requested:  # SIGTERM: checkpoint below and leave
-          end_step = step
-          break
-        epoch = step // steps_per_epoch
-        if epoch != perm_epoch:
-          perm, perm_epoch = epoch_perm(epoch), epoch
-        state, m = step_fn(state, images, train_labels, perm)
-        step += 1
-        pending.append((step, m["finite"]))
-        loss_sum = loss_sum + jnp.where(m["finite"] > 0, m["loss"], 0.0)
-        finite_steps = finite_steps + m["finite"]
-        window_steps += 1
-        pbar.update(1)
-        if step % config.log_every_steps == 0 or step == total_steps:
-          check_finite()
-          n_finite = float(finite_steps)
-          loss = float(loss_sum) / n_finite if n_finite else float("nan")
-          now = time.perf_counter()
-          ips = window_steps * batch / (now - window_start)
-          record = {
-            "step": step,
-            "epoch": step / steps_per_epoch,
-            "loss": loss,
-            "grad_norm": float(m["grad_norm"]),
-            "learning_rate": float(lr_fn(step - 1)),
-            "images_per_sec": ips,
-            "skipped_steps": skipped,
-            "time": time.time(),
-          }
-          metrics.write(record)
-          tb.scalars(step, record)
-          pbar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}")
-          loss_sum, finite_steps, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
-        if step % config.checkpoint_every_steps == 0 and step < total_steps:
-          check_finite()
-          ckpt.save(step, jax.device_get(state))
-          last_saved = step
-        if (
-          step % steps_per_epoch == 0
-          and (step // steps_per_epoch) % config.sample_every_epochs == 0
-        ):
-          e = step // steps_per_epoch
-          save_samples(step, f"samples_epoch_{e:03d}.png", f"epoch {e}, step {step} (EMA)")
-          window_start = time.perf_counter()  # keep sampling time out of img/s
-    finally:
-      pbar.close()
-
-    check_finite()
-    if end_step < total_steps:
-      if last_saved != step:
-        ckpt.save(step, jax.device_get(state))
-      tb.close()
-      ckpt.close()
-      if preemption.requested:
-        print(f"SIGTERM at step {step}: checkpoint saved; run again to resume", file=sys.stderr)
-        raise SystemExit(143)  # 128 + SIGTERM
-      print(
-        f"stopped at step {step} of {total_steps} as asked; run again to continue", file=sys.stderr
-      )
-      return state
-
-    if last_saved != total_steps:
-      ckpt.save(total_steps, jax.device_get(state))
-
-    def leave_if_preempted(stage):
-      """SIGTERM after the last step: the final checkpoint is complete; stop here."""
-      if preemption.requested:
-        tb.close()
-        ckpt.close()
-        print(
-          f"SIGTERM {stage}: the final checkpoint (step {total_steps}) is complete; run "
-          "again to draw the final samples",
-          file=sys.stderr,
-        )
-        raise SystemExit(143)
-
-    ckpt.wait()
-    leave_if_preempted("after the last training step")
-    ts = sampler_timesteps(config)
-    t0 = time.perf_counter()
-    save_samples(
-      total_steps,
-      "samples_final.png",
-      f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)",
+  every = max(1, len(ts) // 10)
+  traj_sample = make_sampler(
+    config,
+    model,
+    schedule,
+    (8,) + image_shape,
+    trajectory_every=every,
+    labels=np.arange(8, dtype=np.int32) if config.conditional else None,
+  )
+  _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
+  labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
+  labels[0] = f"x_T (t={ts[0]})"  # pure noise
+  plotting.save_strip(
+    np.asarray(frames),
+    labels,
+    os.path.join(workdir, "trajectory.png"),
+    title="Denoising trajectory: from noise to image",
+  )
+  history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
+  if history:
+    plotting.save_curves(
+      {"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
+      os.path.join(workdir, "loss_curve.png"),
+      ylabel=f"{config.loss} loss on {config.parameterization}"
+      + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
+      title="DDPM training loss",
+      logy=True,
     )
-    n_grid = len(digits) if config.conditional else config.num_samples
     print(
-      f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s (compile included)",
+      f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; outputs in {workdir}",
       file=sys.stderr,
     )
-    leave_if_preempted("while drawing the final samples")
-    every = max(1, len(ts) // 10)
-    traj_sample = make_sampler(
-      config,
-      model,
-      schedule,
-      (8,) + image_shape,
-      trajectory_every=every,
-      labels=np.arange(8, dtype=np.int32) if config.conditional else None,
-    )
-    _, frames = traj_sample(state.ema_params, jax.random.fold_in(sample_rng, total_steps + 1))
-    labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
-    labels[0] = f"x_T (t={ts[0]})"  # pure noise
-    plotting.save_strip(
-      np.asarray(frames),
-      labels,
-      os.path.join(workdir, "trajectory.png"),
-      title="Denoising trajectory: from noise to image",
-    )
-    leave_if_preempted("while drawing the trajectory")
-    history = cli.MetricsLog.read(os.path.join(workdir, "metrics.jsonl"), required=("loss",))
-    if history:
-      plotting.save_curves(
-        {"train loss": ([r["step"] for r in history], [r["loss"] for r in history])},
-        os.path.join(workdir, "loss_curve.png"),
-        ylabel=f"{config.loss} loss on {config.parameterization}"
-        + ("" if config.loss_weighting == "none" else f" ({config.loss_weighting})"),
-        title="DDPM training loss",
-        logy=True,
-      )
-      print(
-        f"done: step {total_steps}, last logged loss {history[-1]['loss']:.4f}; "
-        f"outputs in {workdir}",
-        file=sys.stderr,
-      )
-    tb.close()
-    ckpt.close()
-    return state
 
 
 def main(argv=None) -> None:

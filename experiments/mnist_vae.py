@@ -24,7 +24,7 @@ import vae_jax as vj
 from experiments import cli, plotting
 from experiments.checkpoints import Checkpointer, resume_or_init
 from experiments.data import load_mnist
-from experiments.preemption import Preemption
+from experiments.runner import Action, Runner
 from experiments.tensorboard_log import TensorBoardLog
 from experiments.vae_setup import (  # noqa: F401  (re-exported for callers)
   PRESETS,
@@ -130,73 +130,73 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
     donate_argnums=(0,),
   )
   evaluate = jax.jit(vj.make_evaluate(vae, likelihood=c.likelihood))
-  metrics = cli.MetricsLog(
-    os.path.join(workdir, "metrics.jsonl"),
-    keep_up_to_step=int(state.step) if latest is not None else None,
-  )
-  tb = TensorBoardLog(workdir, resumed_step=int(state.step) if latest is not None else None)
-  end_epoch = c.epochs if stop_after_epochs is None else min(c.epochs, epoch + stop_after_epochs)
-  pbar = tqdm(
-    total=c.epochs, initial=epoch, desc="train", unit="epoch", file=sys.stderr, dynamic_ncols=True
-  )
-  skipped = 0
-  with Preemption() as preemption:  # SIGTERM: finish the epoch, checkpoint, leave
-    try:
-      while epoch < end_epoch and not preemption.requested:
-        t0 = time.perf_counter()
-        state, m = train_epoch(state, train_images, epoch)
-        m = {k: float(v) for k, v in m.items()}
-        epoch_s = time.perf_counter() - t0
-        epoch += 1
-        if not np.isfinite(m["loss"]) or (m["nonfinite_steps"] and not c.skip_nonfinite):
-          kept = f"after epoch {epoch - 1}" if epoch > 1 else "none yet"
-          raise FloatingPointError(
-            f"non-finite loss or gradient in epoch {epoch} ({m['nonfinite_steps']:.0f} steps); "
-            f"stopped without saving it (last good checkpoint: {kept}). Lower "
-            "--learning_rate, or pass --skip_nonfinite true to skip such steps"
-          )
-        skipped += int(m["nonfinite_steps"])
-        # Fixed evaluation key: comparable across epochs and runs.
-        tm = {k: float(v) for k, v in evaluate(state.params, test_images, eval_rng).items()}
-        record = {
-          "epoch": epoch,
-          "step": int(state.step),
-          "train_loss": m["loss"],
-          "train_rec": m["rec"],
-          "train_kl": m["kl"],
-          "test_loss": tm["loss"],
-          "test_rec": tm["rec"],
-          "test_kl": tm["kl"],
-          "epoch_seconds": epoch_s,
-          "skipped_steps": int(m["nonfinite_steps"]),
-          "time": time.time(),
-        }
-        metrics.write(record)
-        tb.scalars(int(state.step), record)
-        host_state = jax.device_get(state)
-        ckpt.save(int(state.step), host_state)
-        best.save(int(state.step), host_state, metrics={"test_loss": tm["loss"]})
-        pbar.update(1)
-        pbar.set_postfix(train=f"{m['loss']:.2f}", test=f"{tm['loss']:.2f}", s=f"{epoch_s:.1f}")
-        tqdm.write(
-          f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})"
-          f"  test {tm['loss']:.2f}  {epoch_s:.1f}s"
-          + (f"  skipped {int(m['nonfinite_steps'])} steps" if m["nonfinite_steps"] else ""),
-          file=sys.stderr,
-        )
-    finally:
-      pbar.close()
-  tb.close()
-  ckpt.close()
-  best.close()
-  if preemption.requested and epoch < c.epochs:
-    print(f"SIGTERM: checkpoint after epoch {epoch} saved; run again to resume", file=sys.stderr)
-    raise SystemExit(143)  # 128 + SIGTERM
-  if epoch < c.epochs:
-    print(
-      f"stopped after epoch {epoch} of {c.epochs} as asked; run again to continue", file=sys.stderr
+  resumed = int(state.step) if latest is not None else None
+  metrics = cli.MetricsLog(os.path.join(workdir, "metrics.jsonl"), keep_up_to_step=resumed)
+  tb = TensorBoardLog(workdir, resumed_step=resumed)
+  last = {}  # the newest epoch's train metrics (device), time and test loss
+
+  def train_unit(epoch):
+    """Runs epoch `epoch + 1`; returns its number of non-finite steps (a
+    non-finite mean loss counts as at least one)."""
+    nonlocal state
+    t0 = time.perf_counter()
+    state, m = train_epoch(state, train_images, epoch)
+    m = jax.device_get(m)
+    last.update(train=m, seconds=time.perf_counter() - t0)
+    return max(int(m["nonfinite_steps"]), 0 if np.isfinite(m["loss"]) else 1)
+
+  def log(epoch):
+    m, epoch_s = {k: float(v) for k, v in last["train"].items()}, last["seconds"]
+    # Fixed evaluation key: comparable across epochs and runs.
+    tm = {k: float(v) for k, v in evaluate(state.params, test_images, eval_rng).items()}
+    last["test_loss"] = tm["loss"]
+    record = {
+      "epoch": epoch,
+      "step": int(state.step),
+      "train_loss": m["loss"],
+      "train_rec": m["rec"],
+      "train_kl": m["kl"],
+      "test_loss": tm["loss"],
+      "test_rec": tm["rec"],
+      "test_kl": tm["kl"],
+      "epoch_seconds": epoch_s,
+      "skipped_steps": int(m["nonfinite_steps"]),
+      "time": time.time(),
+    }
+    metrics.write(record)
+    tb.scalars(int(state.step), record)
+    runner.pbar.set_postfix(train=f"{m['loss']:.2f}", test=f"{tm['loss']:.2f}", s=f"{epoch_s:.1f}")
+    tqdm.write(
+      f"epoch {epoch:3d}  train {m['loss']:.2f} (rec {m['rec']:.2f} kl {m['kl']:.2f})"
+      f"  test {tm['loss']:.2f}  {epoch_s:.1f}s"
+      + (f"  skipped {int(m['nonfinite_steps'])} steps" if m["nonfinite_steps"] else ""),
+      file=sys.stderr,
     )
-    return {}
+
+  def save(epoch):
+    host_state = jax.device_get(state)
+    ckpt.save(int(host_state.step), host_state)
+    if "test_loss" in last:  # not on a SIGTERM before the epoch's evaluation
+      best.save(int(host_state.step), host_state, metrics={"test_loss": last["test_loss"]})
+
+  # SIGTERM: finish the epoch, checkpoint, leave.
+  runner = Runner(
+    position=epoch,
+    total=c.epochs,
+    unit="epoch",
+    save=save,
+    checkpoint_every=1,
+    actions=[Action(1, log)],
+    stop_after=stop_after_epochs,
+    skip_nonfinite=c.skip_nonfinite,
+    last_saved=epoch if latest is not None else None,
+    on_close=[tb.close, ckpt.close, best.close],
+  )
+  with runner:
+    if not runner.run(train_unit):
+      return {}
+  runner.close()
+  epoch = runner.position
 
   history = cli.MetricsLog.read(
     os.path.join(workdir, "metrics.jsonl"),

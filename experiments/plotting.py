@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.files import atomic_path  # noqa: E402
+from nnbase import pixels
 
 
 def atomic_savefig(fig, path: str, **kwargs) -> None:
@@ -22,9 +23,7 @@ def atomic_savefig(fig, path: str, **kwargs) -> None:
     plt.close(fig)
 
 
-def to_unit(images: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
-  lo, hi = value_range
-  return np.clip((np.asarray(images, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+to_unit = pixels.to_unit
 
 
 def tile(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import ddpm_jax as dj
 from experiments import cli, ddpm_setup, plotting
 from experiments.files import atomic_path
+from nnbase import pixels
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +143,7 @@ def main(argv=None) -> None:
     print(f"\rsampled {min((i + 1) * b, n)}/{n}", end="", file=sys.stderr, flush=True)
   print(file=sys.stderr)
   images = np.concatenate(out)[:n]
-  u8 = np.rint(np.clip((images + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8)
+  u8 = pixels.to_uint8(images)
   os.makedirs(a.out, exist_ok=True)
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
   steps = len(dj.sampler_timesteps(schedule, a.sampler, a.steps))
   ncol = 10 if a.digits is None else max(1, min(len(set(labels.tolist())), 16))
   plotting.save_grid(
-    u8[: min(n, 400)].astype(np.float32) / 255.0,
+    pixels.to_unit(u8[: min(n, 400)], (0, 255)),
     os.path.join(a.out, "grid.png"),
     nrow=ncol,
     value_range=(0, 1),

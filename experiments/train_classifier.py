@@ -26,6 +26,7 @@ from tqdm import tqdm
 from experiments import cli
 from experiments.data import load_mnist
 from experiments.files import atomic_path
+from nnbase import pixels
 from sample_quality import classifier as clf
 
 
@@ -39,7 +40,7 @@ def shift_batch(rng, images_u8, max_shift: int):
 
 
 def accuracy(apply, params, images_u8, labels) -> float:
-  logits, _ = apply(params, jnp.asarray(images_u8, jnp.float32) / 255.0)
+  logits, _ = apply(params, pixels.u8_to_unit(images_u8))
   return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(labels)))
 
 
@@ -66,7 +67,7 @@ def train(
     params, opt_state, i = carry
     rng = jax.random.fold_in(train_rng, i)
     shift_rng, drop_rng = jax.random.split(rng)
-    x = shift_batch(shift_rng, jnp.take(images, idx, axis=0), max_shift).astype(jnp.float32) / 255.0
+    x = pixels.u8_to_unit(shift_batch(shift_rng, jnp.take(images, idx, axis=0), max_shift))
     y = jnp.take(labels, idx)
 
     def loss_fn(p):

@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import param_files
-from ddpm_jax.layers import Conv
-from ddpm_jax.param_files import WeightsError, params_sha256, save_params  # noqa: F401
+from nnbase import param_files
+from nnbase.conv import Conv
+from nnbase.param_files import WeightsError, params_sha256, save_params  # noqa: F401
 
 WEIGHTS_PATH = os.path.join(os.path.dirname(__file__), "weights", "mnist_cnn.npz")
 # sha256 of the weights' contents (see `params_sha256`), written by

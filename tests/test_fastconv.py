@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import layers
-from ddpm_jax.layers import Conv, ConvTranspose2x
+from nnbase import conv as layers
+from nnbase.conv import Conv, ConvTranspose2x
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

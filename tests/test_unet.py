@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ddpm_jax as dj
-from ddpm_jax.layers import Conv, ConvTranspose2x
+from nnbase.conv import Conv, ConvTranspose2x
 
 
 def n_params(tree):
@@ -88,7 +88,7 @@ def test_bad_image_size_raises():
 @pytest.mark.parametrize("kernel,cin,cout", [((3, 3), 5, 4), ((1, 1), 5, 4), ((3, 3), 16, 24)])
 def test_fast_conv_matches_flax_conv(key, kernel, cin, cout):
   """im2col GEMMs for few channels, Winograd for a 3x3 with >= 16 (odd 9x7 size)."""
-  from ddpm_jax import layers
+  from nnbase import conv as layers
 
   w = jnp.zeros(kernel + (cin, cout))
   assert layers._is_winograd(w, ((1, 1), (1, 1)), (1, 1)) == (kernel == (3, 3) and cin == 16)
@@ -115,7 +115,7 @@ def test_fast_conv_strided_and_batch_chunked_matches_flax(
   """Strided convs (the even size takes the phase input gradient, the odd one
   XLA's), whole-batch and chunked (a small CHUNK_BYTES forces the scans); at
   stride 1 both the im2col and (forced for 3 channels) the Winograd paths."""
-  from ddpm_jax import layers
+  from nnbase import conv as layers
 
   if winograd:
     if strides != (1, 1):
@@ -137,7 +137,7 @@ def test_fast_conv_strided_and_batch_chunked_matches_flax(
 
 
 def test_wgrad_chunking_picks_divisors():
-  from ddpm_jax import layers
+  from nnbase import conv as layers
 
   assert layers._chunk_images(128, 784) == 2
   assert layers._chunk_images(128, 49) == 32
@@ -147,7 +147,7 @@ def test_wgrad_chunking_picks_divisors():
 
 @pytest.mark.parametrize("chunk_bytes", [None, 500])
 def test_conv_transpose_2x_matches_flax(key, chunk_bytes, monkeypatch):
-  from ddpm_jax import layers
+  from nnbase import conv as layers
 
   if chunk_bytes is not None:  # one image per chunk in every scan
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nnbase import pixels
 from vae_jax.models import VAE, init_vae, vae_fns
 from vae_jax.objectives import batch_loss, iwae_bound
 
@@ -26,9 +27,7 @@ def create_state(rng, vae: VAE, tx: optax.GradientTransformation, latent_dim: in
   return VAEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def to_unit(images_u8):
-  """uint8 [..., 28, 28, 1] -> float32 in [0, 1] (torchvision's ToTensor)."""
-  return images_u8.astype(jnp.float32) / 255.0
+to_unit = pixels.u8_to_unit  # uint8 -> [0, 1] (torchvision's ToTensor)
 
 
 BINARIZE = ("none", "dynamic")

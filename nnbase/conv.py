@@ -1,4 +1,4 @@
-"""Building blocks shared by the networks: fast convolutions and the time embedding.
+"""Fast convolutions for Flax on the CPU (used by ddpm_jax and sample_quality).
 
 `Conv` computes the same function as `flax.linen.Conv` (same parameter names
 and shapes) through `conv_gemm`: the forward pass, the input gradient and the
@@ -12,7 +12,6 @@ convolutions built on the same primitive.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -455,19 +454,6 @@ class Conv(nn.Module):
     fn = conv_gemm if use_gemm_conv(self.gemm_conv, x.shape[-1], self.features) else _conv
     y = fn(x, kernel, pads, tuple(self.strides))
     return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-
-
-def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
-  """Sinusoidal embedding of the seeds: [B] -> [B, dim], sin then cos halves.
-
-  Frequencies are exp(-log(max_period) * i / (half - 1)), i = 0..half-1.
-  """
-  if dim < 4 or dim % 2:
-    raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
 class ConvTranspose2x(nn.Module):
