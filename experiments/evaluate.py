@@ -323,21 +323,30 @@ def build_parser():
   return p
 
 
-def main(argv=None) -> None:
-  a = build_parser().parse_args(argv)
-  pretrained = None
-  if a.pretrained:
-    try:
-      pretrained = dj.load_pretrained(a.pretrained)
-    except dj.param_files.WeightsError as e:
-      raise cli.UsageError(str(e)) from None
-    workdir = os.path.abspath(a.out or os.path.join("runs", f"eval_pretrained_{a.pretrained}"))
-    kind = "ddpm"
-  else:
-    if a.out:
-      raise cli.UsageError("--out applies with --pretrained; a workdir's results go to W/eval/")
-    workdir = os.path.abspath(a.workdir)
-    kind = run_kind(workdir)
+@dataclasses.dataclass
+class Request:
+  """The checked command line: what to evaluate and how."""
+
+  a: argparse.Namespace
+  kind: str  # "ddpm" or "vae"
+  workdir: str
+  out_dir: str
+  pretrained: Optional[dj.Pretrained] = None
+  config: Optional[ddpm_setup.Config] = None  # DDPM runs, with the sampler flags applied
+  sampler: Optional[str] = None
+  steps: Optional[int] = None
+  eta: Optional[float] = None
+  sweep: Optional[list] = None
+  sweep_samplers: Optional[list] = None
+  scales: Optional[list] = None
+
+  @property
+  def batch(self) -> int:
+    return min(self.a.batch_size, self.a.num_samples)
+
+
+def check_counts(a) -> None:
+  """UsageError for sample, batch and step counts out of range."""
   for name in ("num_samples", "batch_size"):
     if getattr(a, name) < 1:
       raise cli.UsageError(f"--{name} must be >= 1, got {getattr(a, name)}")
@@ -354,214 +363,255 @@ def main(argv=None) -> None:
     raise cli.UsageError(f"--steps must be >= 1, got {a.steps}")
   if a.eta is not None and not 0 <= a.eta <= 1:
     raise cli.UsageError(f"--eta must lie in [0, 1], got {a.eta}")
-  sweep = parse_list(a.sweep, "--sweep") if a.sweep else None
   if a.sweep_num_samples is not None and not 10 <= a.sweep_num_samples <= REFERENCE_SIZE:
     raise cli.UsageError(
       f"--sweep_num_samples must lie in [10, {REFERENCE_SIZE}], got {a.sweep_num_samples}"
     )
-  sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
-  for x in sweep_samplers:
+  if a.vlb_num_images < 1:
+    raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
+
+
+def resolve_ddpm(r: Request) -> None:
+  """Fills the DDPM fields of r from its config and flags (UsageError on bad ones)."""
+  a = r.a
+  if r.pretrained is not None:
+    config = ddpm_setup.Config(**r.pretrained.record["config"])
+  else:
+    config, _ = cli.load_config(ddpm_setup.Config, r.workdir)
+  T = config.timesteps
+  r.sampler = a.sampler or config.sampler
+  r.eta = config.eta if a.eta is None else a.eta
+  default_steps = {
+    "ddpm": T,
+    "ddim": config.sample_steps or ddpm_setup.DDIM_DEFAULT_STEPS,
+    "dpm": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
+  }
+  r.steps = a.steps if a.steps is not None else default_steps[r.sampler]
+  r.config = sampler_overrides(config, a, r.sampler, r.steps)
+  if r.scales and not config.conditional:
+    raise cli.UsageError(
+      f"--guidance needs a class-conditional run; {r.workdir} was trained without --conditional"
+    )
+  for s in [r.steps] + (r.sweep or []):
+    if not 1 <= s <= T:
+      raise cli.UsageError(
+        f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
+        if s > T
+        else f"step count {s} must be >= 1"
+      )
+
+
+def parse_request(argv) -> Request:
+  """Parses and checks the flags; UsageError (exit 2) names the bad one."""
+  a = build_parser().parse_args(argv)
+  if a.pretrained:
+    try:
+      pretrained = dj.load_pretrained(a.pretrained)
+    except dj.param_files.WeightsError as e:
+      raise cli.UsageError(str(e)) from None
+    workdir = os.path.abspath(a.out or os.path.join("runs", f"eval_pretrained_{a.pretrained}"))
+    r = Request(a, "ddpm", workdir, workdir, pretrained=pretrained)
+  else:
+    if a.out:
+      raise cli.UsageError("--out applies with --pretrained; a workdir's results go to W/eval/")
+    workdir = os.path.abspath(a.workdir)
+    r = Request(a, run_kind(workdir), workdir, os.path.join(workdir, "eval"))
+  check_counts(a)
+  r.sweep = parse_list(a.sweep, "--sweep") if a.sweep else None
+  r.sweep_samplers = [x for x in a.sweep_samplers.split(",") if x]
+  for x in r.sweep_samplers:
     if x not in ddpm_setup.SAMPLERS:
       raise cli.UsageError(
         f"--sweep_samplers: unknown sampler {x!r}; choose from {ddpm_setup.SAMPLERS}"
       )
-  scales = parse_list(a.guidance, "--guidance", float, 0) if a.guidance else None
-  if a.vlb_num_images < 1:
-    raise cli.UsageError(f"--vlb_num_images must be >= 1, got {a.vlb_num_images}")
-  if a.skip_main and not (sweep or a.vlb or scales):
+  r.scales = parse_list(a.guidance, "--guidance", float, 0) if a.guidance else None
+  if a.skip_main and not (r.sweep or a.vlb or r.scales):
     raise cli.UsageError("--skip_main needs --sweep, --vlb or --guidance")
-  ddpm_only = (sweep, a.sampler, a.steps, a.vlb, scales, a.variance, a.spacing, a.temperature)
-  if kind == "vae" and any(x is not None and x is not False for x in ddpm_only):
+  ddpm_only = (r.sweep, a.sampler, a.steps, a.vlb, r.scales, a.variance, a.spacing, a.temperature)
+  if r.kind == "vae" and any(x is not None and x is not False for x in ddpm_only):
     raise cli.UsageError(
       "--sampler, --steps, --sweep, --vlb, --guidance, --variance, --spacing and "
       "--temperature apply to DDPM runs only"
     )
-  if kind == "ddpm":
-    if pretrained is not None:
-      config = ddpm_setup.Config(**pretrained.record["config"])
-    else:
-      config, _ = cli.load_config(ddpm_setup.Config, workdir)
-    T = config.timesteps
-    sampler = a.sampler or config.sampler
-    eta = config.eta if a.eta is None else a.eta
-    steps = (
-      a.steps
-      if a.steps is not None
-      else {
-        "ddpm": T,
-        "ddim": config.sample_steps or ddpm_setup.DDIM_DEFAULT_STEPS,
-        "dpm": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
-      }[sampler]
-    )
-    config = sampler_overrides(config, a, sampler, steps)
-    if scales and not config.conditional:
-      raise cli.UsageError(
-        f"--guidance needs a class-conditional run; {workdir} was trained without --conditional"
-      )
-    for s in [steps] + (sweep or []):
-      if not 1 <= s <= T:
-        raise cli.UsageError(
-          f"step count {s} is outside [1, {T}]: it exceeds the run's T = {T}"
-          if s > T
-          else f"step count {s} must be >= 1"
-        )
-  batch = min(a.batch_size, a.num_samples)
-  out_dir = workdir if pretrained is not None else os.path.join(workdir, "eval")
+  if r.kind == "ddpm":
+    resolve_ddpm(r)
+  return r
 
-  mnist = load_mnist()
-  net = FeatureNet()
-  ref = reference_features(net, mnist.test_images)
-  test_readable = qm.readable_fraction(net.embed(mnist.test_images)[1])
-  _TEST_READABLE["value"] = test_readable
-  print(
-    f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",
-    file=sys.stderr,
-  )
-  rng = jax.random.key(a.seed)
-  cache_baselines: dict = {}
 
-  def baseline_metrics(n):
-    """Metrics of the floor and ceilings with n images (computed once per n)."""
-    if n not in cache_baselines:
-      cache_baselines[n] = {
-        k: evaluate_images(net, ref, v, a.seed)
-        for k, v in baselines(mnist.train_images, n, a.seed).items()
-      }
-    return cache_baselines[n]
+class Scorer:
+  """The feature net, the reference features and the baselines (floor, ceilings) per n."""
 
-  def with_baselines(name, metrics, n):
-    return {name: metrics, **baseline_metrics(n)}
-
-  if kind == "vae":
-    c, vae, params, step = vae_setup.load_trained(workdir)
-    fn = jax.jit(lambda p, r: vj.sample_prior(vj.vae_fns(vae, p)[1], r, batch, c.latent_dim))
-    imgs, spi = draw(fn, params, rng, a.num_samples, batch, "VAE samples")
-    imgs = to_uint8(imgs, (0.0, 1.0))
-    name, tag = "VAE prior samples (Bernoulli means)", f"vae_prior_n{a.num_samples}"
-    m = evaluate_images(net, ref, imgs, a.seed)
-    m["seconds_per_image"] = spi
-    report(
-      out_dir,
-      tag,
-      {
-        **_meta("vae", workdir, step, a.num_samples),
-        "results": with_baselines(name, m, a.num_samples),
-      },
-      imgs,
-    )
-    return
-
-  if pretrained is not None:
-    model, schedule, params = pretrained.model, pretrained.schedule, pretrained.params
-    step = pretrained.record["steps"]
-  else:
-    config, model, schedule, params, step = ddpm_setup.load_trained(workdir)
-
-  if not a.skip_main:
-    fn = ddpm_sampler(config, model, schedule, sampler, steps, eta, batch)
-    imgs, spi = draw(fn, params, rng, a.num_samples, batch, f"{sampler} {steps} steps")
-    imgs = to_uint8(imgs)
-    m = evaluate_images(net, ref, imgs, a.seed)
-    m.update(seconds_per_image=spi, sampler=sampler, steps=steps, eta=eta)
-    name = f"DDPM {config.model} ({sampler}, {steps} steps{sampler_suffix(a, ', ')})"
-    report(
-      out_dir,
-      f"{sampler}_{steps}steps{sampler_suffix(a, '_')}_n{a.num_samples}",
-      {
-        **_meta("ddpm", workdir, step, a.num_samples),
-        "results": with_baselines(name, m, a.num_samples),
-      },
-      imgs,
-    )
-
-  if sweep:
-    n = a.sweep_num_samples or a.num_samples
-    b = min(batch, n)
-    tag = f"steps_sweep_n{n}"
-    rows = earlier_sweep_rows(os.path.join(out_dir, tag + ".json"), step, sweep_samplers)
-    for sampler_name in sweep_samplers:
-      for s in sweep:
-        fn = ddpm_sampler(config, model, schedule, sampler_name, s, 0.0, b)
-        imgs, spi = draw(fn, params, rng, n, b, f"sweep {sampler_name} {s} steps")
-        m = evaluate_images(net, ref, to_uint8(imgs), a.seed)
-        m.update(
-          sampler=sampler_name,
-          steps=s,
-          seconds_per_image=spi,
-          eta=0.0 if sampler_name == "ddim" else None,
-        )
-        rows.append(m)
-        tqdm.write(
-          f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
-          f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}",
-          file=sys.stderr,
-        )
-    order = {name: i for i, name in enumerate(ddpm_setup.SAMPLERS)}
-    rows.sort(key=lambda r: (order[r["sampler"]], r["steps"]))
-    record = {**_meta("ddpm", workdir, step, n), "sweep": rows, "baselines": baseline_metrics(n)}
-    cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
-    plot_sweep(rows, record["baselines"], os.path.join(out_dir, tag + ".png"), n)
-    print(format_sweep(rows))
-    print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
-
-  if a.vlb:
-    n = min(a.vlb_num_images, mnist.test_images.shape[0])
-    record = vlb_eval(
-      config, model, schedule, params, mnist.test_images, n, batch, jax.random.fold_in(rng, 7)
-    )
-    record = {**_meta("ddpm", workdir, step, n), **record}
-    tag = f"vlb_n{n}"
-    cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
-    plot_vlb(record, os.path.join(out_dir, tag + ".png"))
+  def __init__(self, seed: int):
+    self.seed = seed
+    self.mnist = load_mnist()
+    self.net = FeatureNet()
+    self.ref = reference_features(self.net, self.mnist.test_images)
+    test_readable = qm.readable_fraction(self.net.embed(self.mnist.test_images)[1])
+    _TEST_READABLE["value"] = test_readable
     print(
-      f"variational bound on {n} MNIST test images ({config.variance} variance): "
-      f"{record['bits_per_dim']:.3f} +- {record['bits_per_dim_stderr']:.3f} bits/dim "
-      f"({record['nats_per_image']:.1f} nats per image; prior term "
-      f"{record['prior_bits_per_dim']:.2g}, decoder {record['decoder_bits_per_dim']:.3f})"
+      f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",
+      file=sys.stderr,
     )
-    print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
+    self._baselines: dict = {}
 
-  if scales:
-    n_per = max(1, -(-a.num_samples // ddpm_setup.NUM_CLASSES))
-    n = n_per * ddpm_setup.NUM_CLASSES
-    rows, grids = [], []
-    gconfig = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
-    for w in scales:
-      imgs, labels, spi = draw_classes(
-        gconfig, model, schedule, params, w, n_per, batch, jax.random.fold_in(rng, 11)
-      )
-      imgs = to_uint8(imgs)
-      m = evaluate_images(net, ref, imgs, a.seed)
-      _, probs = net.embed(imgs)
-      pred = probs.argmax(axis=1)
-      per_class = [float(np.mean(pred[labels == k] == k)) for k in range(ddpm_setup.NUM_CLASSES)]
-      sure = probs.max(axis=1) >= qm.READABLE_THRESHOLD
-      per_class_readable = [
-        float(np.mean(sure[labels == k])) for k in range(ddpm_setup.NUM_CLASSES)
-      ]
-      m.update(
-        guidance_scale=w,
-        accuracy=float(np.mean(pred == labels)),
-        per_class_accuracy=per_class,
-        per_class_readable=per_class_readable,
-        readable_and_correct=float(np.mean(sure & (pred == labels))),
-        seconds_per_image=spi,
-        sampler=sampler,
-        steps=steps,
-      )
+  def score(self, images_u8: np.ndarray) -> dict:
+    return evaluate_images(self.net, self.ref, images_u8, self.seed)
+
+  def baselines(self, n: int) -> dict:
+    """Metrics of the floor and ceilings with n images (computed once per n)."""
+    if n not in self._baselines:
+      self._baselines[n] = {
+        k: self.score(v) for k, v in baselines(self.mnist.train_images, n, self.seed).items()
+      }
+    return self._baselines[n]
+
+  def with_baselines(self, name: str, metrics: dict, n: int) -> dict:
+    return {name: metrics, **self.baselines(n)}
+
+
+def eval_vae(r: Request, sc: Scorer, rng) -> None:
+  """Prior samples of a VAE run, scored."""
+  n, batch = r.a.num_samples, r.batch
+  c, vae, params, step = vae_setup.load_trained(r.workdir)
+  fn = jax.jit(lambda p, k: vj.sample_prior(vj.vae_fns(vae, p)[1], k, batch, c.latent_dim))
+  imgs, spi = draw(fn, params, rng, n, batch, "VAE samples")
+  imgs = to_uint8(imgs, (0.0, 1.0))
+  m = sc.score(imgs)
+  m["seconds_per_image"] = spi
+  name = "VAE prior samples (Bernoulli means)"
+  record = {**_meta("vae", r.workdir, step, n), "results": sc.with_baselines(name, m, n)}
+  report(r.out_dir, f"vae_prior_n{n}", record, imgs)
+
+
+def eval_main(r: Request, sc: Scorer, trained, rng) -> None:
+  """Samples of the configured sampler, scored."""
+  config, model, schedule, params, step = trained
+  a, n = r.a, r.a.num_samples
+  fn = ddpm_sampler(config, model, schedule, r.sampler, r.steps, r.eta, r.batch)
+  imgs, spi = draw(fn, params, rng, n, r.batch, f"{r.sampler} {r.steps} steps")
+  imgs = to_uint8(imgs)
+  m = sc.score(imgs)
+  m.update(seconds_per_image=spi, sampler=r.sampler, steps=r.steps, eta=r.eta)
+  name = f"DDPM {config.model} ({r.sampler}, {r.steps} steps{sampler_suffix(a, ', ')})"
+  record = {**_meta("ddpm", r.workdir, step, n), "results": sc.with_baselines(name, m, n)}
+  report(r.out_dir, f"{r.sampler}_{r.steps}steps{sampler_suffix(a, '_')}_n{n}", record, imgs)
+
+
+def eval_sweep(r: Request, sc: Scorer, trained, rng) -> None:
+  """Every sampler of --sweep_samplers at every step count of --sweep."""
+  config, model, schedule, params, step = trained
+  n = r.a.sweep_num_samples or r.a.num_samples
+  b = min(r.batch, n)
+  tag = f"steps_sweep_n{n}"
+  rows = earlier_sweep_rows(os.path.join(r.out_dir, tag + ".json"), step, r.sweep_samplers)
+  for sampler_name in r.sweep_samplers:
+    for s in r.sweep:
+      fn = ddpm_sampler(config, model, schedule, sampler_name, s, 0.0, b)
+      imgs, spi = draw(fn, params, rng, n, b, f"sweep {sampler_name} {s} steps")
+      m = sc.score(to_uint8(imgs))
+      eta = 0.0 if sampler_name == "ddim" else None
+      m.update(sampler=sampler_name, steps=s, seconds_per_image=spi, eta=eta)
       rows.append(m)
-      grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
       tqdm.write(
-        f"guidance {w:g}: accuracy {m['accuracy']:.3f}, readable {m['readable']:.3f}, "
-        f"FD-MNIST {m['fd']:.2f}",
+        f"{sampler_name:5s} {s:5d} steps: {spi * 1e3:8.1f} ms/image, "
+        f"FD-MNIST {m['fd']:.3f}, KID {m['kid']:.3g}",
         file=sys.stderr,
       )
-    tag = f"guidance_n{n}"
-    record = {**_meta("ddpm", workdir, step, n), "rows": rows, "baselines": baseline_metrics(n)}
-    cli.write_json_atomic(os.path.join(out_dir, tag + ".json"), record)
-    plot_guidance(rows, grids, os.path.join(out_dir, tag + ".png"))
-    print(format_guidance(rows))
-    print(f"written to {os.path.join(out_dir, tag)}.json and .png", file=sys.stderr)
+  order = {name: i for i, name in enumerate(ddpm_setup.SAMPLERS)}
+  rows.sort(key=lambda row: (order[row["sampler"]], row["steps"]))
+  record = {**_meta("ddpm", r.workdir, step, n), "sweep": rows, "baselines": sc.baselines(n)}
+  cli.write_json_atomic(os.path.join(r.out_dir, tag + ".json"), record)
+  plot_sweep(rows, record["baselines"], os.path.join(r.out_dir, tag + ".png"), n)
+  print(format_sweep(rows))
+  print(f"written to {os.path.join(r.out_dir, tag)}.json and .png", file=sys.stderr)
+
+
+def eval_vlb(r: Request, sc: Scorer, trained, rng) -> None:
+  """The variational bound in bits/dim on MNIST test images."""
+  config, model, schedule, params, step = trained
+  test_images = sc.mnist.test_images
+  n = min(r.a.vlb_num_images, test_images.shape[0])
+  record = vlb_eval(
+    config, model, schedule, params, test_images, n, r.batch, jax.random.fold_in(rng, 7)
+  )
+  record = {**_meta("ddpm", r.workdir, step, n), **record}
+  tag = f"vlb_n{n}"
+  cli.write_json_atomic(os.path.join(r.out_dir, tag + ".json"), record)
+  plot_vlb(record, os.path.join(r.out_dir, tag + ".png"))
+  print(
+    f"variational bound on {n} MNIST test images ({config.variance} variance): "
+    f"{record['bits_per_dim']:.3f} +- {record['bits_per_dim_stderr']:.3f} bits/dim "
+    f"({record['nats_per_image']:.1f} nats per image; prior term "
+    f"{record['prior_bits_per_dim']:.2g}, decoder {record['decoder_bits_per_dim']:.3f})"
+  )
+  print(f"written to {os.path.join(r.out_dir, tag)}.json and .png", file=sys.stderr)
+
+
+def class_scores(sc: Scorer, imgs: np.ndarray, labels: np.ndarray) -> dict:
+  """Accuracy on the asked digit and readable fraction, overall and per class."""
+  _, probs = sc.net.embed(imgs)
+  pred = probs.argmax(axis=1)
+  sure = probs.max(axis=1) >= qm.READABLE_THRESHOLD
+  classes = range(ddpm_setup.NUM_CLASSES)
+  return dict(
+    accuracy=float(np.mean(pred == labels)),
+    per_class_accuracy=[float(np.mean(pred[labels == k] == k)) for k in classes],
+    per_class_readable=[float(np.mean(sure[labels == k])) for k in classes],
+    readable_and_correct=float(np.mean(sure & (pred == labels))),
+  )
+
+
+def eval_guidance(r: Request, sc: Scorer, trained, rng) -> None:
+  """Samples of every digit at each guidance scale: accuracy, readable, FD."""
+  config, model, schedule, params, step = trained
+  n_per = max(1, -(-r.a.num_samples // ddpm_setup.NUM_CLASSES))
+  n = n_per * ddpm_setup.NUM_CLASSES
+  rows, grids = [], []
+  gconfig = dataclasses.replace(config, sampler=r.sampler, sample_steps=r.steps, eta=r.eta)
+  for w in r.scales:
+    imgs, labels, spi = draw_classes(
+      gconfig, model, schedule, params, w, n_per, r.batch, jax.random.fold_in(rng, 11)
+    )
+    imgs = to_uint8(imgs)
+    m = sc.score(imgs)
+    m.update(class_scores(sc, imgs, labels))
+    m.update(guidance_scale=w, seconds_per_image=spi, sampler=r.sampler, steps=r.steps)
+    rows.append(m)
+    grids.append(imgs[np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])])
+    tqdm.write(
+      f"guidance {w:g}: accuracy {m['accuracy']:.3f}, readable {m['readable']:.3f}, "
+      f"FD-MNIST {m['fd']:.2f}",
+      file=sys.stderr,
+    )
+  tag = f"guidance{sampler_suffix(r.a, '_')}_n{n}"
+  record = {**_meta("ddpm", r.workdir, step, n), "rows": rows, "baselines": sc.baselines(n)}
+  cli.write_json_atomic(os.path.join(r.out_dir, tag + ".json"), record)
+  plot_guidance(rows, grids, os.path.join(r.out_dir, tag + ".png"))
+  print(format_guidance(rows))
+  print(f"written to {os.path.join(r.out_dir, tag)}.json and .png", file=sys.stderr)
+
+
+def main(argv=None) -> None:
+  r = parse_request(argv)
+  sc = Scorer(r.a.seed)
+  rng = jax.random.key(r.a.seed)
+  if r.kind == "vae":
+    eval_vae(r, sc, rng)
+    return
+  if r.pretrained is not None:
+    p = r.pretrained
+    trained = (r.config, p.model, p.schedule, p.params, p.record["steps"])
+  else:
+    config, model, schedule, params, step = ddpm_setup.load_trained(r.workdir)
+    trained = (r.config, model, schedule, params, step)  # the config with the sampler flags
+  if not r.a.skip_main:
+    eval_main(r, sc, trained, rng)
+  if r.sweep:
+    eval_sweep(r, sc, trained, rng)
+  if r.a.vlb:
+    eval_vlb(r, sc, trained, rng)
+  if r.scales:
+    eval_guidance(r, sc, trained, rng)
 
 
 def earlier_sweep_rows(path: str, step: int, rerun: list) -> list:
