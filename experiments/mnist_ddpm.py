@@ -44,6 +44,55 @@ from experiments.runner import Action, Runner
 from experiments.tensorboard_log import TensorBoardLog
 
 
+def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_train: int):
+  """(step_fn(state, images, labels, perm) -> (state, metrics), epoch_perm(epoch) -> perm).
+
+  The uint8 images sit on every device; each step gathers its batch by the
+  epoch's permutation and shards it over the devices (data parallel)."""
+  mesh = dj.parallel.make_mesh()
+  rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
+  batch, steps_per_epoch = config.batch_size, n_train // config.batch_size
+  train_step = dj.make_train_step(
+    model,
+    schedule,
+    tx,
+    base_rng=train_rng,
+    ema_decay=config.ema_decay,
+    loss_type=config.loss,
+    skip_nonfinite=config.skip_nonfinite,
+    parameterization=config.parameterization,
+    weighting=config.loss_weighting,
+    weight_options=weight_options(config),
+    label_dropout=config.label_dropout,
+  )
+
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
+  def step_fn(state, images, labels, perm):
+    i = state.step % steps_per_epoch
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
+    x = jax.lax.with_sharding_constraint(to_float(jnp.take(images, idx, axis=0)), data)
+    if not config.conditional:
+      return train_step(state, x)
+    y = jax.lax.with_sharding_constraint(jnp.take(labels, idx, axis=0), data)
+    return train_step(state, (x, y))
+
+  @jax.jit
+  def epoch_perm(epoch):
+    return jax.random.permutation(jax.random.fold_in(data_rng, epoch), n_train).astype(jnp.int32)
+
+  return step_fn, epoch_perm
+
+
+def grid_sampler(config: Config, model, schedule, image_shape):
+  """(sample(params, rng) -> images, grid row length, title words) for the sample grids."""
+  if config.conditional:  # one row per digit
+    digits = grid_labels(config)
+    sample = make_sampler(config, model, schedule, (len(digits),) + image_shape, labels=digits)
+    return sample, config.samples_per_class, f"rows 0-9, guidance {config.guidance_scale:g}, "
+  sample = make_sampler(config, model, schedule, (config.num_samples,) + image_shape)
+  return sample, 8, ""
+
+
 def train_and_evaluate(
   config: Config, preset: str, workdir: str, stop_after_steps: Optional[int] = None
 ) -> dj.TrainState:
@@ -57,7 +106,7 @@ def train_and_evaluate(
   mnist = load_mnist()
   print(f"MNIST: {mnist.train_images.shape[0]} train images from {mnist.source}", file=sys.stderr)
   mesh = dj.parallel.make_mesh()  # data parallel over every device
-  rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
+  rep = dj.parallel.replicated(mesh)
   # uint8 on every device and shuffled there; each device gathers its slice of a batch.
   images = jax.device_put(mnist.train_images, rep)
   train_labels = jax.device_put(mnist.train_labels.astype(np.int32), rep)
@@ -91,44 +140,11 @@ def train_and_evaluate(
     file=sys.stderr,
   )
 
-  train_step = dj.make_train_step(
-    model,
-    schedule,
-    tx,
-    base_rng=train_rng,
-    ema_decay=config.ema_decay,
-    loss_type=config.loss,
-    skip_nonfinite=config.skip_nonfinite,
-    parameterization=config.parameterization,
-    weighting=config.loss_weighting,
-    weight_options=weight_options(config),
-    label_dropout=config.label_dropout,
-  )
+  step_fn, epoch_perm = make_step_fns(config, model, schedule, tx, train_rng, data_rng, n_train)
   lr_fn = dj.learning_rate_schedule(
     config.learning_rate, total_steps, min(config.warmup_steps, total_steps)
   )
-
-  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
-  def step_fn(state, images, labels, perm):
-    i = state.step % steps_per_epoch
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-    x = jax.lax.with_sharding_constraint(to_float(jnp.take(images, idx, axis=0)), data)
-    if not config.conditional:
-      return train_step(state, x)
-    y = jax.lax.with_sharding_constraint(jnp.take(labels, idx, axis=0), data)
-    return train_step(state, (x, y))
-
-  @jax.jit
-  def epoch_perm(epoch):
-    return jax.random.permutation(jax.random.fold_in(data_rng, epoch), n_train).astype(jnp.int32)
-
-  if config.conditional:  # one row per digit
-    digits = grid_labels(config)
-    sample = make_sampler(config, model, schedule, (len(digits),) + image_shape, labels=digits)
-    nrow, what = config.samples_per_class, f"rows 0-9, guidance {config.guidance_scale:g}, "
-  else:
-    sample = make_sampler(config, model, schedule, (config.num_samples,) + image_shape)
-    nrow, what = 8, ""
+  sample, nrow, what = grid_sampler(config, model, schedule, image_shape)
 
   def save_samples(step, name, title):
     imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))

@@ -217,11 +217,17 @@ def train_and_evaluate(c: Config, preset: str, workdir: str, stop_after_epochs=N
     c, vae, state.params, test_images, mnist.test_labels, workdir, pic_rng, int(state.step)
   )
 
+  return final_evaluation(c, vae, state.params, test_images, eval_rng, history, workdir, epoch)
+
+
+def final_evaluation(c: Config, vae, params, test_images, eval_rng, history, workdir, epoch):
+  """The importance-weighted NLL and the ELBO on the test images -> final_eval.json."""
+  evaluate = jax.jit(vj.make_evaluate(vae, likelihood=c.likelihood))
   n = c.eval_examples
   t0 = time.perf_counter()
   iwae_nll = jax.jit(vj.make_iwae_nll(vae, k=c.iwae_k, likelihood=c.likelihood))
-  nll = np.asarray(iwae_nll(state.params, test_images[:n], jax.random.fold_in(eval_rng, 1)))
-  elbo = evaluate(state.params, test_images[:n], eval_rng)
+  nll = np.asarray(iwae_nll(params, test_images[:n], jax.random.fold_in(eval_rng, 1)))
+  elbo = evaluate(params, test_images[:n], eval_rng)
   result = {
     "epochs": epoch,
     "test_examples": int(nll.size),
