@@ -27,6 +27,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from experiments import distributed
 from experiments.errors import UsageError
 from experiments.files import atomic_path, read_json, sha256_file, write_json_atomic
 
@@ -175,8 +176,9 @@ class Checkpointer:
     set_aside_unverified: bool = False,
   ):
     self.directory = os.path.abspath(directory)  # Orbax needs absolute paths
-    if set_aside_unverified:
+    if set_aside_unverified and distributed.is_writer():
       set_aside_unhashed_steps(self.directory)
+    distributed.barrier(f"checkpoints {self.directory} checked")
     options = dict(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True)
     if best_metric is not None:
       options.update(best_fn=lambda m: m[best_metric], best_mode=best_mode)
@@ -212,7 +214,8 @@ class Checkpointer:
     )
     self._io(self._mngr.wait_until_finished)
     folder = os.path.join(self.directory, str(int(step)))
-    if saved is not False and os.path.isdir(folder):
+    distributed.barrier(f"checkpoint {step} saved")  # every process has written its part
+    if saved is not False and os.path.isdir(folder) and distributed.is_writer():
       write_manifest(folder)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None, hint: str = "") -> Any:
@@ -266,7 +269,8 @@ class Checkpointer:
       self.wait()
     finally:
       self._mngr.close()
-      remove_temporary_folders(self.directory)
+      if distributed.is_writer():
+        remove_temporary_folders(self.directory)
 
 
 def restore_hint(config, workdir: str) -> str:

@@ -19,7 +19,7 @@ import tempfile
 import typing
 from typing import Any, Optional
 
-from experiments import runtime
+from experiments import distributed, runtime
 from experiments.checkpoints import close_all_quietly
 from experiments.data import DataError
 from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
@@ -114,6 +114,7 @@ def build_parser(
       metavar=hints[f.name].__name__ if isinstance(hints[f.name], type) else "VALUE",
       help=f"{helptext} (default: {getattr(defaults, f.name)!r})",
     )
+  distributed.add_flags(p)
   return p
 
 
@@ -145,7 +146,7 @@ def lock_workdir(workdir: str) -> None:
   when the process dies). UsageError naming the holder's pid if another job
   has it."""
   workdir = os.path.abspath(workdir)
-  if workdir in _LOCKS:
+  if workdir in _LOCKS or not distributed.is_writer():  # process 0 holds the lock
     return
   fd = os.open(workdir, os.O_RDONLY)
   try:
@@ -300,6 +301,7 @@ def resolve_config(
   disagrees with the stored config is refused, naming the differing fields.
   """
   args = build_parser(config_cls, presets, description, stop_unit).parse_args(argv)
+  distributed.initialize(args)
   workdir = os.path.abspath(args.workdir)
   if args.stop_after is not None and args.stop_after < 1:
     raise UsageError(f"--stop_after_{stop_unit} must be >= 1, got {args.stop_after}")
@@ -350,6 +352,9 @@ class MetricsLog:
 
   def __init__(self, path: str, keep_up_to_step: Optional[int] = None):
     self.path = path
+    self.writer = distributed.is_writer()  # multi-process: process 0 keeps the log
+    if not self.writer:
+      return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if keep_up_to_step is not None and os.path.exists(path):
       # Drop records a crashed run wrote after its last checkpoint.
@@ -361,6 +366,8 @@ class MetricsLog:
       os.remove(path)
 
   def write(self, record: dict) -> None:
+    if not self.writer:
+      return
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
 

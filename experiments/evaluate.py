@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import ddpm_jax as dj
 import vae_jax as vj
-from experiments import cli, ddpm_setup, plotting, vae_setup
+from experiments import cli, ddpm_setup, distributed, plotting, vae_setup
 from experiments.data import ARRAYS_SHA256, arrays_sha256, default_cache_dir, load_mnist
 from experiments.files import atomic_path
 from nnbase import pixels
@@ -147,7 +147,7 @@ def draw(sample_fn: Callable, params, rng, n: int, batch_size: int, desc: str) -
   for i in tqdm(
     range(num_batches), desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True
   ):
-    out.append(np.asarray(compiled(params, jax.random.fold_in(rng, i))))
+    out.append(distributed.to_host(compiled(params, jax.random.fold_in(rng, i))))
   secs = time.perf_counter() - t0
   return np.concatenate(out)[:n], secs / (num_batches * batch_size)
 
@@ -320,6 +320,7 @@ def build_parser():
   p.add_argument(
     "--skip_main", action="store_true", help="with --sweep, --vlb or --guidance: only those"
   )
+  distributed.add_flags(p)
   return p
 
 
@@ -404,6 +405,7 @@ def resolve_ddpm(r: Request) -> None:
 def parse_request(argv) -> Request:
   """Parses and checks the flags; UsageError (exit 2) names the bad one."""
   a = build_parser().parse_args(argv)
+  distributed.initialize(a)
   if a.pretrained:
     try:
       pretrained = dj.load_pretrained(a.pretrained)
@@ -646,7 +648,7 @@ def draw_classes(config, model, schedule, params, scale: float, n_per: int, batc
     dynamic_ncols=True,
   ):
     out.append(
-      np.asarray(compiled(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b]))
+      distributed.to_host(compiled(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b]))
     )
   secs = time.perf_counter() - t0
   return np.concatenate(out)[: labels.size], labels, secs / padded.size

@@ -10,6 +10,8 @@ import os
 import tempfile
 from typing import Any
 
+from experiments import distributed
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ".tmp"):
@@ -37,6 +39,10 @@ def read_json(path: str) -> Any:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes `obj` as indented JSON, atomically; in a multi-process run only
+  process 0 writes (the others return)."""
+  if not distributed.is_writer():
+    return
   with atomic_path(path, ".json.tmp") as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)

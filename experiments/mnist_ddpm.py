@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli, plotting
+from experiments import cli, distributed, plotting
 from experiments.checkpoints import Checkpointer, resume_or_init
 from experiments.data import load_mnist
 from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
@@ -147,7 +147,7 @@ def train_and_evaluate(
   sample, nrow, what = grid_sampler(config, model, schedule, image_shape)
 
   def save_samples(step, name, title):
-    imgs = np.asarray(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
+    imgs = distributed.to_host(sample(state.ema_params, jax.random.fold_in(sample_rng, step)))
     tb.image("samples", imgs, step, nrow)
     plotting.save_grid(
       imgs, os.path.join(workdir, name), nrow=nrow, title=title.replace("(EMA", f"({what}EMA")
@@ -256,7 +256,7 @@ def final_pictures(
   labels = [f"t={t}" if t >= 0 else "x0" for t in dj.trajectory_timesteps(ts, every)]
   labels[0] = f"x_T (t={ts[0]})"  # pure noise
   plotting.save_strip(
-    np.asarray(frames),
+    distributed.to_host(frames),
     labels,
     os.path.join(workdir, "trajectory.png"),
     title="Denoising trajectory: from noise to image",

@@ -11,12 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import distributed  # noqa: E402
 from experiments.files import atomic_path  # noqa: E402
 from nnbase import pixels
 
 
 def atomic_savefig(fig, path: str, **kwargs) -> None:
+  """Saves `fig` as a PNG atomically and closes it; multi-process: process 0 writes."""
   try:
+    if not distributed.is_writer():
+      return
     with atomic_path(path, ".png.tmp") as tmp:
       fig.savefig(tmp, format="png", **kwargs)
   finally:
@@ -51,6 +55,8 @@ def save_grid(
   images: np.ndarray, path: str, nrow: int = 8, title: Optional[str] = None, value_range=(-1.0, 1.0)
 ) -> None:
   """Saves [N, H, W, C] images as a grid PNG (the seed's 8x8 sample grid)."""
+  if not distributed.is_writer():  # multi-process: process 0 draws
+    return
   mosaic = tile(to_unit(images, value_range), nrow)
   fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 40 + 0.5, mosaic.shape[0] / 40 + 0.8))
   _show(ax, mosaic)
@@ -67,6 +73,8 @@ def save_strip(
   value_range=(-1.0, 1.0),
 ) -> None:
   """Saves a trajectory [F, N, H, W, C] as N rows of F frames, columns labelled."""
+  if not distributed.is_writer():  # multi-process: process 0 draws
+    return
   frames = to_unit(frames, value_range)
   f, n = frames.shape[:2]
   fig, axes = plt.subplots(n, f, figsize=(1.3 * f, 1.3 * n + 0.6), squeeze=False)
@@ -90,6 +98,8 @@ def save_curves(
   logy: bool = False,
 ) -> None:
   """Saves {label: (x, y)} line plots."""
+  if not distributed.is_writer():  # multi-process: process 0 draws
+    return
   fig, ax = plt.subplots(figsize=(8, 4))
   for label, (x, y) in curves.items():
     ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None)
@@ -110,6 +120,8 @@ def save_scatter(
   points: np.ndarray, labels: np.ndarray, path: str, title: Optional[str] = None
 ) -> None:
   """Saves a 2-D scatter of points [N, 2] coloured by integer labels [N]."""
+  if not distributed.is_writer():  # multi-process: process 0 draws
+    return
   fig, ax = plt.subplots(figsize=(7, 6))
   sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
   fig.colorbar(sc, ax=ax, ticks=range(int(labels.max()) + 1))

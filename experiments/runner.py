@@ -19,9 +19,11 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 from tqdm import tqdm
 
+from experiments import distributed
 from experiments.preemption import Preemption
 
 SIGTERM_EXIT = 143  # 128 + SIGTERM
+SYNC_EVERY = 10  # multi-process: units between agreements on a stop request
 
 
 @dataclasses.dataclass
@@ -92,6 +94,7 @@ class Runner:
     self._pending: list = []  # (position, device count of non-finite steps)
     self._msg = _MESSAGES[unit]
     self.preemption = Preemption()
+    self._stop = False  # multi-process: a stop agreed by all
 
   def __enter__(self) -> "Runner":
     self.preemption.__enter__()
@@ -139,9 +142,21 @@ class Runner:
       fn()
     self.on_close = []
 
+  def stop_requested(self, every: int = SYNC_EVERY) -> bool:
+    """Whether to stop before the next unit. One process: its own SIGTERM flag.
+    Several: every `every` units all processes share their flags (a collective
+    at the same position everywhere), so a SIGTERM seen by any one of them
+    stops all at the same step."""
+    if not distributed.is_multiprocess():
+      return self.preemption.requested
+    if self.position % every:
+      return self._stop
+    self._stop = self._stop or distributed.any_process(self.preemption.requested)
+    return self._stop
+
   def leave_if_preempted(self, stage: str, what: str) -> None:
     """After the last unit: SIGTERM between final stages closes and exits 143."""
-    if self.preemption.requested:
+    if self.stop_requested(every=1):
       self.close()
       print(f"SIGTERM {stage}: {what}", file=sys.stderr)
       raise SystemExit(SIGTERM_EXIT)
@@ -163,7 +178,7 @@ class Runner:
     )
     try:
       while self.position < self.end:
-        if self.preemption.requested:
+        if self.stop_requested():
           break
         nonfinite = unit_fn(self.position)
         self.position += 1
@@ -185,7 +200,7 @@ class Runner:
       return True
     self.close()
     fields = dict(position=self.position, total=self.total)
-    if self.preemption.requested:
+    if self.preemption.requested or self._stop:
       print(self._msg["preempted"].format(**fields), file=sys.stderr)
       raise SystemExit(SIGTERM_EXIT)
     print(self._msg["stopped"].format(**fields), file=sys.stderr)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli, ddpm_setup, plotting
+from experiments import cli, ddpm_setup, distributed, plotting
 from experiments.files import atomic_path
 from nnbase import pixels
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=500, help="images per sampler call")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--out", required=True, help="output folder")
+  distributed.add_flags(p)
   return p
 
 
@@ -97,6 +98,7 @@ def load_model(a) -> tuple:
 
 def main(argv=None) -> None:
   a = build_parser().parse_args(argv)
+  distributed.initialize(a)
   if not 1 <= a.num_samples <= 1_000_000:
     raise cli.UsageError(f"--num_samples must lie in [1, 1000000], got {a.num_samples}")
   if a.batch_size < 1:
@@ -139,11 +141,15 @@ def main(argv=None) -> None:
   padded = np.resize(labels, -(-n // b) * b)
   out, t0 = [], time.perf_counter()
   for i in range(padded.size // b):
-    out.append(np.asarray(draw(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b])))
+    out.append(
+      distributed.to_host(draw(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b]))
+    )
     print(f"\rsampled {min((i + 1) * b, n)}/{n}", end="", file=sys.stderr, flush=True)
   print(file=sys.stderr)
   images = np.concatenate(out)[:n]
   u8 = pixels.to_uint8(images)
+  if not distributed.is_writer():  # multi-process: process 0 writes
+    return
   os.makedirs(a.out, exist_ok=True)
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:

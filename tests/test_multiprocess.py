@@ -1,0 +1,195 @@
+"""Multi-process runs as on a TPU VM pod, with CPU processes on localhost.
+
+Two processes x two CPU devices must train exactly what one process x four
+devices trains; a SIGTERM to one process stops both at the same step; a
+SIGKILL of one ends the other within the heartbeat bound and keeps the last
+checkpoint. Each test starts several Python processes, so they are few.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from experiments import checkpoints, distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--preset", "smoke", "--steps", "8", "--checkpoint_every_steps", "4"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices))
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _start(module: str, args: list, n: int = 2, port=None) -> list:
+  """Starts `n` processes of `python -m module args` (two CPU devices each)."""
+  port = port or _free_port()
+  procs = []
+  for i in reversed(range(n)):
+    dist = ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(n)]
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-m", module, *args, *dist, "--process_id", str(i)],
+        cwd=ROOT,
+        env=_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
+  return procs[::-1]  # index = process id
+
+
+def _finish(procs: list, timeout: float = 400) -> list:
+  out = []
+  for p in procs:
+    _, err = p.communicate(timeout=timeout)
+    out.append((p.returncode, err))
+  return out
+
+
+def _single(module: str, args: list, devices: int = 4) -> str:
+  r = subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stderr
+
+
+def _metrics(workdir) -> list:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _state(workdir, step: int) -> dict:
+  folder = os.path.join(workdir, "checkpoints", str(step), "default")
+  return ocp.StandardCheckpointer().restore(folder)
+
+
+def _assert_states_close(a, b) -> None:
+  """Every array of two train states agrees to 1e-5 of its own scale. Sums in
+  another order differ in the last bits, and Adam divides each gradient by its
+  own magnitude, so a few steps turn 1e-7 into 1e-6. Attention key biases are
+  skipped: their gradient is zero in exact arithmetic (softmax ignores a
+  shift shared by all keys), so Adam makes a random walk of rounding noise."""
+  import jax
+
+  flat = dict((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(b)[0])
+  checked = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(a)[0]:
+    name = jax.tree_util.keystr(path)
+    if "['key']['bias']" in name:
+      continue
+    x, y = np.asarray(x, np.float64), np.asarray(flat[name], np.float64)
+    assert np.max(np.abs(x - y)) <= 1e-5 * np.max(np.abs(y)) + 1e-30, name
+    checked += 1
+  assert checked > 500
+
+
+def test_flags_are_checked():
+  import argparse
+
+  bad = [
+    dict(distributed="auto", coordinator_address="h:1", num_processes=None, process_id=None),
+    dict(distributed="off", coordinator_address="h:1", num_processes=2, process_id=None),
+    dict(distributed="off", coordinator_address="h:1", num_processes=2, process_id=2),
+    dict(distributed="off", coordinator_address="nohost", num_processes=2, process_id=0),
+  ]
+  for kwargs in bad:
+    with pytest.raises(distributed.UsageError):
+      distributed.initialize(argparse.Namespace(**kwargs))
+
+
+def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  args = ["--workdir", str(multi), *SMOKE]
+  # Two processes, stopped after 4 steps and resumed: as one process with four devices.
+  for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "4"])):
+    assert rc == 0 and "stopped at step 4 of 8" in err, err[-3000:]
+  for rc, err in _finish(_start("experiments.mnist_ddpm", args)):
+    assert rc == 0 and "resumed from checkpoint at step 4" in err, err[-3000:]
+  _single("experiments.mnist_ddpm", ["--workdir", str(single), *SMOKE])
+
+  m, s = _metrics(multi), _metrics(single)
+  assert [r["step"] for r in m] == [r["step"] for r in s] == [2, 4, 6, 8]  # one writer, no repeats
+  np.testing.assert_allclose([r["loss"] for r in m], [r["loss"] for r in s], rtol=1e-6)
+  _assert_states_close(_state(multi, 8), _state(single, 8))
+  assert sorted(os.listdir(multi)) == sorted(os.listdir(single))
+  assert checkpoints.verify_manifest(str(multi / "checkpoints" / "8")) is None
+
+  # Evaluation on two processes gives the single-process numbers.
+  ev = ["--workdir", str(multi), "--sampler", "ddim", "--steps", "3", "--num_samples", "20"]
+  for rc, err in _finish(_start("experiments.evaluate", ev)):
+    assert rc == 0, err[-3000:]
+  two = json.loads((multi / "eval" / "ddim_3steps_n20.json").read_text())
+  _single("experiments.evaluate", ev)
+  one = json.loads((multi / "eval" / "ddim_3steps_n20.json").read_text())
+  key = next(k for k in one["results"] if k.startswith("DDPM"))
+  for metric in ("fd", "kid", "precision", "recall", "readable"):
+    assert two["results"][key][metric] == pytest.approx(one["results"][key][metric], rel=1e-5)
+
+
+def _wait_for_checkpoint(workdir, step: int, procs: list, limit: float = 300) -> None:
+  t0 = time.time()
+  while not os.path.exists(os.path.join(workdir, "checkpoints", str(step), "sha256.json")):
+    assert all(p.poll() is None for p in procs), "a process ended early"
+    assert time.time() - t0 < limit, "no checkpoint in time"
+    time.sleep(0.5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  workdir = tmp_path / "w"
+  args = ["--workdir", str(workdir), "--preset", "smoke", "--steps", "2000"]
+  args += ["--checkpoint_every_steps", "10", "--log_every_steps", "10"]
+  procs = _start("experiments.mnist_ddpm", args)
+  _wait_for_checkpoint(workdir, 10, procs)
+  procs[1].send_signal(signal.SIGTERM)
+  results = _finish(procs)
+  steps = set()
+  for rc, err in results:
+    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("SIGTERM at step")][-1]
+    steps.add(int(line.split()[3].rstrip(":")))
+  (step,) = steps  # the same step on both
+  assert checkpoints.verify_manifest(str(workdir / "checkpoints" / str(step))) is None
+  more = ["--stop_after_steps", "2"]
+  for rc, err in _finish(_start("experiments.mnist_ddpm", args + more)):
+    assert rc == 0 and f"resumed from checkpoint at step {step}" in err, err[-3000:]
+
+
+def test_sigkill_of_one_process_ends_the_other_and_keeps_the_checkpoint(tmp_path):
+  workdir = tmp_path / "w"
+  args = ["--workdir", str(workdir), "--preset", "smoke", "--steps", "4000"]
+  args += ["--checkpoint_every_steps", "10", "--log_every_steps", "10"]
+  procs = _start("experiments.mnist_ddpm", args)
+  _wait_for_checkpoint(workdir, 10, procs)
+  procs[1].kill()
+  t0 = time.time()
+  rc, err = _finish(procs[:1], timeout=180)[0]
+  procs[1].wait()
+  assert rc != 0 and time.time() - t0 < 180, err[-3000:]
+  assert "another task died" in err or "unhealthy" in err, err[-3000:]
+  latest = max(int(x) for x in os.listdir(workdir / "checkpoints") if x.isdigit())
+  assert checkpoints.verify_manifest(str(workdir / "checkpoints" / str(latest))) is None
+  for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "2"])):
+    assert rc == 0 and "resumed from checkpoint at step" in err, err[-3000:]
