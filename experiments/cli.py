@@ -284,6 +284,15 @@ def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
   return directory
 
 
+def check_local(path: Optional[str], flag: str) -> None:
+  """UsageError for a URL (gs://, s3://): the jobs write through the local file system."""
+  if path is not None and "://" in path:
+    raise UsageError(
+      f"{flag} {path}: cloud-storage paths are not supported yet; use a local or "
+      "network-mounted folder (NFS, Filestore, gcsfuse)"
+    )
+
+
 class RunArgs(typing.NamedTuple):
   config: Any
   preset: str
@@ -302,6 +311,7 @@ def resolve_config(
   """
   args = build_parser(config_cls, presets, description, stop_unit).parse_args(argv)
   distributed.initialize(args)
+  check_local(args.workdir, "--workdir")
   workdir = os.path.abspath(args.workdir)
   if args.stop_after is not None and args.stop_after < 1:
     raise UsageError(f"--stop_after_{stop_unit} must be >= 1, got {args.stop_after}")

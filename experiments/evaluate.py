@@ -406,6 +406,8 @@ def parse_request(argv) -> Request:
   """Parses and checks the flags; UsageError (exit 2) names the bad one."""
   a = build_parser().parse_args(argv)
   distributed.initialize(a)
+  for flag in ("workdir", "out"):
+    cli.check_local(getattr(a, flag, None), "--" + flag)
   if a.pretrained:
     try:
       pretrained = dj.load_pretrained(a.pretrained)

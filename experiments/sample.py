@@ -99,6 +99,8 @@ def load_model(a) -> tuple:
 def main(argv=None) -> None:
   a = build_parser().parse_args(argv)
   distributed.initialize(a)
+  for flag in ("workdir", "out"):
+    cli.check_local(getattr(a, flag, None), "--" + flag)
   if not 1 <= a.num_samples <= 1_000_000:
     raise cli.UsageError(f"--num_samples must lie in [1, 1000000], got {a.num_samples}")
   if a.batch_size < 1:

@@ -118,6 +118,11 @@ def test_flags_are_checked():
   for kwargs in bad:
     with pytest.raises(distributed.UsageError):
       distributed.initialize(argparse.Namespace(**kwargs))
+  from experiments import cli
+
+  with pytest.raises(cli.UsageError, match="cloud-storage"):
+    cli.check_local("gs://bucket/run", "--workdir")
+  cli.check_local("/mnt/shared/run", "--workdir")
 
 
 def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
