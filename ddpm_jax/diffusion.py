@@ -7,12 +7,15 @@ from the schedule and broadcast over the trailing axes explicitly.
 
 from __future__ import annotations
 
+from typing import Sequence, Tuple
+
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.schedules import Schedule
 
 
-def extract(coef: jnp.ndarray, t: jnp.ndarray, x_shape) -> jnp.ndarray:
+def extract(coef: jnp.ndarray, t: jnp.ndarray, x_shape: Sequence[int]) -> jnp.ndarray:
   """Gathers coef[t] ([T] -> [B]) and reshapes to [B, 1, ..., 1] for x_shape."""
   out = jnp.take(coef, t, axis=0)
   return out.reshape(out.shape + (1,) * (len(x_shape) - out.ndim))
@@ -40,7 +43,7 @@ def q_sample(
 
 def q_posterior_mean_variance(
   schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.ndarray
-):
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Mean and variance of q(x_{t-1} | x_t, x0).
 
   Returns:

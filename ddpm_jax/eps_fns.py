@@ -12,9 +12,10 @@ Shapes: x_t [B, H, W, C], t [B] int32, y [B] int, eps like x_t.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import extract
@@ -25,7 +26,12 @@ CondEpsFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
 def model_eps_fn(
-  model: nn.Module, params, *, labels=None, train: bool = False, rng=None
+  model: nn.Module,
+  params: Any,
+  *,
+  labels: Optional[jax.Array] = None,
+  train: bool = False,
+  rng: jax.Array = None,
 ) -> Callable:
   """Wraps a U-Net and its params into `eps_fn(x_t, t) -> eps` for the samplers.
 
@@ -54,7 +60,7 @@ def eps_fn_from_model(model_fn: Callable, schedule: Schedule, parameterization: 
 
 
 def model_cond_eps_fn(
-  model, params, schedule: Schedule, parameterization: str = "eps"
+  model: nn.Module, params: Any, schedule: Schedule, parameterization: str = "eps"
 ) -> CondEpsFn:
   """A class-conditional U-Net (eps, x0 or v prediction) as `cond_eps_fn(x_t, t, y)`."""
 

@@ -19,7 +19,7 @@ The reverse variance is fixed, as in training with L_simple: "beta" (sigma^2
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,9 @@ VARIANCES = ("beta", "beta_tilde")
 BIN_HALF_WIDTH = 1.0 / 255.0  # half the spacing of 256 levels on [-1, 1]
 
 
-def normal_kl(mean1, logvar1, mean2, logvar2):
+def normal_kl(
+  mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array
+) -> jax.Array:
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
   return 0.5 * (
     -1.0
@@ -48,7 +50,9 @@ def _log_sub_exp(a, b):
   return a + jnp.log(-jnp.expm1(jnp.minimum(b - a, -1e-30)))
 
 
-def discretized_gaussian_log_likelihood(x, mean, log_scale):
+def discretized_gaussian_log_likelihood(
+  x: jax.Array, mean: jax.Array, log_scale: jax.Array
+) -> jax.Array:
   """log P(x) for x on the 256-level grid of [-1, 1] under N(mean, exp(log_scale)^2)
   integrated over x's bin; the bins at -1 and 1 take the tails. Elementwise."""
   inv_std = jnp.exp(-log_scale)
@@ -65,7 +69,9 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
   return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, mid))
 
 
-def model_log_variance(schedule: Schedule, t: jnp.ndarray, variance: str, shape) -> jnp.ndarray:
+def model_log_variance(
+  schedule: Schedule, t: jnp.ndarray, variance: str, shape: Sequence[int]
+) -> jnp.ndarray:
   """log sigma_t^2 of the fixed-variance reverse step, broadcast to [B, 1, ...]."""
   if variance not in VARIANCES:
     raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")

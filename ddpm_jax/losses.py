@@ -3,7 +3,7 @@ per-timestep weighting (see `ddpm_jax.parameterization`)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ def elementwise_loss(pred: jnp.ndarray, target: jnp.ndarray, loss_type: str) -> 
 
 def diffusion_loss(
   model: EpsModel,
-  params,
+  params: Any,
   schedule: Schedule,
   rng: jax.Array,
   x0: jnp.ndarray,
@@ -78,7 +78,7 @@ def diffusion_loss(
 
 def eps_loss(
   eps_model: EpsModel,
-  params,
+  params: Any,
   schedule: Schedule,
   rng: jax.Array,
   x0: jnp.ndarray,

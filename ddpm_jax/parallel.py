@@ -59,7 +59,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
-def shard_batch(batch, mesh: Mesh):
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
   """Splits a host batch [B, ...] (the same on every process) over the mesh."""
   check_batch(batch.shape[0], mesh)
   return jax.device_put(batch, data_sharding(mesh))

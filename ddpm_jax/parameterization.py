@@ -14,6 +14,7 @@ Shapes: x_t, predictions and targets are [B, ...]; t is [B] int; weights [B].
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from ddpm_jax.diffusion import extract, predict_eps_from_x0, predict_x0_from_eps
@@ -44,7 +45,9 @@ def snr(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
   return ab / (1.0 - ab)
 
 
-def to_eps(schedule: Schedule, x_t, t, pred, parameterization: str):
+def to_eps(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, pred: jax.Array, parameterization: str
+) -> jax.Array:
   """The eps implied by a prediction of the given kind."""
   check_parameterization(parameterization)
   if parameterization == "eps":
@@ -55,7 +58,9 @@ def to_eps(schedule: Schedule, x_t, t, pred, parameterization: str):
   return s * x_t + a * pred
 
 
-def to_x0(schedule: Schedule, x_t, t, pred, parameterization: str):
+def to_x0(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, pred: jax.Array, parameterization: str
+) -> jax.Array:
   """The x0 implied by a prediction of the given kind."""
   check_parameterization(parameterization)
   if parameterization == "x0":
@@ -66,7 +71,9 @@ def to_x0(schedule: Schedule, x_t, t, pred, parameterization: str):
   return a * x_t - s * pred
 
 
-def to_v(schedule: Schedule, x_t, t, pred, parameterization: str):
+def to_v(
+  schedule: Schedule, x_t: jax.Array, t: jax.Array, pred: jax.Array, parameterization: str
+) -> jax.Array:
   """The v implied by a prediction of the given kind."""
   check_parameterization(parameterization)
   if parameterization == "v":
@@ -77,7 +84,9 @@ def to_v(schedule: Schedule, x_t, t, pred, parameterization: str):
   return a * eps - s * x0
 
 
-def target(schedule: Schedule, x0, t, noise, parameterization: str):
+def target(
+  schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array, parameterization: str
+) -> jax.Array:
   """The regression target for a network of the given kind at x_t = q_sample(x0, t, noise)."""
   check_parameterization(parameterization)
   if parameterization == "eps":

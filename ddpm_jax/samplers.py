@@ -14,7 +14,7 @@ draw identical noise.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -170,14 +170,14 @@ def ddpm_sample(
   shape: Sequence[int],
   *,
   variance: str = "beta",
-  clip_x0=False,
+  clip_x0: Union[bool, Tuple[float, float]] = False,
   temperature: float = 1.0,
   trajectory_every: Optional[int] = None,
   x_T: Optional[jnp.ndarray] = None,
-  dtype=jnp.float32,
+  dtype: Any = jnp.float32,
   num_steps: Optional[int] = None,
   spacing: str = "trailing",
-):
+) -> Any:
   """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), over all T steps or
   a respaced subsequence of them.
 
@@ -240,12 +240,12 @@ def ddim_sample(
   eta: float = 0.0,
   *,
   spacing: str = "trailing",
-  clip_x0=False,
+  clip_x0: Union[bool, Tuple[float, float]] = False,
   temperature: float = 1.0,
   trajectory_every: Optional[int] = None,
   x_T: Optional[jnp.ndarray] = None,
-  dtype=jnp.float32,
-):
+  dtype: Any = jnp.float32,
+) -> Any:
   """DDIM sampling (Song et al. 2021) with any number of steps from 1 to T.
 
   x_{s} = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, with
@@ -287,20 +287,20 @@ def ddim_sample(
 
 
 def ddim_like_sample(
-  eps_fn,
-  schedule,
-  rng,
-  shape,
-  ts,
+  eps_fn: EpsFn,
+  schedule: Schedule,
+  rng: jax.Array,
+  shape: Sequence[int],
+  ts: Any,
   *,
-  eta,
-  variance,
-  clip_x0,
-  temperature,
-  trajectory_every,
-  x_T,
-  dtype,
-):
+  eta: float,
+  variance: str,
+  clip_x0: Union[bool, Tuple[float, float]],
+  temperature: float,
+  trajectory_every: Optional[int],
+  x_T: Optional[jax.Array],
+  dtype: Any,
+) -> Any:
   """Shared scan for the ancestral (eta None) and DDIM samplers over timesteps ts."""
   shape = tuple(int(s) for s in shape)
   rng_init, rng_steps = jax.random.split(rng)
@@ -362,12 +362,12 @@ def dpm_solver_sample(
   num_steps: int = 20,
   *,
   spacing: str = "logsnr",
-  clip_x0=False,
+  clip_x0: Union[bool, Tuple[float, float]] = False,
   lower_order_final: bool = True,
   trajectory_every: Optional[int] = None,
   x_T: Optional[jnp.ndarray] = None,
-  dtype=jnp.float32,
-):
+  dtype: Any = jnp.float32,
+) -> Any:
   """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the
   probability-flow ODE in data-prediction form, deterministic given x_T.
 
@@ -478,14 +478,14 @@ def sample(
   num_steps: Optional[int] = None,
   *,
   spacing: Optional[str] = None,
-  clip_x0=False,
+  clip_x0: Union[bool, Tuple[float, float]] = False,
   eta: float = 0.0,
   variance: str = "beta",
   temperature: float = 1.0,
   trajectory_every: Optional[int] = None,
   x_T: Optional[jnp.ndarray] = None,
-  dtype=jnp.float32,
-):
+  dtype: Any = jnp.float32,
+) -> Any:
   """One entry point to every sampler: `sample(eps_fn, schedule, rng, shape)`.
 
   Args:

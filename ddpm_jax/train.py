@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -72,7 +72,9 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
-def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, end_lr_fraction=0.0):
+def learning_rate_schedule(
+  learning_rate: float, total_steps: int, warmup_steps: int = 0, end_lr_fraction: float = 0.0
+) -> optax.Schedule:
   """Linear warmup to `learning_rate`, cosine decay to the end fraction."""
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0 if warmup_steps else learning_rate,
@@ -83,7 +85,7 @@ def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0, end_lr_fr
   )
 
 
-def run_once(fn: Callable, *args):
+def run_once(fn: Callable, *args) -> Any:
   """`fn(*args)` for a function that runs once per process, such as an init.
 
   Compiled as a whole (eagerly it would dispatch op by op) and, on CPU,
@@ -98,7 +100,7 @@ def run_once(fn: Callable, *args):
 
 
 def create_train_state(
-  rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, image_shape
+  rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, image_shape: Sequence[int]
 ) -> TrainState:
   """Initialises params (and EMA = params) for images of shape [H, W, C]."""
 
@@ -116,12 +118,12 @@ def create_train_state(
   return run_once(create, rng)
 
 
-def ema_update(ema, params, decay):
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * params, leafwise."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def ema_decay_at(step, decay: float, warmup: bool = True):
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
   """EMA decay, optionally warmed up as min(decay, (1 + step) / (10 + step))."""
   if not warmup:
     return jnp.asarray(decay, jnp.float32)

@@ -17,6 +17,7 @@ import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from nnbase.conv import Conv, ConvTranspose2x
@@ -35,7 +36,7 @@ def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) ->
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def check_image_shape(shape, factor: int):
+def check_image_shape(shape: Sequence[int], factor: int) -> None:
   """Raises ValueError unless H and W of an NHWC shape are divisible by factor."""
   if len(shape) != 4:
     raise ValueError(f"expected images [B, H, W, C], got shape {tuple(shape)}")
@@ -47,7 +48,9 @@ def check_image_shape(shape, factor: int):
     )
 
 
-def label_embedding(num_classes: int, dim: int, y, batch: int, dtype):
+def label_embedding(
+  num_classes: int, dim: int, y: Optional[jax.Array], batch: int, dtype: Any
+) -> Optional[jax.Array]:
   """Class embedding [B, dim] for a class-conditional U-Net, or None.
 
   Labels y [B] lie in 0..num_classes, where num_classes is the null label

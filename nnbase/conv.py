@@ -320,7 +320,9 @@ def _dx(x_shape, w, pads, strides, g):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_gemm(x: jnp.ndarray, w: jnp.ndarray, pads=None, strides=(1, 1)) -> jnp.ndarray:
+def conv_gemm(
+  x: jnp.ndarray, w: jnp.ndarray, pads: Any = None, strides: Sequence[int] = (1, 1)
+) -> jnp.ndarray:
   """A convolution whose forward pass and both gradients are chunked GEMMs.
 
   Same function as `lax.conv_general_dilated` (NHWC, HWIO). The forward pass

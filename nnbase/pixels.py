@@ -7,27 +7,30 @@ uint8, rounded as a PNG would store them.
 
 from __future__ import annotations
 
+from typing import Any, Tuple
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def u8_to_unit(images_u8):
+def u8_to_unit(images_u8: jax.Array) -> jax.Array:
   """uint8 [...] -> float32 in [0, 1] (jnp; works under jit)."""
   return jnp.asarray(images_u8).astype(jnp.float32) / 255.0
 
 
-def u8_to_signed(images_u8):
+def u8_to_signed(images_u8: jax.Array) -> jax.Array:
   """uint8 [...] -> float32 in [-1, 1] (jnp; works under jit)."""
   return jnp.asarray(images_u8).astype(jnp.float32) / 127.5 - 1.0
 
 
-def to_unit(images, value_range=(-1.0, 1.0)) -> np.ndarray:
+def to_unit(images: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
   """Float images in value_range -> float32 in [0, 1], clipped (numpy, for plots)."""
   lo, hi = value_range
   return np.clip((np.asarray(images, np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def to_uint8(images, value_range=(-1.0, 1.0)) -> np.ndarray:
+def to_uint8(images: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
   """Float images in value_range -> uint8, clipped and rounded as a PNG stores them."""
   lo, hi = value_range
   u = (np.asarray(images, np.float64) - lo) / (hi - lo)

@@ -41,7 +41,9 @@ def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
 
   Tr((S1 S2)^(1/2)) is computed as the sum of the square roots of the

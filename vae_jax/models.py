@@ -6,14 +6,14 @@ Bernoulli logits (or Gaussian means) of shape [B, 784].
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
-def torch_linear_bias_init(fan_in: int):
+def torch_linear_bias_init(fan_in: int) -> Callable:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear bias default."""
   bound = 1.0 / fan_in**0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -139,14 +139,14 @@ def make_vae(
   raise ValueError(f"unknown VAE model {model!r}; expected 'mlp' or 'conv'")
 
 
-def init_vae(vae: VAE, rng, latent_dim: int):
+def init_vae(vae: VAE, rng: jax.Array, latent_dim: int) -> Any:
   """Parameters for encoder and decoder: {'params': {'encoder': ..., 'decoder': ...}}."""
   x = jnp.zeros((1, 28, 28, 1))
   z = jnp.zeros((1, latent_dim))
   return vae.init(rng, x, z, method=VAE.init_all)["params"]
 
 
-def vae_fns(vae: VAE, params):
+def vae_fns(vae: VAE, params: Any) -> Tuple[Callable, Callable]:
   """(encode_fn(x) -> (mean, logvar), decode_fn(z) -> logits) closed over params."""
   return (
     lambda x: vae.apply({"params": params}, x),

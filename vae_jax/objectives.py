@@ -7,7 +7,7 @@ versions are `jax.vmap`s. Everything is in nats, summed over pixels.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -15,17 +15,17 @@ import jax.numpy as jnp
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-def reparameterize(rng, mean, logvar):
+def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from rng. Shapes [..., L]."""
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
 
-def gaussian_kl(mean, logvar):
+def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """KL(N(mean, exp(logvar)) || N(0, I)) in closed form, summed over the last axis."""
   return -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1)
 
 
-def bernoulli_log_likelihood(logits, x):
+def bernoulli_log_likelihood(logits: jax.Array, x: jax.Array) -> jax.Array:
   """sum_i x_i log sigmoid(l_i) + (1 - x_i) log sigmoid(-l_i), stable for any logits.
 
   Uses log sigmoid(l) = -softplus(-l) = l - softplus(l), so the sum is
@@ -36,7 +36,7 @@ def bernoulli_log_likelihood(logits, x):
   return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
 
 
-def gaussian_log_likelihood(mean, x, log_scale=0.0):
+def gaussian_log_likelihood(mean: jax.Array, x: jax.Array, log_scale: jax.Array = 0.0) -> jax.Array:
   """sum_i log N(x_i; mean_i, exp(log_scale)^2)."""
   var = jnp.exp(2.0 * log_scale)
   return jnp.sum(
@@ -44,7 +44,7 @@ def gaussian_log_likelihood(mean, x, log_scale=0.0):
   )
 
 
-def log_likelihood(out, x, likelihood: str):
+def log_likelihood(out: Any, x: jax.Array, likelihood: str) -> jax.Array:
   if likelihood == "bernoulli":
     return bernoulli_log_likelihood(out, x)
   if likelihood == "gaussian":
@@ -52,14 +52,20 @@ def log_likelihood(out, x, likelihood: str):
   raise ValueError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
 
 
-def gaussian_log_density(z, mean, logvar):
+def gaussian_log_density(z: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
   """log N(z; mean, exp(logvar)) summed over the last axis."""
   return jnp.sum(
     -0.5 * (math.log(2 * math.pi) + logvar + jnp.square(z - mean) / jnp.exp(logvar)), axis=-1
   )
 
 
-def elbo_terms(encode_fn: Callable, decode_fn: Callable, rng, x, likelihood="bernoulli"):
+def elbo_terms(
+  encode_fn: Callable,
+  decode_fn: Callable,
+  rng: jax.Array,
+  x: jax.Array,
+  likelihood: str = "bernoulli",
+) -> dict:
   """One example x [...] -> (reconstruction log-likelihood, KL), one z sample."""
   mean, logvar = encode_fn(x[None])
   z = reparameterize(rng, mean, logvar)
@@ -68,7 +74,14 @@ def elbo_terms(encode_fn: Callable, decode_fn: Callable, rng, x, likelihood="ber
   return rec, gaussian_kl(mean, logvar)[0]
 
 
-def batch_loss(encode_fn, decode_fn, rng, x, beta: float = 1.0, likelihood="bernoulli"):
+def batch_loss(
+  encode_fn: Callable,
+  decode_fn: Callable,
+  rng: jax.Array,
+  x: jax.Array,
+  beta: float = 1.0,
+  likelihood: str = "bernoulli",
+) -> Tuple[jax.Array, dict]:
   """Mean over the batch of -(rec - beta * KL); returns (loss, {rec, kl}) per image.
 
   x: [B, ...] in [0, 1]. The per-example ELBO is written for one example and
@@ -80,7 +93,15 @@ def batch_loss(encode_fn, decode_fn, rng, x, beta: float = 1.0, likelihood="bern
   return loss, {"rec": jnp.mean(-rec), "kl": jnp.mean(kl), "elbo_loss": jnp.mean(-rec + kl)}
 
 
-def iwae_bound(encode_fn, decode_fn, rng, x, k: int, chunk: int = 100, likelihood="bernoulli"):
+def iwae_bound(
+  encode_fn: Callable,
+  decode_fn: Callable,
+  rng: jax.Array,
+  x: jax.Array,
+  k: int,
+  chunk: int = 100,
+  likelihood: str = "bernoulli",
+) -> jax.Array:
   """Importance-weighted bound log (1/k) sum_j p(x, z_j) / q(z_j | x) per example.
 
   With k = 1 this is the one-sample ELBO; it grows with k towards log p(x).

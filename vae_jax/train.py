@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,9 @@ class VAEState:
   opt_state: optax.OptState
 
 
-def create_state(rng, vae: VAE, tx: optax.GradientTransformation, latent_dim: int) -> VAEState:
+def create_state(
+  rng: jax.Array, vae: VAE, tx: optax.GradientTransformation, latent_dim: int
+) -> VAEState:
   params = init_vae(vae, rng, latent_dim)
   return VAEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -33,29 +37,29 @@ to_unit = pixels.u8_to_unit  # uint8 -> [0, 1] (torchvision's ToTensor)
 BINARIZE = ("none", "dynamic")
 
 
-def binarize(rng, images_u8):
+def binarize(rng: jax.Array, images_u8: jax.Array) -> jax.Array:
   """Stochastic binarization: each pixel is 1 with probability its grey level
   (uint8 [...] -> float32 0/1), the IWAE paper's dynamic MNIST."""
   x = to_unit(images_u8)
   return (jax.random.uniform(rng, x.shape) < x).astype(jnp.float32)
 
 
-def binarize_u8(rng, images_u8):
+def binarize_u8(rng: jax.Array, images_u8: jax.Array) -> jax.Array:
   """A fixed stochastic binarization as uint8 0/255 (e.g. of the test set once)."""
   return (binarize(rng, images_u8) * 255).astype(jnp.uint8)
 
 
 def make_train_epoch(
   vae: VAE,
-  tx,
+  tx: optax.GradientTransformation,
   *,
-  base_rng,
+  base_rng: jax.Array,
   batch_size: int,
   beta: float = 1.0,
   likelihood: str = "bernoulli",
   skip_nonfinite: bool = False,
   binarization: str = "none",
-):
+) -> Callable:
   """Returns `train_epoch(state, images_u8, epoch) -> (state, metrics)`, jittable.
 
   binarization "dynamic" trains on a fresh Bernoulli draw of every batch
@@ -121,7 +125,7 @@ def make_train_epoch(
   return train_epoch
 
 
-def scan_batches(fn, images_u8, batch_size: int, rng):
+def scan_batches(fn: Callable, images_u8: jax.Array, batch_size: int, rng: jax.Array) -> Any:
   """Applies fn(rng_i, x [b, ...] in [0, 1]) to the full batches of images_u8
   in one `lax.scan`; rng_i = fold_in(rng, i). Returns the stacked outputs."""
   n = images_u8.shape[0]
@@ -136,7 +140,7 @@ def scan_batches(fn, images_u8, batch_size: int, rng):
   return out
 
 
-def make_evaluate(vae: VAE, *, batch_size: int = 500, likelihood: str = "bernoulli"):
+def make_evaluate(vae: VAE, *, batch_size: int = 500, likelihood: str = "bernoulli") -> Callable:
   """Returns `evaluate(params, images_u8, rng) -> metrics` (loss, rec, kl per image,
   beta = 1), one compiled scan over all full batches of the set."""
 
@@ -153,7 +157,7 @@ def make_evaluate(vae: VAE, *, batch_size: int = 500, likelihood: str = "bernoul
 
 def make_iwae_nll(
   vae: VAE, *, k: int, batch_size: int = 100, chunk: int = 100, likelihood: str = "bernoulli"
-):
+) -> Callable:
   """Returns `iwae_nll(params, images_u8 [N, ...], rng) -> [N // batch_size * batch_size]`
   per-image NLL estimates (-IWAE bound with k samples), scanning over batches."""
 
