@@ -5,8 +5,8 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("ddpm_jax", "vae_jax", "sample_quality", "experiments", "benchmarks")
-LIBRARIES = ("ddpm_jax", "vae_jax", "sample_quality")
+PACKAGES = ("nnbase", "ddpm_jax", "vae_jax", "sample_quality", "experiments", "benchmarks")
+LIBRARIES = ("nnbase", "ddpm_jax", "vae_jax", "sample_quality")
 
 
 def modules() -> dict:
@@ -108,6 +108,25 @@ def test_libraries_do_not_import_jobs_or_benchmarks():
     if m.split(".")[0] in LIBRARIES
     for d in g[m]
     if d.split(".")[0] in ("experiments", "benchmarks")
+  )
+  assert not bad, bad
+
+
+def test_the_base_imports_no_other_package_and_libraries_stay_apart():
+  """nnbase is the bottom layer; vae_jax and sample_quality do not reach into ddpm_jax."""
+  g = graph()
+  allowed = {
+    "nnbase": {"nnbase"},
+    "ddpm_jax": {"nnbase", "ddpm_jax"},
+    "vae_jax": {"nnbase", "vae_jax"},
+    "sample_quality": {"nnbase", "sample_quality"},
+  }
+  bad = sorted(
+    (m, d)
+    for m in g
+    if m.split(".")[0] in allowed
+    for d in g[m]
+    if d.split(".")[0] not in allowed[m.split(".")[0]]
   )
   assert not bad, bad
 
