@@ -162,12 +162,18 @@ def _wait_for_checkpoint(workdir, step: int, procs: list, limit: float = 300) ->
     time.sleep(0.5)
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-  workdir = tmp_path / "w"
-  args = ["--workdir", str(workdir), "--preset", "smoke", "--steps", "2000"]
+def _long_run_with_a_checkpoint(workdir) -> tuple:
+  """(args, processes) of a two-process smoke run of 4000 steps, once its step 10 is saved."""
+  args = ["--workdir", str(workdir), "--preset", "smoke", "--steps", "4000"]
   args += ["--checkpoint_every_steps", "10", "--log_every_steps", "10"]
   procs = _start("experiments.mnist_ddpm", args)
   _wait_for_checkpoint(workdir, 10, procs)
+  return args, procs
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  workdir = tmp_path / "w"
+  args, procs = _long_run_with_a_checkpoint(workdir)
   procs[1].send_signal(signal.SIGTERM)
   results = _finish(procs)
   steps = set()
@@ -184,10 +190,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 def test_sigkill_of_one_process_ends_the_other_and_keeps_the_checkpoint(tmp_path):
   workdir = tmp_path / "w"
-  args = ["--workdir", str(workdir), "--preset", "smoke", "--steps", "4000"]
-  args += ["--checkpoint_every_steps", "10", "--log_every_steps", "10"]
-  procs = _start("experiments.mnist_ddpm", args)
-  _wait_for_checkpoint(workdir, 10, procs)
+  args, procs = _long_run_with_a_checkpoint(workdir)
   procs[1].kill()
   t0 = time.time()
   rc, err = _finish(procs[:1], timeout=180)[0]
