@@ -291,6 +291,150 @@ def _ratio(a, b):
   return a / b if a and b else None
 
 
+def tuning_values() -> dict:
+  """The fast convolutions' constants (nnbase.conv) in force for this run."""
+  c = nnbase.conv
+  return {
+    "chunk_bytes": c.CHUNK_BYTES,
+    "gemm_by_default": c.GEMM_BY_DEFAULT,
+    "source": "benchmarks.tune" if nnbase.tuning.cached_choice() else "cache-size rule",
+    "winograd_min_channels": c.WINOGRAD_MIN_CHANNELS,
+    "gemm_min_channels": c.GEMM_MIN_CHANNELS,
+  }
+
+
+def jax_train_round(preset: str, batch: int, gemm: Optional[bool] = None) -> Callable:
+  """The jitted train step, compiled and warmed once: `round(iters) -> images/s`."""
+  init, step = _train_setup(preset, gemm, jnp.float32)
+  holder = [init()]
+  x = jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1
+  compiled = step.lower(holder[0], x).compile()
+
+  def run():
+    holder[0], m = compiled(holder[0], x)
+    m["loss"].block_until_ready()
+
+  run()
+
+  def round_(iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      run()
+    return batch * iters / (time.perf_counter() - t0)
+
+  return round_
+
+
+def jax_forward_round(preset: str, batch: int) -> Callable:
+  """One U-Net forward, compiled once: `round(iters) -> images/s`."""
+  model = dj.make_model(preset)
+  params = _init_params(model)
+  x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
+  t = jnp.full((batch,), 500, jnp.int32)
+  compiled = jax.jit(lambda p, x, t: model.apply(p, x, t)).lower(params, x, t).compile()
+  compiled(params, x, t).block_until_ready()
+
+  def round_(iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      compiled(params, x, t).block_until_ready()
+    return batch * iters / (time.perf_counter() - t0)
+
+  return round_
+
+
+def jax_vae_round(images_u8: np.ndarray) -> Callable:
+  """The VAE epoch (784-400-20, batch 128), compiled once: `round() -> seconds`."""
+  import optax
+
+  vae = vj.make_vae("mlp", 20, 400)
+  tx = optax.adam(1e-3)
+  holder = [vj.create_state(jax.random.key(0), vae, tx, 20)]
+  train_epoch = jax.jit(
+    vj.make_train_epoch(vae, tx, base_rng=jax.random.key(1), batch_size=128), donate_argnums=0
+  )
+  images = jax.device_put(images_u8)
+  compiled = train_epoch.lower(holder[0], images, 0).compile()
+  epoch = [0]
+
+  def round_() -> float:
+    t0 = time.perf_counter()
+    holder[0], m = compiled(holder[0], images, epoch[0])
+    jax.block_until_ready(m)
+    epoch[0] += 1
+    return time.perf_counter() - t0
+
+  round_()
+  return round_
+
+
+def jax_ancestral_round(preset: str, batch: int, T: int = 1000) -> Callable:
+  """Ancestral sampling over all T steps, compiled once: `round() -> seconds`."""
+  model = dj.make_model(preset)
+  params = _init_params(model)
+  schedule = dj.make_schedule("linear", T)
+  shape = (batch, 28, 28, 1)
+  fn = jax.jit(
+    lambda p, r: dj.sample(lambda x, t: model.apply(p, x, t), schedule, r, shape, "ddpm", T)
+  )
+  compiled = fn.lower(params, jax.random.key(1)).compile()
+  n = [0]
+
+  def round_() -> float:
+    n[0] += 1
+    t0 = time.perf_counter()
+    compiled(params, jax.random.key(n[0])).block_until_ready()
+    return time.perf_counter() - t0
+
+  return round_
+
+
+def interleave(jax_round: Callable, torch_round: Callable, rounds: int, faster: str) -> dict:
+  """Runs JAX, PyTorch, JAX, PyTorch, ... `rounds` times; the ratio of each
+  round is JAX's speed over PyTorch's (`faster`: "higher" for throughputs,
+  "lower" for seconds), reported as the median with its min and max."""
+  js, ts = [], []
+  for _ in range(rounds):
+    js.append(jax_round())
+    ts.append(torch_round())
+  ratios = [j / t if faster == "higher" else t / j for j, t in zip(js, ts)]
+  return {
+    "jax": float(np.median(js)),
+    "torch": float(np.median(ts)),
+    "ratio": float(np.median(ratios)),
+    "ratio_min": min(ratios),
+    "ratio_max": max(ratios),
+    "ratios": ratios,
+    "rounds": rounds,
+  }
+
+
+def compare_with_torch(batch: int, iters: int, rounds: int, ancestral_rounds: int) -> dict:
+  """JAX against the seeds' PyTorch code, interleaved round by round."""
+  out = {"threads": torch_ref.torch.get_num_threads()}
+  jt, tt = jax_train_round("simple", batch), torch_ref.make_train_round(batch)
+  out["train"] = interleave(lambda: jt(iters), lambda: tt(iters), rounds, "higher")
+  jf, tf = jax_forward_round("simple", 64), torch_ref.make_forward_round(64)
+  out["forward"] = interleave(lambda: jf(3 * iters), lambda: tf(3 * iters), rounds, "higher")
+  images = mnist_like()
+  jv = jax_vae_round(images)
+  out["vae"] = interleave(jv, lambda: torch_ref.vae_epoch_seconds(images), rounds, "lower")
+  out["vae_seed_loop"] = interleave(
+    jv, lambda: torch_ref.vae_epoch_seconds_seed_loop(images), max(3, rounds // 2), "lower"
+  )
+  if ancestral_rounds:
+    ja, ta = jax_ancestral_round("simple", 64), torch_ref.make_ancestral_round(64)
+    out["ancestral_1000"] = interleave(ja, ta, ancestral_rounds, "lower")
+  for name, r in out.items():
+    if isinstance(r, dict):
+      print(
+        f"{name:16s} JAX {r['jax']:9.2f}  PyTorch {r['torch']:9.2f}  ratio {r['ratio']:.2f} "
+        f"(min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f}, {r['rounds']} rounds)",
+        flush=True,
+      )
+  return out
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -310,7 +454,19 @@ def main(argv=None) -> None:
   p.add_argument("--batch", type=int, default=128, help="train batch size")
   p.add_argument("--bf16", action="store_true", help="also time bf16 compute (GPU/TPU)")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+  p.add_argument(
+    "--rounds", type=int, default=5, help="interleaved JAX/PyTorch rounds per figure (>= 1)"
+  )
+  p.add_argument(
+    "--ancestral_rounds",
+    type=int,
+    default=None,
+    help="interleaved rounds of 1000-step ancestral sampling of 64 images "
+    "(about 6 minutes a round on 2 cores; default 0 with --quick, else 2)",
+  )
   a = p.parse_args(argv)
+  if a.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {a.rounds}")
   quick = a.quick
   iters = 3 if quick else 8
   presets = (a.presets or ("simple" if quick else "simple,simple_half,tiny")).split(",")
@@ -329,6 +485,8 @@ def main(argv=None) -> None:
     "jax": jax.__version__,
     "torch": torch_ref.torch.__version__ if use_torch else None,
     "hugepages": runtime.hugepages_active(),
+    "caches": nnbase.tuning.cpu_caches(),
+    "tuning": tuning_values(),
   }
   print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
   peak = matmul_peak(2048 if dev.platform == "cpu" else 8192)
@@ -395,29 +553,30 @@ def main(argv=None) -> None:
     flush=True,
   )
 
-  jax_train = (
-    next(r["images_per_sec"] for r in rows if r["preset"] == "simple" and r["dtype"] == "float32")
-    if "simple" in presets
-    else None
-  )
   out["torch"] = None
   if use_torch:
-    tt = torch_ref.ddpm_train_throughput(a.batch, iters=iters)
-    tf = torch_ref.forward_throughput(64, iters=3 * iters)
-    tv = min(torch_ref.vae_epoch_seconds(mnist_like()) for _ in range(2 if quick else 3))
-    tvs = min(torch_ref.vae_epoch_seconds_seed_loop(mnist_like()) for _ in range(2 if quick else 3))
-    out["torch"] = {
-      "train": tt,
-      "forward": tf,
-      "vae_epoch_seconds": tv,
-      "vae_epoch_seconds_seed_loop": tvs,
-      "threads": torch_ref.torch.get_num_threads(),
-    }
+    anc = a.ancestral_rounds if a.ancestral_rounds is not None else (0 if quick else 2)
     print(
-      f"\nPyTorch {machine['torch']} ({out['torch']['threads']} threads): train simple "
-      f"{tt['images_per_sec']:.1f} img/s, forward 64 {tf['images_per_sec']:.0f} img/s, "
-      f"VAE epoch {tv:.2f} s (preloaded tensor), {tvs:.2f} s (seed loop: DataLoader)",
+      f"\nPyTorch {machine['torch']} against JAX, interleaved ({a.rounds} rounds; "
+      "ratio = JAX speed / PyTorch speed):",
       flush=True,
+    )
+    t = out["torch"] = compare_with_torch(a.batch, iters, a.rounds, anc)
+    for name, key in (("train", "train"), ("sampler", "forward"), ("vae", "vae")):
+      for suffix in ("", "_min", "_max"):
+        out[f"{name}_ratio{suffix}"] = t[key]["ratio" + suffix]
+    out["vae_ratio_seed_loop"] = t["vae_seed_loop"]["ratio"]
+    # The best vae_ratio any implementation could reach here: PyTorch's epoch
+    # over the time of the matrix products alone.
+    out["vae_ratio_bound"] = _ratio(t["vae"]["torch"], floor["seconds"])
+    if "ancestral_1000" in t:
+      out["ancestral_ratio"] = t["ancestral_1000"]["ratio"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    print(
+      f"train_ratio {fmt(out['train_ratio'])} (target >= 1.2), sampler_ratio "
+      f"{fmt(out['sampler_ratio'])} (>= 1.2), vae_ratio {fmt(out['vae_ratio'])} (>= 2.2; "
+      f"{fmt(out['vae_ratio_seed_loop'])} against the seed's DataLoader loop; matrix products "
+      f"alone would give {fmt(out['vae_ratio_bound'])})"
     )
   else:
     print(
@@ -425,21 +584,6 @@ def main(argv=None) -> None:
       + ("--no_torch" if a.no_torch else "torch is not installed (pip install torch==2.13.0)"),
       flush=True,
     )
-  t = out["torch"]
-  out["train_ratio"] = _ratio(jax_train, t and t["train"]["images_per_sec"])
-  out["sampler_ratio"] = _ratio(fwd["images_per_sec"], t and t["forward"]["images_per_sec"])
-  out["vae_ratio"] = _ratio(t and t["vae_epoch_seconds"], vae["epoch_seconds"])
-  out["vae_ratio_seed_loop"] = _ratio(t and t["vae_epoch_seconds_seed_loop"], vae["epoch_seconds"])
-  # The best vae_ratio any implementation could reach here: PyTorch's epoch
-  # over the time of the matrix products alone.
-  out["vae_ratio_bound"] = _ratio(t and t["vae_epoch_seconds"], floor["seconds"])
-  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-  print(
-    f"train_ratio {fmt(out['train_ratio'])} (target >= 1.0), sampler_ratio "
-    f"{fmt(out['sampler_ratio'])} (>= 1.0), vae_ratio {fmt(out['vae_ratio'])} (>= 3.0; "
-    f"{fmt(out['vae_ratio_seed_loop'])} against the seed's DataLoader loop; matrix products "
-    f"alone would give {fmt(out['vae_ratio_bound'])})"
-  )
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["device_peak_bytes"] = _device_peak_bytes()
   if a.json:

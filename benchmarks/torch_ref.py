@@ -92,8 +92,9 @@ def _linear_alphas_cumprod(T=1000):
   return torch.cumprod(1 - betas, 0)
 
 
-def ddpm_train_throughput(batch: int = 128, iters: int = 10, warmup: int = 2) -> dict:
-  """Seed 001's train step (random t, q_sample, MSE, Adam 1e-3): images/s."""
+def make_train_round(batch: int = 128, warmup: int = 2):
+  """Seed 001's train step (random t, q_sample, MSE, Adam 1e-3), built once:
+  returns `round(iters) -> images/s` (warmed up)."""
   torch.manual_seed(0)
   model = SimpleUNet()
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -113,15 +114,19 @@ def ddpm_train_throughput(batch: int = 128, iters: int = 10, warmup: int = 2) ->
 
   for _ in range(warmup):
     step()
-  t0 = time.perf_counter()
-  for _ in range(iters):
-    step()
-  dt = (time.perf_counter() - t0) / iters
-  return {"images_per_sec": batch / dt, "step_ms": 1e3 * dt}
+
+  def round_(iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      step()
+    return batch * iters / (time.perf_counter() - t0)
+
+  return round_
 
 
-def forward_throughput(batch: int = 64, iters: int = 20, warmup: int = 3) -> dict:
-  """One sampler step's network call (no grad) on `batch` images: images/s."""
+def make_forward_round(batch: int = 64, warmup: int = 3):
+  """One sampler step's network call (no grad) on `batch` images, built once:
+  returns `round(iters) -> images/s`."""
   torch.manual_seed(0)
   model = SimpleUNet().eval()
   x = torch.randn(batch, 1, 28, 28)
@@ -129,11 +134,50 @@ def forward_throughput(batch: int = 64, iters: int = 20, warmup: int = 3) -> dic
   with torch.no_grad():
     for _ in range(warmup):
       model(x, t)
+
+  def round_(iters: int) -> float:
+    with torch.no_grad():
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        model(x, t)
+    return batch * iters / (time.perf_counter() - t0)
+
+  return round_
+
+
+def make_ancestral_round(batch: int = 64, T: int = 1000):
+  """The seed's sampling loop (Algorithm 2, beta variance) for `batch` images
+  over all T steps: returns `round() -> seconds`."""
+  torch.manual_seed(0)
+  model = SimpleUNet().eval()
+  betas = torch.linspace(1e-4, 0.02, T)
+  alphas = 1 - betas
+  ab = torch.cumprod(alphas, 0)
+
+  def round_() -> float:
     t0 = time.perf_counter()
-    for _ in range(iters):
-      model(x, t)
-  dt = (time.perf_counter() - t0) / iters
-  return {"images_per_sec": batch / dt, "forward_ms": 1e3 * dt}
+    with torch.no_grad():
+      x = torch.randn(batch, 1, 28, 28)
+      for i in reversed(range(T)):
+        t = torch.full((batch,), i)
+        eps = model(x, t)
+        mean = (x - betas[i] / (1 - ab[i]).sqrt() * eps) / alphas[i].sqrt()
+        x = mean + (betas[i].sqrt() * torch.randn_like(x) if i > 0 else 0)
+    return time.perf_counter() - t0
+
+  return round_
+
+
+def ddpm_train_throughput(batch: int = 128, iters: int = 10, warmup: int = 2) -> dict:
+  """Seed 001's train step: images/s over `iters` steps after `warmup`."""
+  ips = make_train_round(batch, warmup)(iters)
+  return {"images_per_sec": ips, "step_ms": 1e3 * batch / ips}
+
+
+def forward_throughput(batch: int = 64, iters: int = 20, warmup: int = 3) -> dict:
+  """One sampler step's network call (no grad) on `batch` images: images/s."""
+  ips = make_forward_round(batch, warmup)(iters)
+  return {"images_per_sec": ips, "forward_ms": 1e3 * batch / ips}
 
 
 def _vae_step(model, opt, x):

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nnbase import tuning
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -49,9 +51,12 @@ def _patches(x, kh, kw, pads, strides=(1, 1)):
 # Bytes of one chunk's patch matrix (rows x kh*kw*Cin floats). Every GEMM
 # convolution below runs as a `lax.scan` over batch chunks of about this size,
 # so a chunk's patches stay in cache between their construction and the GEMM:
-# on 2 AVX2 cores this takes the 28x28 convolutions from 50-80 to 110-160
-# GFLOP/s (benchmarks/levers.py and the README's speed section).
-CHUNK_BYTES = 7 * 2**20
+# the size depends on the machine's caches (nnbase/tuning.py: a measured choice
+# from `python -m benchmarks.tune`, else a rule from the cache sizes).
+CHUNK_BYTES = tuning.chunk_bytes()
+# Whether gemm_conv=None means the GEMM path on CPU (off only if tuning measured
+# the plain XLA convolutions faster on this machine).
+GEMM_BY_DEFAULT = tuning.gemm_default()
 
 
 def _chunk_images(batch: int, rows_per_image: int, row_bytes: int = 4 * 1152) -> int:
@@ -421,7 +426,7 @@ def use_gemm_conv(
   backend, for layers with >= GEMM_MIN_CHANNELS input or output channels."""
   if gemm_conv is not None:
     return bool(gemm_conv)
-  return jax.default_backend() == "cpu" and max(cin, cout) >= GEMM_MIN_CHANNELS
+  return GEMM_BY_DEFAULT and jax.default_backend() == "cpu" and max(cin, cout) >= GEMM_MIN_CHANNELS
 
 
 class Conv(nn.Module):
