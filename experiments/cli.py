@@ -228,7 +228,9 @@ def check_values(config) -> None:
 def load_config(config_cls, workdir: str) -> tuple:
   """(config, preset) stored in `workdir/config.json` for the job of `config_cls`.
 
-  Every field must be present with a value of its type; UsageError otherwise.
+  Every field must be present with a value of its type (fields named in the
+  class's `ADDED_LATER` may be absent: runs from before them used their
+  defaults); UsageError otherwise.
   """
   stored = stored_fields(workdir)
   path = os.path.join(workdir, "config.json")
@@ -239,12 +241,14 @@ def load_config(config_cls, workdir: str) -> tuple:
     raise UsageError(
       f"{path} has unknown fields {sorted(unknown)}; it was written by another job or version"
     )
-  missing = sorted(known - set(stored))
+  later = set(getattr(config_cls, "ADDED_LATER", ()))  # absent in older runs: defaults hold
+  missing = sorted(known - set(stored) - later)
   if missing:
     raise UsageError(
       f"{path} lacks the fields {missing}; it was written by another version "
       "or edited by hand. Restore them, or use a new workdir"
     )
+  known &= set(stored)
   for k in sorted(known):
     if not _type_ok(hints[k], stored[k]):
       raise UsageError(

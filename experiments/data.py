@@ -1,4 +1,5 @@
-"""MNIST, verified by hash, as uint8 arrays.
+"""Image datasets as uint8 arrays: MNIST verified by hash, any other TFDS image
+dataset read from its prepared files (`load_train_images`).
 
 Sources, in order:
 1. TensorFlow Datasets, when `mnist` is already prepared in the TFDS data dir
@@ -250,3 +251,65 @@ def load_mnist(cache_dir: str | None = None, use_tfds: bool = True) -> MNIST:
   """MNIST train (60k) and test (10k) as uint8; see the module docstring."""
   ds = load_tfds() if use_tfds else None
   return ds if ds is not None else load_offline(cache_dir)
+
+
+class ImageData(NamedTuple):
+  """A training split: images uint8 [N, H, W, C], labels int [N], and the
+  number of classes (0 when the dataset has no class label)."""
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  num_classes: int
+  source: str
+
+
+def tfds_data_dir(data_dir: str | None = None) -> str:
+  return data_dir or os.environ.get(
+    "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+  )
+
+
+def load_tfds_images(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
+  """A prepared TFDS dataset's `image` (and `label`) feature, read without
+  TensorFlow through `tfds.data_source`; DataError naming the dataset and the
+  data dir when it is missing, unprepared or has no uint8 image feature."""
+  data_dir = tfds_data_dir(data_dir)
+  try:
+    import tensorflow_datasets as tfds
+
+    src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    features = tfds.builder(name, data_dir=data_dir).info.features
+    examples = [src[i] for i in range(len(src))]
+  except Exception as e:  # not registered, not prepared, unreadable, TFDS missing
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise DataError(
+      f"dataset {name!r} (split {split!r}) cannot be read from the TFDS data dir {data_dir}: "
+      f"{type(e).__name__}: {first}. Prepare it there (`tfds build {name} --data_dir "
+      f"{data_dir}` where the internet is reachable), or pass --data_dir"
+    ) from None
+  if not examples or "image" not in examples[0]:
+    raise DataError(f"dataset {name!r} in {data_dir} has no 'image' feature (or no examples)")
+  images = np.stack([np.asarray(e["image"]) for e in examples])
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise DataError(
+      f"dataset {name!r}: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
+    )
+  label = features["label"] if "label" in features else None
+  num_classes = int(getattr(label, "num_classes", 0) or 0)
+  labels = (
+    np.array([int(e["label"]) for e in examples], np.int32)
+    if num_classes
+    else np.zeros(len(examples), np.int32)
+  )
+  return ImageData(images, labels, num_classes, f"tensorflow-datasets {name} ({data_dir})")
+
+
+def load_train_images(name: str = "mnist", data_dir: str | None = None) -> ImageData:
+  """The training split of `name`: MNIST as `load_mnist` (with its verified
+  offline copy), any other dataset through `load_tfds_images`."""
+  if name == "mnist":
+    m = load_mnist()
+    return ImageData(m.train_images, m.train_labels, 10, m.source)
+  return load_tfds_images(name, "train", data_dir)

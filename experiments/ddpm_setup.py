@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,17 @@ class Config:
     "U-Net compute dtype: float32, or bfloat16 for "
     "GPU/TPU mixed precision (parameters and optimizer stay float32)",
   )
+  dataset: str = cli.flag(
+    "mnist",
+    "a TFDS image dataset with an 'image' feature (mnist, fashion_mnist, kmnist, cifar10, "
+    "...), prepared in --data_dir; mnist also has a verified offline copy",
+  )
+  data_dir: Optional[str] = cli.flag(
+    None, "TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+  )
+
+  # Fields a config.json from before them may lack (their defaults held then).
+  ADDED_LATER: ClassVar[tuple] = ("dataset", "data_dir")
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -258,30 +269,40 @@ def validate(config: Config) -> None:
   need(config.num_samples >= 1, f"--num_samples must be >= 1, got {config.num_samples}")
   for name in ("sample_every_epochs", "checkpoint_every_steps", "log_every_steps"):
     need(getattr(config, name) >= 1, f"--{name} must be >= 1, got {getattr(config, name)}")
+  check_image_size(config, (28, 28) if config.dataset == "mnist" else None)
+
+
+def check_image_size(config: Config, size) -> None:
+  """UsageError when the model's downsampling does not divide the images' H and W
+  (size None: not known yet, nothing to check)."""
   factor = dj.make_model(config.model).downsample_factor
-  need(
-    28 % factor == 0,
-    f"--model {config.model} downsamples by {factor}; MNIST's 28x28 is not "
-    f"divisible by it; choose a model with fewer levels (e.g. simple, tiny)",
-  )
+  if size is not None and (size[0] % factor or size[1] % factor):
+    raise cli.UsageError(
+      f"--model {config.model} downsamples by {factor}; {config.dataset}'s "
+      f"{size[0]}x{size[1]} images are not divisible by it; choose a model with fewer "
+      "levels (e.g. simple, tiny)"
+    )
 
 
 NUM_CLASSES = 10  # MNIST digits
 MAX_TIMESTEPS = 100_000
 
 
-def build_model(config: Config):
-  """The configured U-Net (class-conditional with --conditional)."""
+def build_model(config: Config, num_classes: int = 0):
+  """The configured U-Net (class-conditional with --conditional: `num_classes`
+  classes, MNIST's 10 when not given)."""
   return dj.make_model(
     config.model,
     dtype=COMPUTE_DTYPES[config.compute_dtype],
-    num_classes=NUM_CLASSES if config.conditional else 0,
+    num_classes=(num_classes or NUM_CLASSES) if config.conditional else 0,
   )
 
 
-def grid_labels(config: Config) -> np.ndarray:
-  """Digit-major labels of the conditional grid: samples_per_class of each digit."""
-  return np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), config.samples_per_class)
+def grid_labels(config: Config, num_classes: int = 0) -> np.ndarray:
+  """Class-major labels of the conditional grid: samples_per_class of each class
+  (MNIST's 10 digits when num_classes is not given)."""
+  n = num_classes or NUM_CLASSES
+  return np.repeat(np.arange(n, dtype=np.int32), config.samples_per_class)
 
 
 to_float = pixels.u8_to_signed  # uint8 -> [-1, 1] (the seeds' Normalize(0.5, 0.5))
@@ -340,8 +361,14 @@ def sampler_timesteps(config: Config) -> np.ndarray:
 
 def load_trained(workdir: str):
   """(config, model, schedule, ema_params, step) of the DDPM run in `workdir`,
-  from its latest checkpoint; UsageError when there is none."""
+  from its latest checkpoint; UsageError when there is none, or when the run
+  trained on another dataset than MNIST (whose shapes this loader assumes)."""
   config, _ = cli.load_config(Config, workdir)
+  if config.dataset != "mnist":
+    raise cli.UsageError(
+      f"{workdir} trained on {config.dataset}; loading a trained model for sampling and "
+      "evaluation supports MNIST runs (the training job's grids show the others)"
+    )
   validate(config)
   model = build_model(config)
   schedule = make_schedule(config)

@@ -379,6 +379,12 @@ def resolve_ddpm(r: Request) -> None:
     config = ddpm_setup.Config(**r.pretrained.record["config"])
   else:
     config, _ = cli.load_config(ddpm_setup.Config, r.workdir)
+  if config.dataset != "mnist":
+    raise cli.UsageError(
+      f"{r.workdir} trained on {config.dataset}: FD-MNIST, the readable fraction and the "
+      "MNIST classifier measure MNIST runs only (a number here would mean nothing); "
+      "look at its sample grids"
+    )
   T = config.timesteps
   r.sampler = a.sampler or config.sampler
   r.eta = config.eta if a.eta is None else a.eta

@@ -20,7 +20,7 @@ import numpy as np
 import ddpm_jax as dj
 from experiments import cli, distributed, plotting
 from experiments.checkpoints import Checkpointer, resume_or_init
-from experiments.data import load_mnist
+from experiments.data import load_train_images
 from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   COMPUTE_DTYPES,
   DDIM_DEFAULT_STEPS,
@@ -31,6 +31,7 @@ from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   SAMPLERS,
   Config,
   build_model,
+  check_image_size,
   grid_labels,
   load_trained,
   make_sampler,
@@ -85,10 +86,11 @@ def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_tr
 
 def grid_sampler(config: Config, model, schedule, image_shape):
   """(sample(params, rng) -> images, grid row length, title words) for the sample grids."""
-  if config.conditional:  # one row per digit
-    digits = grid_labels(config)
-    sample = make_sampler(config, model, schedule, (len(digits),) + image_shape, labels=digits)
-    return sample, config.samples_per_class, f"rows 0-9, guidance {config.guidance_scale:g}, "
+  if config.conditional:  # one row per class
+    classes = grid_labels(config, model.num_classes)
+    sample = make_sampler(config, model, schedule, (len(classes),) + image_shape, labels=classes)
+    rows = f"rows 0-{model.num_classes - 1}, guidance {config.guidance_scale:g}, "
+    return sample, config.samples_per_class, rows
   sample = make_sampler(config, model, schedule, (config.num_samples,) + image_shape)
   return sample, 8, ""
 
@@ -103,17 +105,24 @@ def train_and_evaluate(
   """
   validate(config)
   cli.prepare_workdir(workdir)
-  mnist = load_mnist()
-  print(f"MNIST: {mnist.train_images.shape[0]} train images from {mnist.source}", file=sys.stderr)
+  data = load_train_images(config.dataset, config.data_dir)
+  print(
+    f"{config.dataset}: {data.train_images.shape[0]} train images "
+    f"{'x'.join(map(str, data.train_images.shape[1:]))} from {data.source}",
+    file=sys.stderr,
+  )
+  check_image_size(config, data.train_images.shape[1:3])
+  if config.conditional and not data.num_classes:
+    raise cli.UsageError(f"--conditional needs class labels; {config.dataset} has none")
   mesh = dj.parallel.make_mesh()  # data parallel over every device
   rep = dj.parallel.replicated(mesh)
   # uint8 on every device and shuffled there; each device gathers its slice of a batch.
-  images = jax.device_put(mnist.train_images, rep)
-  train_labels = jax.device_put(mnist.train_labels.astype(np.int32), rep)
+  images = jax.device_put(data.train_images, rep)
+  train_labels = jax.device_put(data.train_labels.astype(np.int32), rep)
   n_train, image_shape = images.shape[0], tuple(images.shape[1:])
 
   schedule = make_schedule(config)
-  model = build_model(config)
+  model = build_model(config, data.num_classes)
   batch = config.batch_size
   steps_per_epoch = n_train // batch
   total_steps = config.steps or config.epochs * steps_per_epoch
@@ -238,7 +247,7 @@ def final_pictures(
     "samples_final.png",
     f"final samples, step {total_steps} (EMA, {config.sampler} {len(ts)} steps)",
   )
-  n_grid = len(grid_labels(config)) if config.conditional else config.num_samples
+  n_grid = len(grid_labels(config, model.num_classes)) if config.conditional else config.num_samples
   print(
     f"sampled {n_grid} images in {time.perf_counter() - t0:.1f} s (compile included)",
     file=sys.stderr,
