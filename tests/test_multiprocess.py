@@ -201,3 +201,16 @@ def test_sigkill_of_one_process_ends_the_other_and_keeps_the_checkpoint(tmp_path
   assert checkpoints.verify_manifest(str(workdir / "checkpoints" / str(latest))) is None
   for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "2"])):
     assert rc == 0 and "resumed from checkpoint at step" in err, err[-3000:]
+
+
+def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  args = ["--preset", "smoke", "--epochs", "2"]
+  for rc, err in _finish(_start("experiments.mnist_vae", ["--workdir", str(multi), *args])):
+    assert rc == 0, err[-3000:]
+  _single("experiments.mnist_vae", ["--workdir", str(single), *args], devices=2)
+  two = json.loads((multi / "final_eval.json").read_text())
+  one = json.loads((single / "final_eval.json").read_text())
+  for k in ("test_nll_iwae", "test_neg_elbo", "final_test_loss"):
+    assert two[k] == pytest.approx(one[k], rel=1e-6), k
+  assert [r["epoch"] for r in _metrics(multi)] == [1, 2]  # one writer
