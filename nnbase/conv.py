@@ -3,8 +3,9 @@
 `Conv` computes the same function as `flax.linen.Conv` (same parameter names
 and shapes) through `conv_gemm`: the forward pass, the input gradient and the
 weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
-of image patches. On XLA:CPU this is 1.2-2.5x faster than XLA's own
-convolutions for the seed U-Net's layers (measured in `benchmarks/`).
+of image patches. On XLA:CPU this beats XLA's own convolutions for the seed
+U-Net's layers (`python -m benchmarks.levers` measures it; figures in
+docs/design.md).
 `ConvTranspose2x` is the 4x4/stride-2 transposed convolution as four phase
 convolutions built on the same primitive.
 """
@@ -139,8 +140,8 @@ def _conv3x3_winograd(x, w):
 
   Per batch chunk: the input transform (16 tiles' worth of adds), one batched
   GEMM [16, tiles, Cin] @ [16, Cin, Cout], the output transform. 2.25x fewer
-  multiplications than the direct convolution; on 2 AVX2 cores 1.3-1.6x faster
-  than `_conv_gemm` at the seed U-Net's 3x3 layers. Odd sizes are padded to
+  multiplications than the direct convolution (faster than `_conv_gemm` at the
+  seed U-Net's 3x3 layers: docs/design.md). Odd sizes are padded to
   even and cropped. Float32 error is ~1e-6 relative.
 
   Args:
