@@ -141,10 +141,10 @@ PRESETS = {
   },
   "quick_cond": {
     "_doc": "the quick recipe, class-conditional (label and time embedding in every block, "
-    "label dropout 0.1); grids of each digit with classifier-free guidance 3",
+    "label dropout 0.1); grids of each digit with classifier-free guidance 2",
     "model": "simple_half",
     "conditional": True,
-    "guidance_scale": 3.0,
+    "guidance_scale": 2.0,
     **_QUICK,
   },
   "smoke": {
