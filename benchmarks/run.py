@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -41,16 +40,7 @@ import vae_jax as vj
 from benchmarks import torch_ref
 from experiments import runtime
 
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+cpu_name = nnbase.tuning.cpu_model  # one home for the CPU model string
 
 
 def _time(fn: Callable, iters: int) -> float:
