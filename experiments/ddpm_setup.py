@@ -278,9 +278,9 @@ def check_image_size(config: Config, size) -> None:
   factor = dj.make_model(config.model).downsample_factor
   if size is not None and (size[0] % factor or size[1] % factor):
     raise cli.UsageError(
-      f"--model {config.model} downsamples by {factor}; {config.dataset}'s "
-      f"{size[0]}x{size[1]} images are not divisible by it; choose a model with fewer "
-      "levels (e.g. simple, tiny)"
+      f"--model {config.model} downsamples by {factor}; {config.dataset}'s image size "
+      f"{size[0]}x{size[1]} is not divisible by it; choose a model with fewer levels "
+      "(e.g. simple, tiny)"
     )
 
 
