@@ -13,7 +13,9 @@ steps), `--stop_after_*`, and the checkpoint at the point where it stops.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -95,13 +97,32 @@ class Runner:
     self._msg = _MESSAGES[unit]
     self.preemption = Preemption()
     self._stop = False  # multi-process: a stop agreed by all
+    self.interrupted = False  # Ctrl-C seen; raised as KeyboardInterrupt between units
+    self._sigint_previous = None
 
   def __enter__(self) -> "Runner":
     self.preemption.__enter__()
+    if threading.current_thread() is threading.main_thread():
+      # Ctrl-C stops the loop between units, never inside a checkpoint write
+      # (a KeyboardInterrupt raised inside Orbax can be lost or leave a
+      # half-written step); a second Ctrl-C is ignored while cleaning up.
+      self._sigint_previous = signal.signal(signal.SIGINT, self._on_sigint)
     return self
 
   def __exit__(self, *exc) -> bool:
+    if self._sigint_previous is not None:
+      signal.signal(signal.SIGINT, self._sigint_previous)
+      self._sigint_previous = None
     return self.preemption.__exit__(*exc)
+
+  def _on_sigint(self, signum, frame) -> None:
+    self.interrupted = True
+
+  def _raise_if_interrupted(self) -> None:
+    if self.interrupted:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: ignored
+      self._sigint_previous = None
+      raise KeyboardInterrupt
 
   # ------------------------------------------------------------------ pieces
 
@@ -178,6 +199,7 @@ class Runner:
     )
     try:
       while self.position < self.end:
+        self._raise_if_interrupted()
         if self.stop_requested():
           break
         nonfinite = unit_fn(self.position)
@@ -193,6 +215,7 @@ class Runner:
           self.save(self.position)
     finally:
       pbar.close()
+    self._raise_if_interrupted()
     self.check_finite()
     if self.last_saved != self.position:
       self.save(self.position)
