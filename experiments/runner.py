@@ -110,10 +110,15 @@ class Runner:
     return self
 
   def __exit__(self, *exc) -> bool:
+    self._release_sigint()
+    return self.preemption.__exit__(*exc)
+
+  def _release_sigint(self) -> None:
+    """Gives Ctrl-C back to its previous handler (after the loop: the final
+    stages are interrupted as usual)."""
     if self._sigint_previous is not None:
       signal.signal(signal.SIGINT, self._sigint_previous)
       self._sigint_previous = None
-    return self.preemption.__exit__(*exc)
 
   def _on_sigint(self, signum, frame) -> None:
     self.interrupted = True
@@ -216,6 +221,7 @@ class Runner:
     finally:
       pbar.close()
     self._raise_if_interrupted()
+    self._release_sigint()
     self.check_finite()
     if self.last_saved != self.position:
       self.save(self.position)
