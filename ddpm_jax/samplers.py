@@ -364,12 +364,15 @@ def dpm_solver_sample(
   spacing: str = "logsnr",
   clip_x0: Union[bool, Tuple[float, float]] = False,
   lower_order_final: bool = True,
+  stochastic: bool = False,
+  temperature: float = 1.0,
   trajectory_every: Optional[int] = None,
   x_T: Optional[jnp.ndarray] = None,
   dtype: Any = jnp.float32,
 ) -> Any:
   """DPM-Solver++(2M) (Lu et al. 2022): a second-order multistep solver of the
-  probability-flow ODE in data-prediction form, deterministic given x_T.
+  probability-flow ODE in data-prediction form, deterministic given x_T; with
+  `stochastic`, SDE-DPM-Solver++(2M), the same solver for the reverse SDE.
 
   With lambda_t = log(a_t / s_t) (a_t = sqrt(ab_t), s_t = sqrt(1 - ab_t)),
   h = lambda_s - lambda_t and D the data prediction:
@@ -377,7 +380,14 @@ def dpm_solver_sample(
     x_s = (s_s / s_t) x_t - a_s expm1(-h) D,
     D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev,  r = h_prev / h,
 
-  first order (D = x0_t) on the first step. After the last visited timestep
+  first order (D = x0_t) on the first step. The stochastic solver steps
+
+    x_s = (s_s / s_t) e^-h x_t - a_s expm1(-2h) D + s_s sqrt(-expm1(-2h)) z;
+
+  its first-order step is exactly the ancestral step t -> s with the
+  posterior variance (beta-tilde), so it is the second-order form of the
+  ancestral sampler and keeps that sampler's error-correcting noise at a
+  fraction of its steps. After the last visited timestep
   the sample is its x0 prediction (a first-order step to noise level 0).
   With `lower_order_final` (as in the reference DPM-Solver code and
   diffusers) the step onto the last visited timestep is first order too:
@@ -386,11 +396,13 @@ def dpm_solver_sample(
 
   Args:
     eps_fn, schedule, rng, shape, clip_x0, trajectory_every, x_T, dtype: as
-      in `ddim_sample` (rng only draws x_T).
+      in `ddim_sample` (rng draws x_T, and the noise when stochastic).
     num_steps: model evaluations, in [1, T].
     spacing: "logsnr" (default: even steps in lambda, from T-1 to 0, see
       `logsnr_timesteps`) or a `ddim_timesteps` spacing.
     lower_order_final: first-order step onto the last visited timestep.
+    stochastic: solve the reverse SDE (noise drawn from rng) instead of the ODE.
+    temperature: scales the stochastic solver's noise (1.0 = standard).
 
   Returns:
     x0 [*shape], or (x0, frames) when trajectory_every is set.
@@ -403,8 +415,11 @@ def dpm_solver_sample(
     ts = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
   ts_next = np.concatenate([ts[1:], [-1]]).astype(np.int32)
   last_t = int(ts[-1]) if lower_order_final else -2  # -2: never matches
+  if not temperature >= 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+  rng_init, rng_steps = jax.random.split(rng)  # as in the ancestral sampler
   if x_T is None:
-    x_T = jax.random.normal(jax.random.split(rng)[0], shape, dtype)
+    x_T = jax.random.normal(rng_init, shape, dtype)
   elif tuple(x_T.shape) != shape:
     raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
   B = shape[0]
@@ -426,7 +441,13 @@ def dpm_solver_sample(
     second = has_prev & ~final & (s != last_t)
     d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev, x0)
     ratio = jnp.exp(0.5 * (log_1m_ab[s_] - log_1m_ab[t]))  # s_s / s_t
-    x_next = ratio * x32 - jnp.exp(0.5 * log_ab[s_]) * jnp.expm1(-h) * d
+    a_s = jnp.exp(0.5 * log_ab[s_])
+    if stochastic:
+      z = jax.random.normal(jax.random.fold_in(rng_steps, t), shape, jnp.float32) * temperature
+      x_next = ratio * jnp.exp(-h) * x32 - a_s * jnp.expm1(-2 * h) * d
+      x_next = x_next + jnp.exp(0.5 * log_1m_ab[s_]) * jnp.sqrt(-jnp.expm1(-2 * h)) * z
+    else:
+      x_next = ratio * x32 - a_s * jnp.expm1(-h) * d
     x_next = jnp.where(final, x0, x_next)
     return x_next.astype(dtype), (x0, h, jnp.asarray(True))
 
@@ -434,11 +455,12 @@ def dpm_solver_sample(
   return _run(step, x_T, ts, ts_next, trajectory_every, aux=aux)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
+SAMPLERS = ("ddpm", "ddim", "dpm", "dpm_sde")
 # Steps and spacing each sampler uses when not told: ancestral over all T
-# steps, DDIM over 50, DPM-Solver++(2M) over 20 evenly spaced in log-SNR.
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm": 20}
-DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpm": "logsnr"}
+# steps, DDIM over 50, DPM-Solver++(2M) (ODE or SDE) over 20 evenly spaced in log-SNR.
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm": 20, "dpm_sde": 20}
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpm": "logsnr", "dpm_sde": "logsnr"}
+LOGSNR_SAMPLERS = ("dpm", "dpm_sde")
 
 
 def _resolve(schedule: Schedule, sampler: str, num_steps: Optional[int], spacing: Optional[str]):
@@ -448,7 +470,7 @@ def _resolve(schedule: Schedule, sampler: str, num_steps: Optional[int], spacing
   steps = num_steps if num_steps is not None else (DEFAULT_STEPS[sampler] or T)
   steps = min(steps, T) if num_steps is None else steps
   spacing = spacing or DEFAULT_SPACING[sampler]
-  allowed = SPACINGS + (("logsnr",) if sampler == "dpm" else ())
+  allowed = SPACINGS + (("logsnr",) if sampler in LOGSNR_SAMPLERS else ())
   if spacing not in allowed:
     raise ValueError(
       f"spacing {spacing!r} does not apply to the {sampler} sampler; expected one of {allowed}"
@@ -492,14 +514,15 @@ def sample(
     eps_fn: (x_t [B, ...], t [B] int32) -> eps.
     schedule, rng, shape, clip_x0, trajectory_every, x_T, dtype: as in
       `ddpm_sample`.
-    sampler: "ddpm" (ancestral), "ddim" or "dpm" (DPM-Solver++(2M)).
+    sampler: "ddpm" (ancestral), "ddim", "dpm" (DPM-Solver++(2M), the ODE) or
+      "dpm_sde" (SDE-DPM-Solver++(2M), the second-order ancestral sampler).
     num_steps: steps in [1, T]; None: `DEFAULT_STEPS` (T for ddpm, 50 for
-      ddim, 20 for dpm).
+      ddim, 20 for dpm and dpm_sde).
     spacing: None (`DEFAULT_SPACING`), or "trailing", "linspace",
-      "quadratic", and "logsnr" for dpm.
+      "quadratic", and "logsnr" for dpm and dpm_sde.
     eta: DDIM stochasticity (ddim only).
     variance: "beta" or "beta_tilde" (ddpm only).
-    temperature: noise scale of ddpm and ddim (dpm adds no noise: must be 1).
+    temperature: noise scale of ddpm, ddim and dpm_sde (dpm adds no noise: must be 1).
 
   Returns:
     x0 [*shape], or (x0, frames) when trajectory_every is set; the frames'
@@ -531,6 +554,20 @@ def sample(
       temperature=temperature,
       **common,
     )
+  if sampler == "dpm_sde":
+    return dpm_solver_sample(
+      eps_fn,
+      schedule,
+      rng,
+      shape,
+      steps,
+      spacing=spacing,
+      stochastic=True,
+      temperature=temperature,
+      **common,
+    )
   if temperature != 1.0:
-    raise ValueError("temperature applies to the ddpm and ddim samplers; dpm adds no noise")
+    raise ValueError(
+      "temperature applies to the ddpm, ddim and dpm_sde samplers; dpm adds no noise"
+    )
   return dpm_solver_sample(eps_fn, schedule, rng, shape, steps, spacing=spacing, **common)

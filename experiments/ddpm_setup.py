@@ -44,22 +44,25 @@ class Config:
   )
   min_snr_gamma: float = cli.flag(5.0, "gamma of --loss_weighting min_snr")
   sampler: str = cli.flag(
-    "ddpm", "sampler for the grids: ddpm (ancestral, all T steps), ddim or dpm (DPM-Solver++ 2M)"
+    "ddpm",
+    "sampler for the grids: ddpm (ancestral, all T steps), ddim, dpm (DPM-Solver++ 2M) or "
+    "dpm_sde (its stochastic form)",
   )
   sample_steps: Optional[int] = cli.flag(
     None,
-    "sampler steps (1..T); default: T for ddpm (fewer respace the chain), 50 for ddim, 20 for dpm",
+    "sampler steps (1..T); default: T for ddpm (fewer respace the chain), 50 for ddim, 20 for "
+    "dpm and dpm_sde",
   )
   eta: float = cli.flag(0.0, "DDIM stochasticity in [0, 1]")
   spacing: Optional[str] = cli.flag(
     None,
     "sampler timestep spacing: trailing, linspace or "
-    "quadratic (and logsnr for dpm); default: trailing, logsnr "
-    "for dpm",
+    "quadratic (and logsnr for dpm, dpm_sde); default: trailing, logsnr "
+    "for dpm and dpm_sde",
   )
   temperature: float = cli.flag(
     1.0,
-    "scale of the noise the ddpm and ddim samplers add at each "
+    "scale of the noise the ddpm, ddim and dpm_sde samplers add at each "
     "step (1 = exact; < 1 sharper, less diverse)",
   )
   variance: str = cli.flag("beta", "ancestral variance: beta (the seed's) or beta_tilde")
@@ -228,7 +231,9 @@ def validate(config: Config) -> None:
   )
   need(config.min_snr_gamma > 0, f"--min_snr_gamma must be > 0, got {config.min_snr_gamma}")
   need(0 <= config.eta <= 1, f"--eta must lie in [0, 1], got {config.eta}")
-  spacings = dj.samplers.SPACINGS + (("logsnr",) if config.sampler == "dpm" else ())
+  spacings = dj.samplers.SPACINGS + (
+    ("logsnr",) if config.sampler in dj.samplers.LOGSNR_SAMPLERS else ()
+  )
   need(
     config.spacing is None or config.spacing in spacings,
     f"--spacing must be one of {spacings} for --sampler {config.sampler}, got {config.spacing!r}",
@@ -236,7 +241,8 @@ def validate(config: Config) -> None:
   need(config.temperature >= 0, f"--temperature must be >= 0, got {config.temperature}")
   need(
     config.temperature == 1 or config.sampler != "dpm",
-    "--temperature applies to the ddpm and ddim samplers; dpm (DPM-Solver++) adds no noise",
+    "--temperature applies to the ddpm, ddim and dpm_sde samplers; dpm (DPM-Solver++) adds "
+    "no noise",
   )
   need(
     0 <= config.label_dropout <= 1,

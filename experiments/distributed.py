@@ -8,22 +8,33 @@
   process takes part in Orbax saves and restores, as Orbax requires.
 * A stop request (SIGTERM) seen by any process is shared by `any_process` at
   fixed positions, so all stop at the same step.
-* A dead peer: the coordination service's heartbeat (`HEARTBEAT_SECONDS`)
-  ends the survivors with an error instead of a hang in a collective.
+* A dead peer: every process publishes a beat in the coordination service's
+  key-value store every `BEAT_SECONDS` from a watchdog thread; a process
+  whose beat has not moved for `WATCHDOG_SECONDS` (or a coordinator that no
+  longer answers) ends the survivors with one line and `EXIT_PEER_LOST`
+  instead of a hang in a collective. JAX's own heartbeat
+  (`HEARTBEAT_SECONDS`, longer) stays behind it as a backstop.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
 
-from experiments.errors import UsageError
+from experiments.errors import EXIT_PEER_LOST, UsageError
 
-HEARTBEAT_SECONDS = 30  # a peer silent this long is declared dead; survivors stop
+WATCHDOG_SECONDS = 30.0  # a peer whose beat has not moved this long is declared dead
+BEAT_SECONDS = 2.0  # how often each process publishes its beat and reads the others'
+HEARTBEAT_SECONDS = 90  # JAX's own bound (it aborts the process): the backstop
 INIT_TIMEOUT_SECONDS = 120  # waiting for every process to join
+_BEAT_DIR = "ddpm_jax/beat/"
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -53,6 +64,7 @@ def initialize(args: argparse.Namespace) -> None:
     jax.distributed.initialize(
       initialization_timeout=INIT_TIMEOUT_SECONDS, heartbeat_timeout_seconds=HEARTBEAT_SECONDS
     )
+    start_watchdog()
     return
   if all(x is None for x in explicit):
     return
@@ -78,6 +90,70 @@ def initialize(args: argparse.Namespace) -> None:
     initialization_timeout=INIT_TIMEOUT_SECONDS,
     heartbeat_timeout_seconds=HEARTBEAT_SECONDS,
   )
+  start_watchdog()
+
+
+def _peer_lost(message: str) -> None:
+  """The watchdog's end of the process: one line, no cleanup (a collective
+  may hold the main thread forever), the exit code of a lost peer."""
+  sys.stderr.write(
+    f"\nerror: {message}; stopping. The last complete checkpoint is intact: rerun every "
+    "process with the same flags to resume from it.\n"
+  )
+  sys.stderr.flush()
+  os._exit(EXIT_PEER_LOST)
+
+
+def start_watchdog(
+  stale_after: float = WATCHDOG_SECONDS,
+  period: float = BEAT_SECONDS,
+  on_lost: Callable[[str], None] = _peer_lost,
+  client: Optional[Any] = None,
+  me: Optional[int] = None,
+  n: Optional[int] = None,
+) -> Optional[threading.Thread]:
+  """Starts the daemon thread that beats for this process and watches the
+  others' beats (no-op with one process). Beats are counters, not clocks, so
+  hosts need not agree on the time; a peer is dead when its counter has not
+  changed for `stale_after` seconds of this process's monotonic clock.
+  `client`, `me` and `n` default to JAX's coordination client, this process's
+  index and the process count (tests pass a fake client)."""
+  if client is None:
+    if not is_multiprocess():
+      return None
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+  me = jax.process_index() if me is None else me
+  n = jax.process_count() if n is None else n
+
+  def watch() -> None:
+    seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+    beat = 0
+    while True:
+      beat += 1
+      try:
+        client.key_value_set(f"{_BEAT_DIR}{me}", str(beat), allow_overwrite=True)
+        beats = dict(client.key_value_dir_get(_BEAT_DIR))
+      except Exception as e:  # the coordinator (process 0) is gone
+        on_lost(f"the coordinator stopped answering ({type(e).__name__}: {str(e)[:120]})")
+        return
+      now = time.monotonic()
+      for p, (value, since) in seen.items():
+        v = beats.get(f"{_BEAT_DIR}{p}")
+        if v != value:
+          seen[p] = (v, now)
+        elif now - since > stale_after:
+          on_lost(
+            f"process {p} of {n} sent no beat for {now - since:.0f} s (killed, or its host "
+            "was lost)"
+          )
+          return
+      time.sleep(period)
+
+  thread = threading.Thread(target=watch, name="peer-watchdog", daemon=True)
+  thread.start()
+  return thread
 
 
 def is_multiprocess() -> bool:

@@ -13,7 +13,7 @@ Writes `W/eval/<sampler>_<steps>steps_n<N>.json` (or `vae_prior_n<N>.json`)
 and a grid of the first 100 samples beside it. DDPM runs can add:
 
 * `--sweep 10,20,50,100,250,1000`: each sampler of `--sweep_samplers`
-  (ddpm, ddim, dpm) at each step count, on the same checkpoint:
+  (ddpm, ddim, dpm, dpm_sde) at each step count, on the same checkpoint:
   `W/eval/steps_sweep_n<N>.json` and `.png` (seconds per image and FD-MNIST).
   Rows of samplers not rerun are kept from an earlier sweep of the same
   checkpoint and N.
@@ -250,7 +250,8 @@ def build_parser():
     "--sampler",
     choices=ddpm_setup.SAMPLERS,
     default=None,
-    help="DDPM runs: ancestral (ddpm), ddim or dpm (DPM-Solver++ 2M; default: the run's sampler)",
+    help="DDPM runs: ancestral (ddpm), ddim, dpm (DPM-Solver++ 2M) or dpm_sde (its stochastic "
+    "form); default: the run's sampler",
   )
   p.add_argument(
     "--steps",
@@ -392,6 +393,7 @@ def resolve_ddpm(r: Request) -> None:
     "ddpm": T,
     "ddim": config.sample_steps or ddpm_setup.DDIM_DEFAULT_STEPS,
     "dpm": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
+    "dpm_sde": config.sample_steps or ddpm_setup.DPM_DEFAULT_STEPS,
   }
   r.steps = a.steps if a.steps is not None else default_steps[r.sampler]
   r.config = sampler_overrides(config, a, r.sampler, r.steps)
@@ -788,7 +790,7 @@ def format_sweep(rows: list) -> str:
 def plot_sweep(rows: list, base: dict, path: str, n: int) -> None:
   plt = plotting.plt
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for sampler_name, marker in (("ddpm", "o"), ("ddim", "s"), ("dpm", "^")):
+  for sampler_name, marker in (("ddpm", "o"), ("ddim", "s"), ("dpm", "^"), ("dpm_sde", "v")):
     rs = [r for r in rows if r["sampler"] == sampler_name]
     ax1.plot([r["steps"] for r in rs], [r["fd"] for r in rs], marker=marker, label=sampler_name)
     ax2.plot(

@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     "--sampler",
     choices=dj.SAMPLERS,
     default="dpm",
-    help="ddpm (ancestral), ddim or dpm (DPM-Solver++(2M))",
+    help="ddpm (ancestral), ddim, dpm (DPM-Solver++(2M)) or dpm_sde (its stochastic form)",
   )
   p.add_argument(
     "--steps",
     type=int,
     default=None,
-    help="sampler steps (default: T for ddpm, 50 for ddim, 20 for dpm)",
+    help="sampler steps (default: T for ddpm, 50 for ddim, 20 for dpm and dpm_sde)",
   )
   p.add_argument("--batch_size", type=int, default=500, help="images per sampler call")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")

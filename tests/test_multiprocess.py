@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import checkpoints, distributed
+from experiments import checkpoints, distributed, errors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke", "--steps", "8", "--checkpoint_every_steps", "4"]
@@ -195,12 +195,54 @@ def test_sigkill_of_one_process_ends_the_other_and_keeps_the_checkpoint(tmp_path
   t0 = time.time()
   rc, err = _finish(procs[:1], timeout=180)[0]
   procs[1].wait()
-  assert rc != 0 and time.time() - t0 < 180, err[-3000:]
-  assert "another task died" in err or "unhealthy" in err, err[-3000:]
+  assert rc == errors.EXIT_PEER_LOST and time.time() - t0 < 180, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: process 1 of 2 sent no beat"), err[-3000:]
+  assert "stack trace" not in err, err[-3000:]
   latest = max(int(x) for x in os.listdir(workdir / "checkpoints") if x.isdigit())
   assert checkpoints.verify_manifest(str(workdir / "checkpoints" / str(latest))) is None
   for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "2"])):
     assert rc == 0 and "resumed from checkpoint at step" in err, err[-3000:]
+
+
+class _FakeClient:
+  """The coordination client's key-value calls; `frozen` peers stop beating."""
+
+  def __init__(self, frozen=(), fail_after=None):
+    self.kv, self.frozen, self.calls, self.fail_after = {}, set(frozen), 0, fail_after
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    self.calls += 1
+    if self.fail_after is not None and self.calls > self.fail_after:
+      raise RuntimeError("UNAVAILABLE: Socket closed")
+    self.kv[key] = value
+    for p in (1, 2):  # the peers beat along with this process unless frozen
+      if p not in self.frozen:
+        self.kv[f"ddpm_jax/beat/{p}"] = value
+
+  def key_value_dir_get(self, prefix):
+    return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize(
+  "client,expected",
+  [
+    (_FakeClient(frozen={2}), "process 2 of 3 sent no beat"),
+    (_FakeClient(fail_after=3), "the coordinator stopped answering (RuntimeError"),
+  ],
+)
+def test_watchdog_names_the_dead_peer_or_the_lost_coordinator(client, expected):
+  lost = []
+  thread = distributed.start_watchdog(0.2, 0.01, lost.append, client=client, me=0, n=3)
+  thread.join(timeout=10)
+  assert not thread.is_alive() and len(lost) == 1 and lost[0].startswith(expected), lost
+
+
+def test_watchdog_keeps_quiet_while_every_peer_beats():
+  lost = []
+  distributed.start_watchdog(0.2, 0.01, lost.append, client=_FakeClient(), me=0, n=3)
+  time.sleep(0.6)
+  assert lost == []
 
 
 def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):

@@ -109,7 +109,7 @@ def test_sampler_argument_errors(call, match):
     call(dj.make_schedule("linear", 10))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1", "dpm_solver"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1", "dpm_solver", "dpm_sde"])
 def test_samplers_recover_gaussian_data(sampler):
   """With the exact eps of Gaussian data, samples have the data's mean and variance."""
   mu, sd = 0.5, 0.3
@@ -123,8 +123,10 @@ def test_samplers_recover_gaussian_data(sampler):
     x = dj.ddim_sample(eps_fn, s, rng, shape, 50, eta=0.0)
   elif sampler == "ddim_eta1":  # exact only with all steps (with few it under-disperses)
     x = dj.ddim_sample(eps_fn, s, rng, shape, 200, eta=1.0)
-  else:  # second order: 20 steps suffice (DDIM eta=0 needs 50)
+  elif sampler == "dpm_solver":  # second order: 20 steps suffice (DDIM eta=0 needs 50)
     x = dj.dpm_solver_sample(eps_fn, s, rng, shape, 20)
+  else:  # the stochastic solver: 20 steps too, where DDIM eta=1 needs all 200
+    x = dj.sample(eps_fn, s, rng, shape, "dpm_sde", 20)
   x = jax.jit(lambda v: v)(x)
   assert float(x.mean()) == pytest.approx(mu, abs=0.02)
   assert float(x.std()) == pytest.approx(sd, rel=0.07)
@@ -147,6 +149,28 @@ def test_respaced_ancestral_equals_ddim_eta1(spacing):
   np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
   full = dj.ddpm_sample(eps_fn, s, rng, SHAPE)
   np.testing.assert_array_equal(full, dj.ddpm_sample(eps_fn, s, rng, SHAPE, num_steps=T))
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_dpm_sde_first_order_steps_are_ancestral_beta_tilde(spacing):
+  """With two steps both SDE-DPM-Solver++ steps are first order (the first has
+  no history, the second is the final one): each is the ancestral step with
+  the posterior variance over the same timesteps, with the same noise keys."""
+  T = 100
+  s = dj.make_schedule("linear", T)
+  eps_fn = toy_eps_fn(T)
+  rng = jax.random.key(4)
+  a = jax.jit(
+    lambda r: dj.dpm_solver_sample(eps_fn, s, r, SHAPE, 2, spacing=spacing, stochastic=True)
+  )(rng)
+  b = jax.jit(
+    lambda r: dj.ddpm_sample(
+      eps_fn, s, r, SHAPE, variance="beta_tilde", num_steps=2, spacing=spacing
+    )
+  )(rng)
+  np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+  ode = dj.dpm_solver_sample(eps_fn, s, rng, SHAPE, 2, spacing=spacing)
+  assert float(jnp.abs(a - ode).max()) > 1e-2  # the noise is really there
 
 
 def test_respaced_ancestral_beta_variance_last_step_is_noise_free():
