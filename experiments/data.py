@@ -24,7 +24,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Tuple
 
 import numpy as np
 
@@ -263,52 +263,97 @@ class ImageData(NamedTuple):
   source: str
 
 
+class ImageSource(NamedTuple):
+  """A training split read by row, without loading it whole:
+  `read(idx [k] int) -> (images uint8 [k, H, W, C], labels int32 [k])`."""
+
+  read: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
+  num_examples: int
+  image_shape: Tuple[int, int, int]
+  num_classes: int
+  source: str
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the whole split's uint8 images."""
+    return self.num_examples * int(np.prod(self.image_shape))
+
+  def load(self) -> ImageData:
+    """Every row, in order."""
+    images, labels = self.read(np.arange(self.num_examples))
+    return ImageData(images, labels, self.num_classes, self.source)
+
+
 def tfds_data_dir(data_dir: str | None = None) -> str:
   return data_dir or os.environ.get(
     "TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
   )
 
 
-def load_tfds_images(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
-  """A prepared TFDS dataset's `image` (and `label`) feature, read without
-  TensorFlow through `tfds.data_source`; DataError naming the dataset and the
-  data dir when it is missing, unprepared or has no uint8 image feature."""
+def open_tfds_images(name: str, split: str = "train", data_dir: str | None = None) -> ImageSource:
+  """A prepared TFDS dataset's `image` (and `label`) feature, read by row
+  without TensorFlow through `tfds.data_source`; DataError naming the dataset
+  and the data dir when it is missing, unprepared or has no uint8 image feature."""
   data_dir = tfds_data_dir(data_dir)
   try:
     import tensorflow_datasets as tfds
 
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     features = tfds.builder(name, data_dir=data_dir).info.features
-    examples = [src[i] for i in range(len(src))]
+    first = src[0] if len(src) else None
   except Exception as e:  # not registered, not prepared, unreadable, TFDS missing
-    first = (str(e).strip().splitlines() or [""])[0][:200]
+    msg = (str(e).strip().splitlines() or [""])[0][:200]
     raise DataError(
       f"dataset {name!r} (split {split!r}) cannot be read from the TFDS data dir {data_dir}: "
-      f"{type(e).__name__}: {first}. Prepare it there (`tfds build {name} --data_dir "
+      f"{type(e).__name__}: {msg}. Prepare it there (`tfds build {name} --data_dir "
       f"{data_dir}` where the internet is reachable), or pass --data_dir"
     ) from None
-  if not examples or "image" not in examples[0]:
+  if first is None or "image" not in first:
     raise DataError(f"dataset {name!r} in {data_dir} has no 'image' feature (or no examples)")
-  images = np.stack([np.asarray(e["image"]) for e in examples])
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.dtype != np.uint8 or images.ndim != 4:
+  image = np.asarray(first["image"])
+  shape = image.shape + ((1,) if image.ndim == 2 else ())
+  if image.dtype != np.uint8 or len(shape) != 3:
     raise DataError(
-      f"dataset {name!r}: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}"
+      f"dataset {name!r}: images must be uint8 [H, W, C], got {image.dtype} {image.shape}"
     )
   label = features["label"] if "label" in features else None
   num_classes = int(getattr(label, "num_classes", 0) or 0)
-  labels = (
-    np.array([int(e["label"]) for e in examples], np.int32)
-    if num_classes
-    else np.zeros(len(examples), np.int32)
+
+  try:  # one call per batch where the source has it (ArrayRecord does)
+    batched = len(src.__getitems__([0])) == 1
+  except Exception:  # absent, or broken as in tfds.testing.mock_data
+    batched = False
+
+  def read(idx: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    keys = [int(i) for i in idx]
+    examples = src.__getitems__(keys) if batched else [src[i] for i in keys]
+    images = np.stack([np.asarray(e["image"]) for e in examples]).reshape((len(keys),) + shape)
+    labels = np.array([int(e["label"]) if num_classes else 0 for e in examples], np.int32)
+    return images, labels
+
+  return ImageSource(read, len(src), shape, num_classes, f"tensorflow-datasets {name} ({data_dir})")
+
+
+def load_tfds_images(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
+  """`open_tfds_images`, every row loaded."""
+  return open_tfds_images(name, split, data_dir).load()
+
+
+def open_train_images(name: str = "mnist", data_dir: str | None = None) -> ImageSource:
+  """The training split of `name`, read by row: MNIST as `load_mnist` (with
+  its verified offline copy, in memory), any other dataset through
+  `open_tfds_images`."""
+  if name != "mnist":
+    return open_tfds_images(name, "train", data_dir)
+  m = load_mnist()
+  images, labels = m.train_images, m.train_labels.astype(np.int32)
+  return ImageSource(
+    lambda idx: (images[idx], labels[idx]), len(images), images.shape[1:], 10, m.source
   )
-  return ImageData(images, labels, num_classes, f"tensorflow-datasets {name} ({data_dir})")
 
 
 def load_train_images(name: str = "mnist", data_dir: str | None = None) -> ImageData:
-  """The training split of `name`: MNIST as `load_mnist` (with its verified
-  offline copy), any other dataset through `load_tfds_images`."""
+  """The training split of `name`, every row loaded (see `open_train_images`)."""
   if name == "mnist":
     m = load_mnist()
     return ImageData(m.train_images, m.train_labels, 10, m.source)

@@ -10,7 +10,10 @@ classifier score, class histogram and diversity. The same metrics for a floor
 each with the same sample count, come with every table.
 
 Writes `W/eval/<sampler>_<steps>steps_n<N>.json` (or `vae_prior_n<N>.json`)
-and a grid of the first 100 samples beside it. DDPM runs can add:
+and a grid of the first 100 samples beside it. A class-conditional run draws
+what its grids show: each digit in turn (N/10 of each) at the run's
+`--guidance_scale`, also scored per class (`--guidance 0` gives the null
+label's unconditional samples). DDPM runs can add:
 
 * `--sweep 10,20,50,100,250,1000`: each sampler of `--sweep_samplers`
   (ddpm, ddim, dpm, dpm_sde) at each step count, on the same checkpoint:
@@ -496,15 +499,27 @@ def eval_vae(r: Request, sc: Scorer, rng) -> None:
 
 
 def eval_main(r: Request, sc: Scorer, trained, rng) -> None:
-  """Samples of the configured sampler, scored."""
+  """Samples of the configured sampler, scored (a conditional run: each digit
+  in turn at the run's guidance scale, as its grids)."""
   config, model, schedule, params, step = trained
   a, n = r.a, r.a.num_samples
-  fn = ddpm_sampler(config, model, schedule, r.sampler, r.steps, r.eta, r.batch)
-  imgs, spi = draw(fn, params, rng, n, r.batch, f"{r.sampler} {r.steps} steps")
-  imgs = to_uint8(imgs)
-  m = sc.score(imgs)
+  extra = ""
+  if config.conditional:
+    gconfig = dataclasses.replace(config, sampler=r.sampler, sample_steps=r.steps, eta=r.eta)
+    imgs, labels, spi = draw_classes(
+      gconfig, model, schedule, params, config.guidance_scale, n, r.batch, rng
+    )
+    imgs = to_uint8(imgs)
+    m = sc.score(imgs)
+    m.update(class_scores(sc, imgs, labels), guidance_scale=config.guidance_scale)
+    extra = f", guidance {config.guidance_scale:g}, each digit in turn"
+  else:
+    fn = ddpm_sampler(config, model, schedule, r.sampler, r.steps, r.eta, r.batch)
+    imgs, spi = draw(fn, params, rng, n, r.batch, f"{r.sampler} {r.steps} steps")
+    imgs = to_uint8(imgs)
+    m = sc.score(imgs)
   m.update(seconds_per_image=spi, sampler=r.sampler, steps=r.steps, eta=r.eta)
-  name = f"DDPM {config.model} ({r.sampler}, {r.steps} steps{sampler_suffix(a, ', ')})"
+  name = f"DDPM {config.model} ({r.sampler}, {r.steps} steps{sampler_suffix(a, ', ')}{extra})"
   record = {**_meta("ddpm", r.workdir, step, n), "results": sc.with_baselines(name, m, n)}
   report(r.out_dir, f"{r.sampler}_{r.steps}steps{sampler_suffix(a, '_')}_n{n}", record, imgs)
 
@@ -576,13 +591,12 @@ def class_scores(sc: Scorer, imgs: np.ndarray, labels: np.ndarray) -> dict:
 def eval_guidance(r: Request, sc: Scorer, trained, rng) -> None:
   """Samples of every digit at each guidance scale: accuracy, readable, FD."""
   config, model, schedule, params, step = trained
-  n_per = max(1, -(-r.a.num_samples // ddpm_setup.NUM_CLASSES))
-  n = n_per * ddpm_setup.NUM_CLASSES
+  n = max(1, -(-r.a.num_samples // ddpm_setup.NUM_CLASSES)) * ddpm_setup.NUM_CLASSES
   rows, grids = [], []
   gconfig = dataclasses.replace(config, sampler=r.sampler, sample_steps=r.steps, eta=r.eta)
   for w in r.scales:
     imgs, labels, spi = draw_classes(
-      gconfig, model, schedule, params, w, n_per, r.batch, jax.random.fold_in(rng, 11)
+      gconfig, model, schedule, params, w, n, r.batch, jax.random.fold_in(rng, 11)
     )
     imgs = to_uint8(imgs)
     m = sc.score(imgs)
@@ -637,10 +651,10 @@ def earlier_sweep_rows(path: str, step: int, rerun: list) -> list:
   return [r for r in old.get("sweep", []) if r.get("sampler") not in rerun]
 
 
-def draw_classes(config, model, schedule, params, scale: float, n_per: int, batch: int, rng):
-  """n_per samples of each digit with classifier-free guidance `scale`:
-  (images [10 n_per, ...], labels [10 n_per], seconds per image)."""
-  labels = np.repeat(np.arange(ddpm_setup.NUM_CLASSES, dtype=np.int32), n_per)
+def draw_classes(config, model, schedule, params, scale: float, n: int, batch: int, rng):
+  """n samples, each digit in turn (labels sorted), with classifier-free
+  guidance `scale`: (images [n, ...], labels [n], seconds per image)."""
+  labels = np.sort(np.arange(n, dtype=np.int32) % ddpm_setup.NUM_CLASSES)
   b = min(batch, labels.size)
   pad = -labels.size % b
   padded = np.concatenate([labels, labels[:pad]])

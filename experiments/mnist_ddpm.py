@@ -20,7 +20,7 @@ import numpy as np
 import ddpm_jax as dj
 from experiments import cli, distributed, plotting
 from experiments.checkpoints import Checkpointer, resume_or_init
-from experiments.data import load_train_images
+from experiments.data import open_train_images
 from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   COMPUTE_DTYPES,
   DDIM_DEFAULT_STEPS,
@@ -41,15 +41,19 @@ from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   validate,
   weight_options,
 )
+from experiments.host_pipeline import HostBatches, choose_pipeline
 from experiments.runner import Action, Runner
 from experiments.tensorboard_log import TensorBoardLog
 
 
 def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_train: int):
-  """(step_fn(state, images, labels, perm) -> (state, metrics), epoch_perm(epoch) -> perm).
+  """(step_fn, host_step_fn, epoch_perm(epoch) -> perm [n_train]).
 
-  The uint8 images sit on every device; each step gathers its batch by the
-  epoch's permutation and shards it over the devices (data parallel)."""
+  step_fn(state, images, labels, perm) -> (state, metrics): the uint8 images
+  sit on every device; each step gathers its batch by the epoch's permutation
+  and shards it over the devices (data parallel). host_step_fn(state, x, y):
+  the same step on a uint8 batch read on the host (`host_pipeline`), already
+  split over the devices; both give the same numbers."""
   mesh = dj.parallel.make_mesh()
   rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
   batch, steps_per_epoch = config.batch_size, n_train // config.batch_size
@@ -67,21 +71,29 @@ def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_tr
     label_dropout=config.label_dropout,
   )
 
-  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=(rep, rep))
-  def step_fn(state, images, labels, perm):
-    i = state.step % steps_per_epoch
-    idx = jax.lax.dynamic_slice_in_dim(perm, i * batch, batch)
-    x = jax.lax.with_sharding_constraint(to_float(jnp.take(images, idx, axis=0)), data)
+  def on_batch(state, x_u8, y):
+    x = jax.lax.with_sharding_constraint(to_float(x_u8), data)
     if not config.conditional:
       return train_step(state, x)
-    y = jax.lax.with_sharding_constraint(jnp.take(labels, idx, axis=0), data)
-    return train_step(state, (x, y))
+    return train_step(state, (x, jax.lax.with_sharding_constraint(y, data)))
+
+  host_step_fn = jax.jit(on_batch, donate_argnums=(0,), out_shardings=(rep, rep))
+
+  @functools.partial(jax.jit, out_shardings=(data, data))
+  def gather(step, images, labels, perm):
+    idx = jax.lax.dynamic_slice_in_dim(perm, (step % steps_per_epoch) * batch, batch)
+    return jnp.take(images, idx, axis=0), jnp.take(labels, idx, axis=0)
+
+  def step_fn(state, images, labels, perm):
+    # The gather is its own program so both paths run the same compiled step
+    # on the same uint8 batch: they train bit for bit alike.
+    return host_step_fn(state, *gather(state.step, images, labels, perm))
 
   @jax.jit
   def epoch_perm(epoch):
     return jax.random.permutation(jax.random.fold_in(data_rng, epoch), n_train).astype(jnp.int32)
 
-  return step_fn, epoch_perm
+  return step_fn, host_step_fn, epoch_perm
 
 
 def grid_sampler(config: Config, model, schedule, image_shape):
@@ -105,24 +117,28 @@ def train_and_evaluate(
   """
   validate(config)
   cli.prepare_workdir(workdir)
-  data = load_train_images(config.dataset, config.data_dir)
+  source = open_train_images(config.dataset, config.data_dir)
+  pipeline = choose_pipeline(config.data_pipeline, source)
   print(
-    f"{config.dataset}: {data.train_images.shape[0]} train images "
-    f"{'x'.join(map(str, data.train_images.shape[1:]))} from {data.source}",
+    f"{config.dataset}: {source.num_examples} train images "
+    f"{'x'.join(map(str, source.image_shape))} from {source.source}"
+    + ("; batches read on the host" if pipeline == "host" else ""),
     file=sys.stderr,
   )
-  check_image_size(config, data.train_images.shape[1:3])
-  if config.conditional and not data.num_classes:
+  check_image_size(config, source.image_shape[:2])
+  if config.conditional and not source.num_classes:
     raise cli.UsageError(f"--conditional needs class labels; {config.dataset} has none")
   mesh = dj.parallel.make_mesh()  # data parallel over every device
   rep = dj.parallel.replicated(mesh)
-  # uint8 on every device and shuffled there; each device gathers its slice of a batch.
-  images = jax.device_put(data.train_images, rep)
-  train_labels = jax.device_put(data.train_labels.astype(np.int32), rep)
-  n_train, image_shape = images.shape[0], tuple(images.shape[1:])
+  images = train_labels = None
+  if pipeline == "device":  # uint8 on every device, shuffled there
+    data = source.load()
+    images = jax.device_put(data.train_images, rep)
+    train_labels = jax.device_put(data.train_labels.astype(np.int32), rep)
+  n_train, image_shape = source.num_examples, tuple(source.image_shape)
 
   schedule = make_schedule(config)
-  model = build_model(config, data.num_classes)
+  model = build_model(config, source.num_classes)
   batch = config.batch_size
   steps_per_epoch = n_train // batch
   total_steps = config.steps or config.epochs * steps_per_epoch
@@ -149,7 +165,10 @@ def train_and_evaluate(
     file=sys.stderr,
   )
 
-  step_fn, epoch_perm = make_step_fns(config, model, schedule, tx, train_rng, data_rng, n_train)
+  step_fn, host_step_fn, epoch_perm = make_step_fns(
+    config, model, schedule, tx, train_rng, data_rng, n_train
+  )
+  host = HostBatches(source, batch, epoch_perm, mesh) if pipeline == "host" else None
   lr_fn = dj.learning_rate_schedule(
     config.learning_rate, total_steps, min(config.warmup_steps, total_steps)
   )
@@ -170,11 +189,14 @@ def train_and_evaluate(
   def train_unit(step):
     """Runs step `step + 1`; returns 1 when its loss or gradient was non-finite."""
     nonlocal state
-    epoch = step // steps_per_epoch
-    if epoch not in epoch_perm_cache:
-      epoch_perm_cache.clear()
-      epoch_perm_cache[epoch] = epoch_perm(epoch)
-    state, m = step_fn(state, images, train_labels, epoch_perm_cache[epoch])
+    if host is not None:
+      state, m = host_step_fn(state, *host.get(step))
+    else:
+      epoch = step // steps_per_epoch
+      if epoch not in epoch_perm_cache:
+        epoch_perm_cache.clear()
+        epoch_perm_cache[epoch] = epoch_perm(epoch)
+      state, m = step_fn(state, images, train_labels, epoch_perm_cache[epoch])
     window["loss"] = window["loss"] + jnp.where(m["finite"] > 0, m["loss"], 0.0)
     window["finite"] = window["finite"] + m["finite"]
     window["steps"] += 1
@@ -218,7 +240,7 @@ def train_and_evaluate(
     stop_after=stop_after_steps,
     skip_nonfinite=config.skip_nonfinite,
     last_saved=latest,
-    on_close=[tb.close, ckpt.close],
+    on_close=[tb.close, ckpt.close] + ([host.close] if host is not None else []),
   )
   with runner:
     if not runner.run(train_unit):

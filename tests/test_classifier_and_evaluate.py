@@ -53,8 +53,9 @@ def test_baselines_order_floor_below_ceilings(mnist):
 
 
 def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
-  """A class-conditional smoke DDPM: unconditional samples (null label), the
-  sweep (then one sampler rerun, merged), the bound in bits/dim and guidance."""
+  """A class-conditional smoke DDPM: each digit in turn at the run's guidance
+  scale, the sweep (then one sampler rerun, merged), the bound in bits/dim and
+  guidance."""
   ddpm_dir, vae_dir = tmp_path / "ddpm", tmp_path / "vae"
   mnist_ddpm.main(
     [
@@ -92,11 +93,13 @@ def test_evaluate_ddpm_and_vae_runs(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "FD-MNIST" in out and "floor: real train images" in out
   rec = json.loads((ddpm_dir / "eval" / "ddim_10steps_n20.json").read_text())
-  res = rec["results"]["DDPM test (ddim, 10 steps)"]
+  name = "DDPM test (ddim, 10 steps, guidance 3, each digit in turn)"
+  res = rec["results"][name]
   assert res["num_samples"] == 20 and res["num_reference"] == 10000
   assert sum(res["class_counts"]) == 20 and np.isfinite(res["fd"])
+  assert res["guidance_scale"] == 3 and len(res["per_class_accuracy"]) == 10
   assert set(rec["results"]) == {
-    "DDPM test (ddim, 10 steps)",
+    name,
     "floor: real train images",
     "ceiling: uniform noise",
     "ceiling: blurred mean image",

@@ -127,8 +127,9 @@ def test_flags_are_checked():
 
 def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
-  args = ["--workdir", str(multi), *SMOKE]
-  # Two processes, stopped after 4 steps and resumed: as one process with four devices.
+  args = ["--workdir", str(multi), *SMOKE, "--data_pipeline", "host"]
+  # Two processes reading their rows on the host, stopped after 4 steps and
+  # resumed: as one process with four devices and the data on them.
   for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "4"])):
     assert rc == 0 and "stopped at step 4 of 8" in err, err[-3000:]
   for rc, err in _finish(_start("experiments.mnist_ddpm", args)):
