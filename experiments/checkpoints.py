@@ -19,7 +19,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import sys
 import weakref
 from typing import Any, Optional
@@ -27,7 +26,7 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from experiments import distributed
+from experiments import distributed, files
 from experiments.errors import UsageError
 from experiments.files import atomic_path, read_json, sha256_file, write_json_atomic
 
@@ -72,15 +71,11 @@ MANIFEST = "sha256.json"
 
 def _file_hashes(folder: str) -> dict:
   """{relative path: sha256 hex} of every file under `folder` but the manifest."""
-  out = {}
-  for d, _, files in os.walk(folder):
-    for f in files:
-      path = os.path.join(d, f)
-      rel = os.path.relpath(path, folder)
-      if rel == MANIFEST:
-        continue
-      out[rel] = sha256_file(path)
-  return out
+  return {
+    rel: sha256_file(os.path.join(folder, rel))
+    for rel in files.walk_files(folder)
+    if rel != MANIFEST
+  }
 
 
 def write_manifest(folder: str) -> None:
@@ -95,11 +90,10 @@ def write_manifest(folder: str) -> None:
 def verify_manifest(folder: str) -> Optional[str]:
   """None if the folder matches its manifest (or has none); else what differs."""
   path = os.path.join(folder, MANIFEST)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      want = json.load(f)
+    want = read_json(path)
   except (OSError, ValueError) as e:
     return f"its {MANIFEST} is unreadable ({e})"
   have = _file_hashes(folder)
@@ -117,20 +111,18 @@ def set_aside_unhashed_steps(directory: str) -> list:
   `<directory>_unverified/<step>` (kept, never deleted), with one stderr line
   each; returns the steps moved."""
   moved = []
-  if not os.path.isdir(directory):
-    return moved
-  for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
+  for name in sorted(files.listdir(directory), key=lambda n: (len(n), n)):
     folder = os.path.join(directory, name)
-    if not (name.isdigit() and os.path.isdir(folder)):
+    if not (name.isdigit() and files.isdir(folder)):
       continue
-    if os.path.exists(os.path.join(folder, MANIFEST)):
+    if files.exists(os.path.join(folder, MANIFEST)):
       continue
     aside_root = directory.rstrip(os.sep) + "_unverified"
-    os.makedirs(aside_root, exist_ok=True)
+    files.makedirs(aside_root)
     dest, k = os.path.join(aside_root, name), 1
-    while os.path.exists(dest):
+    while files.exists(dest):
       dest, k = os.path.join(aside_root, f"{name}.{k}"), k + 1
-    os.replace(folder, dest)
+    files.rename(folder, dest)
     moved.append(int(name))
     print(
       f"note: checkpoint step {name} has no {MANIFEST} (a crash before its hashes were "
@@ -143,11 +135,12 @@ def set_aside_unhashed_steps(directory: str) -> list:
 
 def remove_temporary_folders(directory: str) -> None:
   """Removes Orbax's `*.orbax-checkpoint-tmp*` folders (saves that never completed)."""
-  if not os.path.isdir(directory):
-    return
-  for name in os.listdir(directory):
+  for name in files.listdir(directory):
     if ".orbax-checkpoint-tmp" in name:
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      try:
+        files.rmtree(os.path.join(directory, name))
+      except OSError:
+        pass
 
 
 _OPEN = weakref.WeakSet()  # Checkpointers not yet closed
@@ -175,7 +168,7 @@ class Checkpointer:
     best_mode: str = "min",
     set_aside_unverified: bool = False,
   ):
-    self.directory = os.path.abspath(directory)  # Orbax needs absolute paths
+    self.directory = files.absolute(directory)  # Orbax needs absolute paths (or URLs)
     if set_aside_unverified and distributed.is_writer():
       set_aside_unhashed_steps(self.directory)
     distributed.barrier(f"checkpoints {self.directory} checked")
@@ -215,7 +208,7 @@ class Checkpointer:
     self._io(self._mngr.wait_until_finished)
     folder = os.path.join(self.directory, str(int(step)))
     distributed.barrier(f"checkpoint {step} saved")  # every process has written its part
-    if saved is not False and os.path.isdir(folder) and distributed.is_writer():
+    if saved is not False and files.isdir(folder) and distributed.is_writer():
       write_manifest(folder)
 
   def restore(self, abstract_state: Any, step: Optional[int] = None, hint: str = "") -> Any:

@@ -19,7 +19,7 @@ import tempfile
 import typing
 from typing import Any, Optional
 
-from experiments import distributed, runtime
+from experiments import distributed, files, runtime
 from experiments.checkpoints import close_all_quietly
 from experiments.data import DataError
 from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
@@ -144,9 +144,16 @@ def lock_workdir(workdir: str) -> None:
   """Takes an exclusive lock on `workdir` for the rest of this process (an
   flock on the folder itself: nothing is written, and the kernel releases it
   when the process dies). UsageError naming the holder's pid if another job
-  has it."""
-  workdir = os.path.abspath(workdir)
+  has it. A cloud-storage workdir cannot be locked: one note on stderr."""
+  workdir = files.absolute(workdir)
   if workdir in _LOCKS or not distributed.is_writer():  # process 0 holds the lock
+    return
+  if files.is_remote(workdir):
+    print(
+      f"note: {workdir} is on cloud storage, which has no locks: make sure no other job uses it",
+      file=sys.stderr,
+    )
+    _LOCKS[workdir] = None
     return
   fd = os.open(workdir, os.O_RDONLY)
   try:
@@ -163,7 +170,7 @@ def lock_workdir(workdir: str) -> None:
 
 
 def unlock_workdir(workdir: str) -> None:
-  fd = _LOCKS.pop(os.path.abspath(workdir), None)
+  fd = _LOCKS.pop(files.absolute(workdir), None)
   if fd is not None:
     os.close(fd)  # closing the descriptor releases the flock
 
@@ -172,8 +179,10 @@ def prepare_workdir(workdir: str) -> None:
   """Creates `workdir`, locks it for this process (see `lock_workdir`) and
   checks that files can be written there (OSError if not), before a job
   changes anything in it."""
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   lock_workdir(workdir)
+  if files.is_remote(workdir):
+    return  # the first upload (config.json) tells
   with tempfile.TemporaryFile(dir=workdir) as f:
     f.write(b"ok\n")
     f.flush()
@@ -183,7 +192,7 @@ def prepare_workdir(workdir: str) -> None:
 def stored_fields(workdir: str) -> dict:
   """The parsed `workdir/config.json`; UsageError when missing or unreadable."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise UsageError(f"{path} not found: {workdir} is not a workdir of a training job")
   try:
     stored = read_json(path)
@@ -288,13 +297,27 @@ def use_compilation_cache(directory: Optional[str]) -> Optional[str]:
   return directory
 
 
-def check_local(path: Optional[str], flag: str) -> None:
-  """UsageError for a URL (gs://, s3://): the jobs write through the local file system."""
-  if path is not None and "://" in path:
+REMOTE_SCHEMES = {"gs": "gcsfs", "s3": "s3fs"}  # URL scheme -> the fsspec package epath needs
+
+
+def check_path(path: Optional[str], flag: str) -> None:
+  """UsageError for a URL the jobs cannot use: a scheme other than gs:// and
+  s3://, or one whose file-system package is not installed."""
+  if path is None or not files.is_remote(path):
+    return
+  scheme = path.split("://", 1)[0]
+  if scheme not in REMOTE_SCHEMES:
     raise UsageError(
-      f"{flag} {path}: cloud-storage paths are not supported yet; use a local or "
-      "network-mounted folder (NFS, Filestore, gcsfuse)"
+      f"{flag} {path}: only local paths, gs:// and s3:// URLs are supported, not {scheme}://"
     )
+  package = REMOTE_SCHEMES[scheme]
+  try:
+    __import__(package)
+  except ImportError:
+    raise UsageError(
+      f"{flag} {path}: {scheme}:// paths need the {package} package "
+      f"(pip install {package}), which is not installed"
+    ) from None
 
 
 class RunArgs(typing.NamedTuple):
@@ -315,8 +338,8 @@ def resolve_config(
   """
   args = build_parser(config_cls, presets, description, stop_unit).parse_args(argv)
   distributed.initialize(args)
-  check_local(args.workdir, "--workdir")
-  workdir = os.path.abspath(args.workdir)
+  check_path(args.workdir, "--workdir")
+  workdir = files.absolute(args.workdir)
   if args.stop_after is not None and args.stop_after < 1:
     raise UsageError(f"--stop_after_{stop_unit} must be >= 1, got {args.stop_after}")
   explicit = {
@@ -325,7 +348,7 @@ def resolve_config(
     if getattr(args, f.name) is not None
   }
   stored_path = os.path.join(workdir, "config.json")
-  if os.path.exists(stored_path):
+  if files.exists(stored_path):
     base, stored_preset = load_config(config_cls, workdir)
     known = {f.name for f in dataclasses.fields(config_cls)}
     if args.preset is not None and args.preset != stored_preset:
@@ -367,32 +390,44 @@ class MetricsLog:
   def __init__(self, path: str, keep_up_to_step: Optional[int] = None):
     self.path = path
     self.writer = distributed.is_writer()  # multi-process: process 0 keeps the log
+    # Object stores cannot append: there the whole log is rewritten each time.
+    self.lines: Optional[list] = [] if files.is_remote(path) else None
     if not self.writer:
       return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if keep_up_to_step is not None and os.path.exists(path):
+    files.makedirs(os.path.dirname(files.absolute(path)))
+    if keep_up_to_step is not None and files.exists(path):
       # Drop records a crashed run wrote after its last checkpoint.
-      kept = [r for r in self.read(path) if r["step"] <= keep_up_to_step]
-      with atomic_path(path, ".jsonl.tmp") as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-          f.writelines(json.dumps(r) + "\n" for r in kept)
-    elif keep_up_to_step is None and os.path.exists(path):
-      os.remove(path)
+      kept = [json.dumps(r) + "\n" for r in self.read(path) if r["step"] <= keep_up_to_step]
+      self._rewrite(kept)
+      if self.lines is not None:
+        self.lines = kept
+    elif keep_up_to_step is None and files.exists(path):
+      files.remove(path)
+
+  def _rewrite(self, lines: list) -> None:
+    with atomic_path(self.path, ".jsonl.tmp") as tmp:
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
 
   def write(self, record: dict) -> None:
     if not self.writer:
       return
+    line = json.dumps(record) + "\n"
+    if self.lines is not None:
+      self.lines.append(line)
+      self._rewrite(self.lines)
+      return
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(line)
 
   @staticmethod
   def read(path: str, required: tuple = (), quiet: bool = False) -> list:
     """The valid records of `path` in order (bad lines skipped and counted);
     `required` names fields that must also hold numbers."""
     out, bad = [], []
-    if not os.path.exists(path):
+    if not files.exists(path):
       return out
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with files.open_file(path) as f:
       for number, line in enumerate(f, 1):
         line = line.strip()
         if not line:

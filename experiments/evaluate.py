@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import ddpm_jax as dj
 import vae_jax as vj
-from experiments import cli, ddpm_setup, distributed, plotting, vae_setup
+from experiments import cli, ddpm_setup, distributed, files, plotting, vae_setup
 from experiments.data import ARRAYS_SHA256, arrays_sha256, default_cache_dir, load_mnist
 from experiments.files import atomic_path
 from nnbase import pixels
@@ -418,18 +418,18 @@ def parse_request(argv) -> Request:
   a = build_parser().parse_args(argv)
   distributed.initialize(a)
   for flag in ("workdir", "out"):
-    cli.check_local(getattr(a, flag, None), "--" + flag)
+    cli.check_path(getattr(a, flag, None), "--" + flag)
   if a.pretrained:
     try:
       pretrained = dj.load_pretrained(a.pretrained)
     except dj.param_files.WeightsError as e:
       raise cli.UsageError(str(e)) from None
-    workdir = os.path.abspath(a.out or os.path.join("runs", f"eval_pretrained_{a.pretrained}"))
+    workdir = files.absolute(a.out or os.path.join("runs", f"eval_pretrained_{a.pretrained}"))
     r = Request(a, "ddpm", workdir, workdir, pretrained=pretrained)
   else:
     if a.out:
       raise cli.UsageError("--out applies with --pretrained; a workdir's results go to W/eval/")
-    workdir = os.path.abspath(a.workdir)
+    workdir = files.absolute(a.workdir)
     r = Request(a, run_kind(workdir), workdir, os.path.join(workdir, "eval"))
   check_counts(a)
   r.sweep = parse_list(a.sweep, "--sweep") if a.sweep else None

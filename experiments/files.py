@@ -1,5 +1,12 @@
-"""Atomic file writes (a temporary file in the target folder, renamed into place)
-and JSON files written that way."""
+"""The jobs' file operations: atomic writes (a temporary file in the target
+folder, renamed into place), JSON written that way, and the few operations
+on run folders, all through `etils.epath`, so a workdir can be a local path
+or a cloud-storage URL (`gs://bucket/run`, as Orbax accepts).
+
+Local paths keep local atomicity (temporary file + rename). On cloud storage
+a file is written locally and uploaded as one object; an object store
+replaces an object whole, so readers still see the old or the new file.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +15,87 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator, List
+
+from etils import epath
 
 from experiments import distributed
 
 
+def is_remote(path: str) -> bool:
+  """Whether `path` is a URL (gs://, s3://) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def absolute(path: str) -> str:
+  """An absolute local path; URLs unchanged (os.path.abspath would break them)."""
+  return os.fspath(path) if is_remote(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def makedirs(path: str) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(path: str) -> List[str]:
+  """Names in folder `path` (empty when it does not exist)."""
+  p = epath.Path(path)
+  return [c.name for c in p.iterdir()] if p.is_dir() else []
+
+
+def walk_files(folder: str) -> Iterator[str]:
+  """Paths of every file under `folder`, relative to it, with "/" separators."""
+  root = epath.Path(folder)
+  for d, _, files in root.walk():
+    for f in files:
+      yield os.fspath((epath.Path(d) / f).relative_to(root))
+
+
+def rename(src: str, dst: str) -> None:
+  """Moves a file or folder (on an object store: copy, then delete)."""
+  epath.Path(src).rename(dst)
+
+
+def rmtree(path: str) -> None:
+  p = epath.Path(path)
+  if p.exists():
+    p.rmtree()
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink(missing_ok=True)
+
+
+def open_file(path: str, mode: str = "r"):
+  """`open` for local paths and URLs ("a" only for local paths)."""
+  if "a" in mode and is_remote(path):
+    raise ValueError(f"append is not supported on {path}: rewrite the file with atomic_path")
+  return epath.Path(path).open(mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ".tmp"):
-  """Yields a temporary path beside `path`; on success it replaces `path`.
+  """Yields a temporary local path; on success its file replaces `path`.
 
   Readers see the old file or the complete new one, never a partial write.
   On an exception the temporary file is removed and `path` is untouched.
+  For a URL the file is uploaded as one object (an object store's write is
+  atomic).
   """
+  if is_remote(path):
+    with tempfile.TemporaryDirectory() as d:
+      tmp = os.path.join(d, "upload" + suffix)
+      yield tmp
+      makedirs(os.path.dirname(path))
+      epath.Path(tmp).copy(path, overwrite=True)
+    return
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, suffix=suffix)
@@ -34,7 +110,7 @@ def atomic_path(path: str, suffix: str = ".tmp"):
 
 
 def read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
+  with open_file(path) as f:
     return json.load(f)
 
 
@@ -54,7 +130,7 @@ def write_json_atomic(path: str, obj: Any) -> None:
 def sha256_file(path: str) -> str:
   """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli, ddpm_setup, distributed, plotting
+from experiments import cli, ddpm_setup, distributed, files, plotting
 from experiments.files import atomic_path
 from nnbase import pixels
 
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
   a = build_parser().parse_args(argv)
   distributed.initialize(a)
   for flag in ("workdir", "out"):
-    cli.check_local(getattr(a, flag, None), "--" + flag)
+    cli.check_path(getattr(a, flag, None), "--" + flag)
   if not 1 <= a.num_samples <= 1_000_000:
     raise cli.UsageError(f"--num_samples must lie in [1, 1000000], got {a.num_samples}")
   if a.batch_size < 1:
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
   u8 = pixels.to_uint8(images)
   if not distributed.is_writer():  # multi-process: process 0 writes
     return
-  os.makedirs(a.out, exist_ok=True)
+  files.makedirs(a.out)
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, images=u8, labels=labels)

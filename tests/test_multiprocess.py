@@ -120,9 +120,9 @@ def test_flags_are_checked():
       distributed.initialize(argparse.Namespace(**kwargs))
   from experiments import cli
 
-  with pytest.raises(cli.UsageError, match="cloud-storage"):
-    cli.check_local("gs://bucket/run", "--workdir")
-  cli.check_local("/mnt/shared/run", "--workdir")
+  with pytest.raises(cli.UsageError, match="only local paths, gs:// and s3://"):
+    cli.check_path("ftp://bucket/run", "--workdir")
+  cli.check_path("/mnt/shared/run", "--workdir")
 
 
 def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
