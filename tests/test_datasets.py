@@ -90,7 +90,9 @@ def test_host_batches_follow_the_epoch_permutation_and_split_by_process():
       i, want = step % 2, perm(step // 2)
       np.testing.assert_array_equal(np.asarray(x), images[want[i * 8 : (i + 1) * 8]])
       np.testing.assert_array_equal(np.asarray(y), labels[want[i * 8 : (i + 1) * 8]])
-    assert len(reads) == 5  # steps 0-3 and one read ahead (step 4)
+    assert sorted(hb._pending) == [4]  # one batch read ahead
+    hb._pending[4].result()
+    assert len(reads) == 5  # steps 0-3 and step 4, each read once
     # Two processes: each reads its half of every global batch, in order.
     halves = []
     for pid in range(2):
