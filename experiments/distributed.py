@@ -49,12 +49,25 @@ def add_flags(p: argparse.ArgumentParser) -> None:
   g.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0's coordinator")
   g.add_argument("--num_processes", type=int, default=None, help="number of processes")
   g.add_argument("--process_id", type=int, default=None, help="this process's index")
+  g.add_argument(
+    "--peer_timeout",
+    type=float,
+    default=WATCHDOG_SECONDS,
+    help="seconds without a beat from another process before this one stops (exit 5); "
+    f"default {WATCHDOG_SECONDS:g}",
+  )
 
 
 def initialize(args: argparse.Namespace) -> None:
   """Starts the JAX distributed runtime when the flags ask for it (before any
   device is used); UsageError for an incomplete or contradictory set."""
   explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  timeout = getattr(args, "peer_timeout", WATCHDOG_SECONDS)
+  if not 2 * BEAT_SECONDS <= timeout < HEARTBEAT_SECONDS:
+    raise UsageError(
+      f"--peer_timeout must lie in [{2 * BEAT_SECONDS:g}, {HEARTBEAT_SECONDS}) seconds, got "
+      f"{timeout:g}"
+    )
   if args.distributed == "auto":
     if any(x is not None for x in explicit):
       raise UsageError(
@@ -64,7 +77,7 @@ def initialize(args: argparse.Namespace) -> None:
     jax.distributed.initialize(
       initialization_timeout=INIT_TIMEOUT_SECONDS, heartbeat_timeout_seconds=HEARTBEAT_SECONDS
     )
-    start_watchdog()
+    start_watchdog(timeout)
     return
   if all(x is None for x in explicit):
     return
@@ -90,7 +103,7 @@ def initialize(args: argparse.Namespace) -> None:
     initialization_timeout=INIT_TIMEOUT_SECONDS,
     heartbeat_timeout_seconds=HEARTBEAT_SECONDS,
   )
-  start_watchdog()
+  start_watchdog(timeout)
 
 
 def _peer_lost(message: str) -> None:
