@@ -427,7 +427,7 @@ class MetricsLog:
     out, bad = [], []
     if not files.exists(path):
       return out
-    with files.open_file(path) as f:
+    with files.open_file(path, errors="replace") as f:
       for number, line in enumerate(f, 1):
         line = line.strip()
         if not line:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -73,11 +74,15 @@ def remove(path: str) -> None:
   epath.Path(path).unlink(missing_ok=True)
 
 
-def open_file(path: str, mode: str = "r"):
-  """`open` for local paths and URLs ("a" only for local paths)."""
+def open_file(path: str, mode: str = "r", errors: str = "strict"):
+  """`open` for local paths and URLs ("a" only for local paths); text is UTF-8,
+  decoded with `errors` (e.g. "replace")."""
   if "a" in mode and is_remote(path):
     raise ValueError(f"append is not supported on {path}: rewrite the file with atomic_path")
-  return epath.Path(path).open(mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+  if "b" in mode:
+    return epath.Path(path).open(mode)
+  binary = epath.Path(path).open(mode.replace("t", "") + "b")  # epath takes no `errors`
+  return io.TextIOWrapper(binary, encoding="utf-8", errors=errors)
 
 
 @contextlib.contextmanager

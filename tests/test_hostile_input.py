@@ -108,6 +108,10 @@ def test_metrics_log_skips_bad_lines_and_keeps_valid_records(tmp_path, capsys):
   assert [r["step"] for r in cli.MetricsLog.read(str(path))] == [1, 2, 3, 9]
   assert "skipped 3 malformed line(s)" in capsys.readouterr().err
   assert [r["step"] for r in cli.MetricsLog.read(str(path), required=("loss",))] == [1, 3, 9]
+  # Bytes that are not UTF-8 (a torn multi-byte write) are one more bad line, not a crash.
+  torn = tmp_path / "torn.jsonl"
+  torn.write_bytes(b'{"step": 1, "loss": 1.0}\n\xff\xfe{"st\n{"step": 2, "loss": 0.5}\n')
+  assert [r["step"] for r in cli.MetricsLog.read(str(torn))] == [1, 2]
   # Resuming at step 3 keeps every valid record up to 3, even after the garbage.
   cli.MetricsLog(str(path), keep_up_to_step=3)
   assert [r["step"] for r in cli.MetricsLog.read(str(path))] == [1, 2, 3]
