@@ -1,5 +1,5 @@
 """Image datasets as uint8 arrays: MNIST verified by hash, any other TFDS image
-dataset read from its prepared files (`load_train_images`).
+dataset read from its prepared files (`open_train_images`, `load_train_images`).
 
 Sources, in order:
 1. TensorFlow Datasets, when `mnist` is already prepared in the TFDS data dir
@@ -334,11 +334,6 @@ def open_tfds_images(name: str, split: str = "train", data_dir: str | None = Non
   return ImageSource(read, len(src), shape, num_classes, f"tensorflow-datasets {name} ({data_dir})")
 
 
-def load_tfds_images(name: str, split: str = "train", data_dir: str | None = None) -> ImageData:
-  """`open_tfds_images`, every row loaded."""
-  return open_tfds_images(name, split, data_dir).load()
-
-
 def open_train_images(name: str = "mnist", data_dir: str | None = None) -> ImageSource:
   """The training split of `name`, read by row: MNIST as `load_mnist` (with
   its verified offline copy, in memory), any other dataset through
@@ -354,7 +349,4 @@ def open_train_images(name: str = "mnist", data_dir: str | None = None) -> Image
 
 def load_train_images(name: str = "mnist", data_dir: str | None = None) -> ImageData:
   """The training split of `name`, every row loaded (see `open_train_images`)."""
-  if name == "mnist":
-    m = load_mnist()
-    return ImageData(m.train_images, m.train_labels, 10, m.source)
-  return load_tfds_images(name, "train", data_dir)
+  return open_train_images(name, data_dir).load()

@@ -171,9 +171,14 @@ def sampler_suffix(a, sep: str) -> str:
   return "".join(sep + p for p in parts if p)
 
 
+def with_sampler(config, sampler: str, steps: int, eta: float):
+  """The run's config drawing with `sampler` over `steps` (DDIM's `eta`)."""
+  return dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
+
+
 def ddpm_sampler(config, model, schedule, sampler: str, steps: int, eta: float, batch: int):
   """The job's jitted sampler (split over devices when the batch allows)."""
-  config = dataclasses.replace(config, sampler=sampler, sample_steps=steps, eta=eta)
+  config = with_sampler(config, sampler, steps, eta)
   return ddpm_setup.make_sampler(config, model, schedule, (batch, 28, 28, 1))
 
 
@@ -503,21 +508,19 @@ def eval_main(r: Request, sc: Scorer, trained, rng) -> None:
   in turn at the run's guidance scale, as its grids)."""
   config, model, schedule, params, step = trained
   a, n = r.a, r.a.num_samples
-  extra = ""
+  extra, labels = "", None
   if config.conditional:
-    gconfig = dataclasses.replace(config, sampler=r.sampler, sample_steps=r.steps, eta=r.eta)
-    imgs, labels, spi = draw_classes(
-      gconfig, model, schedule, params, config.guidance_scale, n, r.batch, rng
-    )
-    imgs = to_uint8(imgs)
-    m = sc.score(imgs)
-    m.update(class_scores(sc, imgs, labels), guidance_scale=config.guidance_scale)
-    extra = f", guidance {config.guidance_scale:g}, each digit in turn"
+    gconfig = with_sampler(config, r.sampler, r.steps, r.eta)
+    w = config.guidance_scale
+    imgs, labels, spi = draw_classes(gconfig, model, schedule, params, w, n, r.batch, rng)
+    extra = f", guidance {w:g}, each digit in turn"
   else:
     fn = ddpm_sampler(config, model, schedule, r.sampler, r.steps, r.eta, r.batch)
     imgs, spi = draw(fn, params, rng, n, r.batch, f"{r.sampler} {r.steps} steps")
-    imgs = to_uint8(imgs)
-    m = sc.score(imgs)
+  imgs = to_uint8(imgs)
+  m = sc.score(imgs)
+  if labels is not None:
+    m.update(class_scores(sc, imgs, labels), guidance_scale=config.guidance_scale)
   m.update(seconds_per_image=spi, sampler=r.sampler, steps=r.steps, eta=r.eta)
   name = f"DDPM {config.model} ({r.sampler}, {r.steps} steps{sampler_suffix(a, ', ')}{extra})"
   record = {**_meta("ddpm", r.workdir, step, n), "results": sc.with_baselines(name, m, n)}
@@ -593,7 +596,7 @@ def eval_guidance(r: Request, sc: Scorer, trained, rng) -> None:
   config, model, schedule, params, step = trained
   n = max(1, -(-r.a.num_samples // ddpm_setup.NUM_CLASSES)) * ddpm_setup.NUM_CLASSES
   rows, grids = [], []
-  gconfig = dataclasses.replace(config, sampler=r.sampler, sample_steps=r.steps, eta=r.eta)
+  gconfig = with_sampler(config, r.sampler, r.steps, r.eta)
   for w in r.scales:
     imgs, labels, spi = draw_classes(
       gconfig, model, schedule, params, w, n, r.batch, jax.random.fold_in(rng, 11)
