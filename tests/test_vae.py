@@ -55,6 +55,24 @@ def test_shapes_and_parameter_counts():
   assert m.shape == lv.shape == (3, 8) and dec(m).shape == (3, 784)
 
 
+@pytest.mark.parametrize("model,likelihood", [("mlp", "bernoulli"), ("conv", "gaussian")])
+def test_batch_loss_is_the_vmapped_per_example_elbo(model, likelihood):
+  """batch_loss runs the networks on the whole batch, but example i must draw
+  its z with key split(rng, B)[i], exactly as vmapping elbo_terms does."""
+  vae = vj.make_vae(model, 8, 64)
+  params = vj.init_vae(vae, jax.random.key(0), 8)
+  enc, dec = vj.vae_fns(vae, params)
+  x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1))
+  rng = jax.random.key(2)
+  loss, aux = jax.jit(lambda x: vj.batch_loss(enc, dec, rng, x, 0.5, likelihood))(x)
+  rec, kl = jax.vmap(lambda r, xi: vj.elbo_terms(enc, dec, r, xi, likelihood))(
+    jax.random.split(rng, 5), x
+  )
+  np.testing.assert_allclose(aux["rec"], jnp.mean(-rec), rtol=1e-5)
+  np.testing.assert_allclose(aux["kl"], jnp.mean(kl), rtol=1e-5)
+  np.testing.assert_allclose(loss, jnp.mean(-rec + 0.5 * kl), rtol=1e-5)
+
+
 def test_iwae_k1_equals_elbo_in_expectation_and_grows_with_k():
   vae, params = tiny_vae()
   enc, dec = vj.vae_fns(vae, params)
@@ -102,6 +120,22 @@ def test_train_epoch_lowers_loss():
   after = float(ev(state.params, imgs, jax.random.key(3))["loss"])
   assert int(state.step) == 5 * 8
   assert after < before - 50, (before, after)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_train_epoch_counts_a_non_finite_update(steps):
+  """The loss is checked every step; an update that makes the parameters
+  non-finite must be counted too, also when it is the epoch's last (its loss
+  was still finite)."""
+  vae = vj.make_vae("mlp", 4, 16)
+  nan_updates = optax.GradientTransformation(
+    lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(lambda g: g * jnp.nan, u), s)
+  )
+  state = vj.create_state(jax.random.key(0), vae, nan_updates, 4)
+  epoch = jax.jit(vj.make_train_epoch(vae, nan_updates, base_rng=jax.random.key(1), batch_size=4))
+  images = jnp.full((4 * steps, 28, 28, 1), 128, jnp.uint8)
+  _, m = epoch(state, images, 0)
+  assert int(m["nonfinite_steps"]) == max(steps - 1, 1)
 
 
 def test_sampling_helpers():

@@ -1,7 +1,8 @@
 """Pure VAE maths: reparameterisation, KL, likelihoods, ELBO and the IWAE bound.
 
-Per-example functions take one example (x [D] or [28, 28, 1]); the batched
-versions are `jax.vmap`s. Everything is in nats, summed over pixels.
+Per-example functions take one example (x [D] or [28, 28, 1]); `batch_loss`
+is their batch mean, with the networks run on the whole batch. Everything is
+in nats, summed over pixels.
 """
 
 from __future__ import annotations
@@ -84,11 +85,18 @@ def batch_loss(
 ) -> Tuple[jax.Array, dict]:
   """Mean over the batch of -(rec - beta * KL); returns (loss, {rec, kl}) per image.
 
-  x: [B, ...] in [0, 1]. The per-example ELBO is written for one example and
-  vmapped, each with its own key.
+  x: [B, ...] in [0, 1]. Example i draws its z with key split(rng, B)[i]
+  exactly as `jax.vmap(elbo_terms)` over (keys, x) would, so the numbers are
+  those of the per-example ELBO; but the networks run once on the whole
+  batch, which makes the MNIST VAE epoch about 12% faster on the CPU than
+  vmapping `elbo_terms` (docs/design.md).
   """
   rngs = jax.random.split(rng, x.shape[0])
-  rec, kl = jax.vmap(lambda r, xi: elbo_terms(encode_fn, decode_fn, r, xi, likelihood))(rngs, x)
+  mean, logvar = encode_fn(x)
+  eps = jax.vmap(lambda r: jax.random.normal(r, (1,) + mean.shape[1:], mean.dtype)[0])(rngs)
+  out = decode_fn(mean + jnp.exp(0.5 * logvar) * eps)
+  rec = log_likelihood(out, x.reshape(x.shape[0], -1), likelihood)
+  kl = gaussian_kl(mean, logvar)
   loss = jnp.mean(-rec + beta * kl)
   return loss, {"rec": jnp.mean(-rec), "kl": jnp.mean(kl), "elbo_loss": jnp.mean(-rec + kl)}
 

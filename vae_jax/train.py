@@ -72,6 +72,10 @@ def make_train_epoch(
 
   With skip_nonfinite, an update whose loss or gradient norm is not finite
   leaves params and optimizer state unchanged (only `step` advances).
+  Without it, only the loss is checked per step (the gradient-norm reduction
+  cost 9% of the MNIST epoch on the CPU): a non-finite gradient or update
+  makes the parameters non-finite, so the next step's loss, or the check of
+  the parameters at the end of the epoch, counts it.
   Metrics: loss, rec, kl (per-image means over the epoch's finite steps) and
   nonfinite_steps (a count; the means are NaN when it is > 0 and
   skip_nonfinite is off).
@@ -99,8 +103,9 @@ def make_train_epoch(
     new = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
     )
-    finite = jnp.isfinite(loss) & jnp.isfinite(_tree_norm(grads))
+    finite = jnp.isfinite(loss)
     if skip_nonfinite:
+      finite &= jnp.isfinite(_tree_norm(grads))
       kept = state.replace(step=state.step + 1)
       new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
     return new, {"loss": loss, "rec": aux["rec"], "kl": aux["kl"], "finite": finite}
@@ -115,6 +120,9 @@ def make_train_epoch(
     state, m = jax.lax.scan(lambda s, i: step(s, jnp.take(images_u8, i, axis=0)), state, idx)
     finite = m.pop("finite")
     out = {"nonfinite_steps": jnp.sum(~finite)}
+    if not skip_nonfinite:  # a bad last update shows only in the parameters
+      params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state)]))
+      out["nonfinite_steps"] = jnp.maximum(out["nonfinite_steps"], (~params_finite).astype(jnp.int32))
     if skip_nonfinite:
       count = jnp.maximum(jnp.sum(finite), 1)
       out.update({k: jnp.sum(jnp.where(finite, v, 0.0)) / count for k, v in m.items()})
