@@ -121,8 +121,8 @@ def make_train_epoch(
     finite = m.pop("finite")
     out = {"nonfinite_steps": jnp.sum(~finite)}
     if not skip_nonfinite:  # a bad last update shows only in the parameters
-      params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state)]))
-      out["nonfinite_steps"] = jnp.maximum(out["nonfinite_steps"], (~params_finite).astype(jnp.int32))
+      bad = ~jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state)]))
+      out["nonfinite_steps"] = jnp.maximum(out["nonfinite_steps"], bad.astype(jnp.int32))
     if skip_nonfinite:
       count = jnp.maximum(jnp.sum(finite), 1)
       out.update({k: jnp.sum(jnp.where(finite, v, 0.0)) / count for k, v in m.items()})
