@@ -82,6 +82,10 @@ def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None):
   per = _chunk_images(batch, out_rows_per_image, row_bytes)
   if per == batch:
     return fn(*batch_args) if init is None else init + fn(*batch_args)
+  # Without the barrier XLA fuses an argument's producer (e.g. bias + ReLU)
+  # into the chunked reshape and computes it a second time for the argument's
+  # other users; this way it is written once (train step ~3% faster).
+  batch_args = jax.lax.optimization_barrier(tuple(batch_args))
   n = batch // per
   split = [a.reshape((n, per) + a.shape[1:]) for a in batch_args]
   if init is None:
