@@ -399,13 +399,34 @@ def interleave(jax_round: Callable, torch_round: Callable, rounds: int, faster: 
   }
 
 
+# Untimed calls at the start of every train and forward round, on both sides.
+# The first JAX call after PyTorch has run is slow for a reason no training
+# run meets: XLA:CPU maps its temporary buffer afresh on every call (~480 MB
+# for the train step at batch 128) and, after PyTorch has churned memory, the
+# kernel compacts memory to fault it back in as huge pages. Measured with
+# getrusage around single train steps: 0.5-0.8 s of system time in the first
+# step after a PyTorch round, 0.03-0.06 s in the steps after it.
+ROUND_WARMUP = 1
+
+
+def warm(round_fn: Callable, iters: int) -> Callable:
+  """`round_fn(iters)` after ROUND_WARMUP untimed calls of one iteration."""
+
+  def run():
+    for _ in range(ROUND_WARMUP):
+      round_fn(1)
+    return round_fn(iters)
+
+  return run
+
+
 def compare_with_torch(batch: int, iters: int, rounds: int, ancestral_rounds: int) -> dict:
   """JAX against the seeds' PyTorch code, interleaved round by round."""
-  out = {"threads": torch_ref.torch.get_num_threads()}
+  out = {"threads": torch_ref.torch.get_num_threads(), "round_warmup_calls": ROUND_WARMUP}
   jt, tt = jax_train_round("simple", batch), torch_ref.make_train_round(batch)
-  out["train"] = interleave(lambda: jt(iters), lambda: tt(iters), rounds, "higher")
+  out["train"] = interleave(warm(jt, iters), warm(tt, iters), rounds, "higher")
   jf, tf = jax_forward_round("simple", 64), torch_ref.make_forward_round(64)
-  out["forward"] = interleave(lambda: jf(3 * iters), lambda: tf(3 * iters), rounds, "higher")
+  out["forward"] = interleave(warm(jf, 3 * iters), warm(tf, 3 * iters), rounds, "higher")
   images = mnist_like()
   jv = jax_vae_round(images)
   out["vae"] = interleave(jv, lambda: torch_ref.vae_epoch_seconds(images), rounds, "lower")
