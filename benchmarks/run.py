@@ -402,10 +402,11 @@ def interleave(jax_round: Callable, torch_round: Callable, rounds: int, faster: 
 # Untimed calls at the start of every train and forward round, on both sides.
 # The first JAX call after PyTorch has run is slow for a reason no training
 # run meets: XLA:CPU maps its temporary buffer afresh on every call (~480 MB
-# for the train step at batch 128) and, after PyTorch has churned memory, the
-# kernel compacts memory to fault it back in as huge pages. Measured with
-# getrusage around single train steps: 0.5-0.8 s of system time in the first
-# step after a PyTorch round, 0.03-0.06 s in the steps after it.
+# for the train step at batch 128) and the kernel zeroes it on first touch;
+# right after a PyTorch round that zeroing is 10-20x slower. Measured with
+# getrusage around single train steps: 0.4-0.8 s of system time in the first
+# step after a PyTorch round, 0.03-0.08 s in the steps after it, at the same
+# number of page faults (docs/design.md).
 ROUND_WARMUP = 1
 
 
