@@ -114,6 +114,26 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
 _WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
+def _wino_g(k):
+  """G k along one axis (3 taps -> 4), G = _WINO_G."""
+  return (k[0], 0.5 * (k[0] + k[1] + k[2]), 0.5 * (k[0] - k[1] + k[2]), k[2])
+
+
+def _wino_gt(m):
+  """G^T m along one axis (4 -> 3 taps), the adjoint of `_wino_g`."""
+  return (m[0] + 0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]), 0.5 * (m[1] + m[2]) + m[3])
+
+
+def _wino_kernel(w):
+  """G w G^T of a [3, 3, Cin, Cout] kernel -> [16, Cin, Cout].
+
+  Written as sums of whole [Cin, Cout] slabs: the same numbers as
+  `einsum("ai,ijcd,bj->abcd", G, w, G)`, which XLA:CPU ran 9-17x slower
+  (4.2 against 0.25 ms for a 256x256 kernel) through a transposing copy.
+  """
+  return jnp.stack([t for r in _wino_g([w[i] for i in range(3)]) for t in _wino_g(r)])
+
+
 def _wino_in(p):
   """B^T p B along one axis: the four 2-strided slices of p combined."""
   return (p[0] - p[2], p[1] + p[2], p[2] - p[1], p[1] - p[3])
@@ -157,8 +177,7 @@ def _conv3x3_winograd(x, w):
   B, H, W, cin = x.shape
   cout = w.shape[-1]
   Hp, Wp = H + H % 2, W + W % 2
-  g = jnp.asarray(_WINO_G, w.dtype)
-  u = jnp.einsum("ai,ijcd,bj->abcd", g, w, g).reshape(16, cin, cout)
+  u = _wino_kernel(w)
 
   def one(xc):
     v = _wino_tiles(xc, H, W)
@@ -208,8 +227,9 @@ def _wgrad3x3_winograd(x, g):
     16 * cin * x.dtype.itemsize,
     init=jnp.zeros((16, cout, cin), jnp.float32),
   )
-  gm = jnp.asarray(_WINO_G, jnp.float32)
-  return jnp.einsum("ai,abdc,bj->ijcd", gm, acc.reshape(4, 4, cout, cin), gm)
+  m = acc.reshape(4, 4, cout, cin)
+  dw = jnp.stack([jnp.stack(_wino_gt(r)) for r in _wino_gt([m[a] for a in range(4)])])
+  return dw.swapaxes(2, 3)  # G^T m G: [3, 3, Cin, Cout]
 
 
 # Winograd's transforms only pay off when the GEMMs have some width: a
