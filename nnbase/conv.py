@@ -320,7 +320,8 @@ def _phase_conv(x, kernels, pads):
 
 def _phase_kernels(w, phases, transpose):
   """The 2x2 grid of sub-kernels w[taps_a][:, taps_b] (Cin/Cout swapped if transpose)."""
-  sub = lambda ta, tb: w[jnp.array(ta)][:, jnp.array(tb)]
+  # Static slices stacked, not an index-array gather (XLA:CPU's gather is slow).
+  sub = lambda ta, tb: jnp.stack([jnp.stack([w[i, j] for j in tb]) for i in ta])
   kernels = [
     [sub(ta, tb).swapaxes(2, 3) if transpose else sub(ta, tb) for tb, _ in phases]
     for ta, _ in phases
