@@ -111,11 +111,11 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
 
 # Winograd F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A per 4x4 input tile d
 # and 2x2 output tile; 16 multiplications per output tile instead of 36.
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G = ((1, 0, 0), (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1)).
 
 
 def _wino_g(k):
-  """G k along one axis (3 taps -> 4), G = _WINO_G."""
+  """G k along one axis (3 taps -> 4)."""
   return (k[0], 0.5 * (k[0] + k[1] + k[2]), 0.5 * (k[0] - k[1] + k[2]), k[2])
 
 

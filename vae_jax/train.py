@@ -120,14 +120,14 @@ def make_train_epoch(
     state, m = jax.lax.scan(lambda s, i: step(s, jnp.take(images_u8, i, axis=0)), state, idx)
     finite = m.pop("finite")
     out = {"nonfinite_steps": jnp.sum(~finite)}
-    if not skip_nonfinite:  # a bad last update shows only in the parameters
-      bad = ~jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state)]))
-      out["nonfinite_steps"] = jnp.maximum(out["nonfinite_steps"], bad.astype(jnp.int32))
     if skip_nonfinite:
       count = jnp.maximum(jnp.sum(finite), 1)
       out.update({k: jnp.sum(jnp.where(finite, v, 0.0)) / count for k, v in m.items()})
     else:
       out.update(jax.tree.map(jnp.mean, m))
+      # A bad last update shows only in the parameters.
+      bad = ~jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(state)]))
+      out["nonfinite_steps"] = jnp.maximum(out["nonfinite_steps"], bad.astype(jnp.int32))
     return state, out
 
   return train_epoch
