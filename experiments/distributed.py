@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 import threading
@@ -35,6 +36,8 @@ BEAT_SECONDS = 2.0  # how often each process publishes its beat and reads the ot
 HEARTBEAT_SECONDS = 90  # JAX's own bound (it aborts the process): the backstop
 INIT_TIMEOUT_SECONDS = 120  # waiting for every process to join
 _BEAT_DIR = "ddpm_jax/beat/"
+_STOPPING = threading.Event()  # set at interpreter exit: the watchdogs end quietly
+_WATCHDOGS: list = []
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -130,7 +133,9 @@ def start_watchdog(
   hosts need not agree on the time; a peer is dead when its counter has not
   changed for `stale_after` seconds of this process's monotonic clock.
   `client`, `me` and `n` default to JAX's coordination client, this process's
-  index and the process count (tests pass a fake client)."""
+  index and the process count (tests pass a fake client). `stop_watchdogs`
+  ends it; it runs at exit, before JAX's own shutdown (atexit runs its
+  handlers in reverse order and JAX registered its handler at import)."""
   if client is None:
     if not is_multiprocess():
       return None
@@ -145,10 +150,14 @@ def start_watchdog(
     beat = 0
     while True:
       beat += 1
+      if _STOPPING.is_set():
+        return
       try:
         client.key_value_set(f"{_BEAT_DIR}{me}", str(beat), allow_overwrite=True)
         beats = dict(client.key_value_dir_get(_BEAT_DIR))
       except Exception as e:  # the coordinator (process 0) is gone
+        if _STOPPING.is_set():  # ... because this process is exiting
+          return
         on_lost(f"the coordinator stopped answering ({type(e).__name__}: {str(e)[:120]})")
         return
       now = time.monotonic()
@@ -162,11 +171,24 @@ def start_watchdog(
             "was lost)"
           )
           return
-      time.sleep(period)
+      _STOPPING.wait(period)
 
+  _STOPPING.clear()
   thread = threading.Thread(target=watch, name="peer-watchdog", daemon=True)
+  if not _WATCHDOGS:
+    atexit.register(stop_watchdogs)
+  _WATCHDOGS.append(thread)
   thread.start()
   return thread
+
+
+def stop_watchdogs(timeout: float = 10.0) -> None:
+  """Ends every watchdog thread of this process without a verdict (the
+  process is exiting on purpose) and waits for them."""
+  _STOPPING.set()
+  for thread in _WATCHDOGS:
+    thread.join(timeout)
+  _WATCHDOGS.clear()
 
 
 def is_multiprocess() -> bool:

@@ -248,6 +248,46 @@ def test_watchdog_keeps_quiet_while_every_peer_beats():
   assert lost == []
 
 
+def test_watchdog_stopped_on_exit_gives_no_verdict_when_the_coordinator_goes():
+  lost, client = [], _FakeClient()
+  thread = distributed.start_watchdog(0.2, 0.01, lost.append, client=client, me=0, n=3)
+  time.sleep(0.05)
+  distributed.stop_watchdogs()
+  client.fail_after = 0  # the coordinator shuts down with the exiting process 0
+  time.sleep(0.1)
+  assert not thread.is_alive() and lost == []
+
+
+_LINGER = """
+import atexit, sys, time
+atexit.register(time.sleep, 5)  # after JAX's shutdown: lingers without a coordinator
+import argparse
+from experiments import distributed
+a = argparse.Namespace(distributed="off", coordinator_address=sys.argv[1], num_processes=2,
+                       process_id=int(sys.argv[2]), peer_timeout=30.0)
+distributed.initialize(a)
+distributed.barrier("done")
+"""
+
+
+def test_processes_that_end_together_exit_zero_though_the_coordinator_goes_first():
+  # At exit JAX shuts the runtime down (process 0 takes the coordinator with
+  # it) while the other process may still live for a while: no lost peer.
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _LINGER, f"127.0.0.1:{port}", str(i)],
+      cwd=ROOT,
+      env=_env(2),
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for rc, err in _finish(procs, timeout=120):
+    assert rc == 0, err[-3000:]
+
+
 def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   args = ["--preset", "smoke", "--epochs", "2"]
