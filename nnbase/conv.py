@@ -148,8 +148,12 @@ def _wino_tiles(xc, H, W):
   """B^T d B for every 4x4 tile of xc padded by 1 (and to even H, W): [16, b, H'/2, W'/2, C]."""
   Hp, Wp = H + H % 2, W + W % 2
   xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
-  rows = _wino_in([xp[:, i : i + Hp : 2] for i in range(4)])
-  return jnp.stack([t for r in rows for t in _wino_in([r[:, :, j : j + Wp : 2] for j in range(4)])])
+  # Rows, stacked, then columns, stacked: two fused 4-way stacks. One stack of
+  # the 16 transformed tiles is not fused by XLA:CPU: it writes 16 slabs, then
+  # copies them (forward ~5% slower, train ~3%).
+  rows = jnp.stack(_wino_in([xp[:, i : i + Hp : 2] for i in range(4)]))  # [4, b, Hp/2, Wp+2, C]
+  cols = _wino_in([rows[:, :, :, j : j + Wp : 2] for j in range(4)])  # 4 x [4, b, Hp/2, Wp/2, C]
+  return jnp.stack(cols, axis=1).reshape((16,) + cols[0].shape[1:])
 
 
 def _interleave(y):
