@@ -72,25 +72,38 @@ def _out_size(n, k, pad, stride):
   return (n + pad[0] + pad[1] - k) // stride + 1
 
 
-def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None):
+def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outputs=False):
   """Applies `fn` to batch chunks of `batch_args` in a scan.
 
   With init=None the per-chunk outputs are concatenated along the batch;
-  otherwise they are summed into `init`.
+  otherwise they are summed into `init`. With `with_outputs` too, `fn` returns
+  (summand, output) per chunk and the result is (sum, concatenated outputs).
   """
   batch = batch_args[0].shape[0]
   per = _chunk_images(batch, out_rows_per_image, row_bytes)
   if per == batch:
-    return fn(*batch_args) if init is None else init + fn(*batch_args)
+    r = fn(*batch_args)
+    if init is None:
+      return r
+    return (init + r[0], r[1]) if with_outputs else init + r
   # Without the barrier XLA fuses an argument's producer (e.g. bias + ReLU)
   # into the chunked reshape and computes it a second time for the argument's
   # other users; this way it is written once (train step ~3% faster).
   batch_args = jax.lax.optimization_barrier(tuple(batch_args))
   n = batch // per
   split = [a.reshape((n, per) + a.shape[1:]) for a in batch_args]
+  unchunk = lambda ys: ys.reshape((batch,) + ys.shape[2:])
   if init is None:
     _, ys = jax.lax.scan(lambda c, a: (None, fn(*a)), None, split)
-    return ys.reshape((batch,) + ys.shape[2:])
+    return unchunk(ys)
+  if with_outputs:
+
+    def body(c, a):
+      summand, y = fn(*a)
+      return c + summand, y
+
+    acc, ys = jax.lax.scan(body, init, split)
+    return acc, unchunk(ys)
   acc, _ = jax.lax.scan(lambda c, a: (c + fn(*a), None), init, split)
   return acc
 
@@ -415,9 +428,10 @@ def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   (PyTorch's ConvTranspose2d(k=4, s=2, p=1)) as chunked GEMMs.
 
   Forward: four 2x2 phase convolutions per batch chunk (no multiplications by
-  the zeros a dilated input would hold). Input gradient: one 4x4 stride-2
-  convolution of g with the flipped kernel. Weight gradient: one GEMM of g's
-  stride-2 patches against x.
+  the zeros a dilated input would hold). Backward (`_t2_grads`): the input
+  gradient, a 4x4 stride-2 convolution of g with the flipped kernel, and the
+  weight gradient, a GEMM of x against the same stride-2 patches of g, share
+  each chunk's patches.
 
   Args:
     x: [B, H, W, Cin].
@@ -433,12 +447,44 @@ def _t2_fwd(x, w):
   return _conv_transpose_2x(x, w), (x, w)
 
 
+def _t2_grads(x, w, g):
+  """(dx, dw) of `conv_transpose_2x(x, w)` for the output gradient g.
+
+  Both come from the same matrix, the 4x4 stride-2 patches of g (pad 1):
+  dx = patches @ flip_transpose(w) and dw = flip_transpose(x^T @ patches).
+  One scan builds each chunk's patches once and uses them for both.
+
+  Args:
+    x: [B, H, W, Cin]; w: [4, 4, Cin, Cout]; g: [B, 2H, 2W, Cout].
+  """
+  B, H, W, cin = x.shape
+  cout = w.shape[3]
+  wm = _flip_transpose(w).reshape(16 * cout, cin)
+  pads = ((1, 1), (1, 1))
+
+  def one(xc, gc):
+    cols = _patches(gc, 4, 4, pads, (2, 2)).reshape(-1, 16 * cout)
+    dx = jnp.dot(cols, wm).reshape(xc.shape)
+    # x^T @ patches as ([Cin, rows] @ [rows, K]); see `_wgrad` on the orientation.
+    dwt = jnp.dot(xc.reshape(-1, cin).T, cols, preferred_element_type=jnp.float32)
+    return dwt, dx
+
+  acc, dx = _chunked(
+    one,
+    (x, g),
+    H * W,
+    16 * cout * g.dtype.itemsize,
+    init=jnp.zeros((cin, 16 * cout), jnp.float32),
+    with_outputs=True,
+  )
+  dw = _flip_transpose(acc.T.reshape(4, 4, cout, cin))
+  return dx, dw
+
+
 def _t2_bwd(res, g):
   x, w = res
-  pads = ((1, 1), (1, 1))
-  dx = _conv_gemm(g, _flip_transpose(w), pads, (2, 2))
-  dw = _wgrad(g, x, 4, 4, pads, (2, 2)).reshape(4, 4, w.shape[3], w.shape[2])
-  return dx.astype(x.dtype), _flip_transpose(dw).astype(w.dtype)
+  dx, dw = _t2_grads(x, w, g)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 conv_transpose_2x.defvjp(_t2_fwd, _t2_bwd)
