@@ -229,8 +229,9 @@ def _wgrad3x3_winograd(x, g):
   def one(xc, gc):
     v = _wino_tiles(xc, H, W)
     gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
-    grows = _wino_grad_out([gp[:, a::2] for a in range(2)])
-    gh = jnp.stack([t for r in grows for t in _wino_grad_out([r[:, :, b::2] for b in range(2)])])
+    grows = jnp.stack(_wino_grad_out([gp[:, a::2] for a in range(2)]))  # [4, b, Hp/2, Wp, C]
+    gcols = _wino_grad_out([grows[:, :, :, b::2] for b in range(2)])  # 4 x [4, b, Hp/2, Wp/2, C]
+    gh = jnp.stack(gcols, axis=1).reshape((16,) + gcols[0].shape[1:])
     return jax.lax.dot_general(
       gh.reshape(16, -1, cout),
       v.reshape(16, -1, cin),
