@@ -6,8 +6,9 @@ weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
 of image patches. On XLA:CPU this beats XLA's own convolutions for the seed
 U-Net's layers (`python -m benchmarks.levers` measures it; figures in
 docs/design.md).
-`ConvTranspose2x` is the 4x4/stride-2 transposed convolution as four phase
-convolutions built on the same primitive.
+`ConvTranspose2x` is the 4x4/stride-2 transposed convolution as one GEMM of
+each chunk against all 16 kernel taps, the shifted tap planes then summed
+(`_tap_upsample`, which also computes the stride-2 input gradient).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
   H = _out_size(x.shape[1], kh, pads[0], strides[0])
   W = _out_size(x.shape[2], kw, pads[1], strides[1])
   wm = w.reshape(kh * kw * cin, cout)
+  if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
+    return jnp.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
 
   def one(xc):
     cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
@@ -313,53 +316,45 @@ def _dx_stride1(g, w, pads):
   return _conv_gemm(g, _flip_transpose(w), dpads)
 
 
-# Input gradient of a 3x3, stride-2, pad-1 convolution, split by the parity of
-# the input pixel: even pixels 2q see tap 1 of output q; odd pixels 2q+1 see
-# tap 2 of output q and tap 0 of output q+1. Per parity: (taps, pads) of a
-# stride-1 correlation over g.
-_S2_PHASES = (((1,), (0, 0)), ((2, 0), (0, 1)))
+# Input gradient of a 3x3, stride-2, pad-1 convolution: even input pixels 2q
+# see tap 1 of output q; odd pixels 2q+1 see tap 2 of output q and tap 0 of
+# output q+1. Per parity: the (output offset, kernel tap) pairs.
+_S2_TAPS = (((0, 1),), ((0, 2), (1, 0)))
 
 
-def _phase_conv(x, kernels, pads):
-  """Interleaves four stride-1 convolutions of x into a 2x upsampled output.
+def _tap_upsample(x, k, taps):
+  """A 2x upsampling convolution by one GEMM per chunk against all taps.
 
-  Output pixel (2p + a, 2q + b) is pixel (p, q) of the convolution of x with
-  kernels[a][b] under pads[a][b] (each a [B, H, W, Cout] result). All four are
-  computed per batch chunk in one scan, so the interleave happens in cache.
+  Output pixel (2p + a, 2q + b) = sum over (di, i) in taps[a] and (dj, j) in
+  taps[b] of x[p + di, q + dj] @ k[i, j] (zero outside x). Each chunk computes
+  x @ k for every tap at once ([rows, Cin] @ [Cin, kh*kw*Cout], a wide GEMM)
+  and sums the shifted tap planes into the interleaved output in cache.
 
-  Returns [B, 2H, 2W, Cout].
+  Args:
+    x: [B, H, W, Cin]; k: [kh, kw, Cin, Cout]; taps: per parity (0, 1), pairs
+      (offset, tap) used along both axes.
+
+  Returns:
+    [B, 2H, 2W, Cout].
   """
+  B, H, W, cin = x.shape
+  kh, kw, _, cout = k.shape
+  km = k.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+  lo = max(0, -min(d for t in taps for d, _ in t))
+  hi = max(0, max(d for t in taps for d, _ in t))
 
   def one(xc):
-    rows = []
-    for ka, pa in zip(kernels, pads):
-      cols = []
-      for k, p in zip(ka, pa):
-        kh, kw, cin, cout = k.shape
-        cols_x = _patches(xc, kh, kw, p).reshape(-1, kh * kw * cin)
-        cols.append(jnp.dot(cols_x, k.reshape(-1, cout)).reshape(xc.shape[:3] + (cout,)))
-      rows.append(cols)
-    return _interleave(rows)
+    y = jnp.dot(xc.reshape(-1, cin), km).reshape(xc.shape[:3] + (kh, kw, cout))
+    yp = jnp.pad(y, ((0, 0), (lo, hi), (lo, hi), (0, 0), (0, 0), (0, 0)))
+    tap = lambda di, i, dj, j: yp[:, lo + di : lo + di + H, lo + dj : lo + dj + W, i, j]
+    return _interleave([[sum(tap(*r, *c) for r in ta for c in tb) for tb in taps] for ta in taps])
 
-  k_total = sum(k.shape[0] * k.shape[1] for ka in kernels for k in ka)
-  return _chunked(one, (x,), x.shape[1] * x.shape[2], k_total * x.shape[3] * x.dtype.itemsize)
-
-
-def _phase_kernels(w, phases, transpose):
-  """The 2x2 grid of sub-kernels w[taps_a][:, taps_b] (Cin/Cout swapped if transpose)."""
-  # Static slices stacked, not an index-array gather (XLA:CPU's gather is slow).
-  sub = lambda ta, tb: jnp.stack([jnp.stack([w[i, j] for j in tb]) for i in ta])
-  kernels = [
-    [sub(ta, tb).swapaxes(2, 3) if transpose else sub(ta, tb) for tb, _ in phases]
-    for ta, _ in phases
-  ]
-  pads = [[(pa, pb) for _, pb in phases] for _, pa in phases]
-  return kernels, pads
+  return _chunked(one, (x,), H * W, kh * kw * cout * x.dtype.itemsize)
 
 
 def _dx_stride2(g, w):
-  """dx of `_conv(x, w, ((1, 1), (1, 1)), (2, 2))` for even H, W, by input-pixel parity."""
-  return _phase_conv(g, *_phase_kernels(w, _S2_PHASES, transpose=True))
+  """dx of `_conv(x, w, ((1, 1), (1, 1)), (2, 2))` for even H, W."""
+  return _tap_upsample(g, w.swapaxes(2, 3), _S2_TAPS)
 
 
 def _dx(x_shape, w, pads, strides, g):
@@ -422,14 +417,12 @@ def _bwd(pads, strides, res, g):
 conv_gemm.defvjp(_fwd, _bwd)
 
 
-# ConvTranspose(4x4, stride 2, SAME): output pixel 2p + a only sees kernel taps
-# of parity a. Phase 0 uses inputs at offsets (-1, 0) with taps (0, 2); phase
-# 1 offsets (0, +1) with taps (1, 3).
-_T2_PHASES = (((0, 2), (1, 0)), ((1, 3), (0, 1)))
+# Per output parity a: the (input offset, kernel tap) pairs that reach pixel 2p + a.
+_T2_TAPS = (((-1, 0), (0, 2)), ((0, 1), (1, 3)))
 
 
 def _conv_transpose_2x(x, w):
-  return _phase_conv(x, *_phase_kernels(w, _T2_PHASES, transpose=False))
+  return _tap_upsample(x, w, _T2_TAPS)
 
 
 @jax.custom_vjp
@@ -437,8 +430,10 @@ def conv_transpose_2x(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
   """`nn.ConvTranspose(kernel_size=(4, 4), strides=(2, 2), padding="SAME")` maths
   (PyTorch's ConvTranspose2d(k=4, s=2, p=1)) as chunked GEMMs.
 
-  Forward: four 2x2 phase convolutions per batch chunk (no multiplications by
-  the zeros a dilated input would hold). Backward (`_t2_grads`): the input
+  Forward (`_tap_upsample`): per batch chunk one GEMM of x against all 16
+  taps ([rows, Cin] @ [Cin, 16*Cout]), then each output pixel sums the four
+  shifted tap planes of its parity (no multiplications by the zeros a dilated
+  input would hold). Backward (`_t2_grads`): the input
   gradient, a 4x4 stride-2 convolution of g with the flipped kernel, and the
   weight gradient, a GEMM of x against the same stride-2 patches of g, share
   each chunk's patches.

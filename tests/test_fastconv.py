@@ -1,7 +1,7 @@
 """The CPU-fast convolutions forced on (gemm_conv=True) against lax at
 precision HIGHEST: forward, input gradient and weight gradient, with a check
-that the custom path (im2col GEMM, Winograd, stride-2 phases, transposed
-phases) actually ran."""
+that the custom path (im2col GEMM, Winograd, the stride-2 input gradient and
+the transposed convolution by tap GEMMs) actually ran."""
 
 import collections
 
@@ -29,7 +29,7 @@ def ran(monkeypatch):
     "_dx_stride2",
     "_dx_stride1",
     "_conv_transpose_2x",
-    "_phase_conv",
+    "_tap_upsample",
     "_t2_grads",
   ):
     real = getattr(layers, name)
@@ -86,7 +86,7 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   else:
     assert ran["_conv_gemm"] and ran["_wgrad"] and not ran["_conv3x3_winograd"]
   if case == "stride2_phases":
-    assert ran["_dx_stride2"] and ran["_phase_conv"]
+    assert ran["_dx_stride2"] and ran["_tap_upsample"]
 
 
 @pytest.mark.parametrize("chunk_bytes", [None, 2000])
@@ -97,4 +97,4 @@ def test_custom_conv_transpose_matches_lax(key, ran, chunk_bytes, monkeypatch):
   fast = ConvTranspose2x(10, gemm_conv=True)
   ref = nn.ConvTranspose(10, (4, 4), strides=(2, 2), padding="SAME", precision=HIGHEST)
   _compare(fast, ref, x, key)
-  assert ran["_conv_transpose_2x"] and ran["_phase_conv"] and ran["_t2_grads"]
+  assert ran["_conv_transpose_2x"] and ran["_tap_upsample"] and ran["_t2_grads"]
