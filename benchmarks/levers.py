@@ -110,5 +110,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # as the jobs do: huge pages for XLA's buffers
+  runtime.setup_process()  # huge pages, one JAX device per core
   main()

@@ -88,16 +88,37 @@ def _device_peak_bytes() -> Optional[int]:
     return None
 
 
-def _train_setup(preset: str, gemm: Optional[bool], dtype):
-  """(init_state, jitted buffer-donating train step) of a U-Net preset, T=1000."""
+def _train_setup(preset: str, gemm: Optional[bool], dtype, mesh=None):
+  """(init_state, jitted buffer-donating train step) of a U-Net preset, T=1000.
+
+  With a mesh (what the jobs use: every device, `dj.parallel`), the state is
+  replicated and the step takes a batch split over it (`shard`); without, one
+  device.
+  """
   model = dj.make_model(preset, gemm_conv=gemm, dtype=dtype)
   schedule = dj.make_schedule("linear", 1000)
   tx = dj.make_optimizer(1e-3, 1000)
   init = lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
-  step = jax.jit(
-    dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1)), donate_argnums=0
-  )
-  return init, step
+  raw = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1))
+  if mesh is None:
+    return init, jax.jit(raw, donate_argnums=0)
+  return (lambda: dj.parallel.replicate(init(), mesh)), dj.parallel.parallel_train_step(raw, mesh)
+
+
+def _mesh():
+  """The jobs' data-parallel mesh: every device (on a CPU, one per core: experiments/runtime.py)."""
+  return dj.parallel.make_mesh()
+
+
+def _shard(x, mesh):
+  return dj.parallel.shard_batch(x, mesh) if x.shape[0] % mesh.devices.size == 0 else x
+
+
+def _forward_fn(model, mesh):
+  """jit of the U-Net forward `(params, x, t) -> eps`, the batch split over the mesh."""
+  rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
+  fn = dj.parallel.in_mesh(lambda p, x, t: model.apply(p, x, t), mesh)
+  return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=data)
 
 
 def _init_params(model):
@@ -118,9 +139,10 @@ def train_bench(
   preset: str, batch: int, iters: int, peak: float, gemm: Optional[bool] = None, dtype=jnp.float32
 ) -> dict:
   """Train-step throughput; gemm: `gemm_conv` (None: the backend's default)."""
-  init, step = _train_setup(preset, gemm, dtype)
+  mesh = _mesh()
+  init, step = _train_setup(preset, gemm, dtype, mesh)
   state = init()
-  x = jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1
+  x = _shard(jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, x).compile()
   compile_s = time.perf_counter() - t0
@@ -155,16 +177,19 @@ def forward_bench(
 ) -> dict:
   model = dj.make_model(preset, gemm_conv=gemm)
   params = _init_params(model)
-  eps_fn = jax.jit(lambda p, x, t: model.apply(p, x, t))
-  x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
-  t = jnp.full((batch,), 500, jnp.int32)
+  mesh = _mesh()
+  eps_fn = _forward_fn(model, mesh)
+  x = _shard(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
+  t = _shard(jnp.full((batch,), 500, jnp.int32), mesh)
   t0 = time.perf_counter()
   compiled = eps_fn.lower(params, x, t).compile()
   compile_s = time.perf_counter() - t0
   _, mem = _cost(compiled)
-  # FLOPs from the plain-XLA model: the analysis counts a scan body once.
+  # FLOPs from the plain-XLA model on one device: the analysis counts a scan
+  # body once, and a split program's FLOPs per device.
   plain = dj.make_model(preset, gemm_conv=False)
-  flops, _ = _cost(jax.jit(lambda p, x, t: plain.apply(p, x, t)).lower(params, x, t).compile())
+  x1, t1 = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, t))
+  flops, _ = _cost(jax.jit(lambda p, x, t: plain.apply(p, x, t)).lower(params, x1, t1).compile())
   compiled(params, x, t).block_until_ready()
   dt = _time(lambda: compiled(params, x, t).block_until_ready(), iters)
   gflops = flops / dt / 1e9 if flops else None
@@ -186,14 +211,16 @@ def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
   schedule = dj.make_schedule("linear", 1000)
   shape = (batch, 28, 28, 1)
 
+  mesh = _mesh()
+
   def sample(p, rng):
-    eps_fn = lambda x, t: model.apply(p, x, t)
+    eps_fn = dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
     if sampler == "ddpm":
       return dj.ddpm_sample(eps_fn, schedule, rng, shape, num_steps=steps)
     return dj.ddim_sample(eps_fn, schedule, rng, shape, steps)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(sample).lower(params, jax.random.key(1)).compile()
+  compiled = dj.parallel.parallel_sampler(sample, mesh).lower(params, jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled(params, jax.random.key(2)).block_until_ready()
@@ -295,9 +322,10 @@ def tuning_values() -> dict:
 
 def jax_train_round(preset: str, batch: int, gemm: Optional[bool] = None) -> Callable:
   """The jitted train step, compiled and warmed once: `round(iters) -> images/s`."""
-  init, step = _train_setup(preset, gemm, jnp.float32)
+  mesh = _mesh()
+  init, step = _train_setup(preset, gemm, jnp.float32, mesh)
   holder = [init()]
-  x = jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1
+  x = _shard(jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh)
   compiled = step.lower(holder[0], x).compile()
 
   def run():
@@ -319,9 +347,10 @@ def jax_forward_round(preset: str, batch: int) -> Callable:
   """One U-Net forward, compiled once: `round(iters) -> images/s`."""
   model = dj.make_model(preset)
   params = _init_params(model)
-  x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
-  t = jnp.full((batch,), 500, jnp.int32)
-  compiled = jax.jit(lambda p, x, t: model.apply(p, x, t)).lower(params, x, t).compile()
+  mesh = _mesh()
+  x = _shard(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
+  t = _shard(jnp.full((batch,), 500, jnp.int32), mesh)
+  compiled = _forward_fn(model, mesh).lower(params, x, t).compile()
   compiled(params, x, t).block_until_ready()
 
   def round_(iters: int) -> float:
@@ -364,8 +393,10 @@ def jax_ancestral_round(preset: str, batch: int, T: int = 1000) -> Callable:
   params = _init_params(model)
   schedule = dj.make_schedule("linear", T)
   shape = (batch, 28, 28, 1)
-  fn = jax.jit(
-    lambda p, r: dj.sample(lambda x, t: model.apply(p, x, t), schedule, r, shape, "ddpm", T)
+  mesh = _mesh()
+  eps = lambda p: dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
+  fn = dj.parallel.parallel_sampler(
+    lambda p, r: dj.sample(eps(p), schedule, r, shape, "ddpm", T), mesh
   )
   compiled = fn.lower(params, jax.random.key(1)).compile()
   n = [0]
@@ -605,5 +636,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()  # as the jobs do: huge pages for XLA's buffers
+  runtime.setup_process()  # huge pages, one JAX device per core
   main()

@@ -70,5 +70,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  runtime.reexec_with_hugepages()
+  runtime.setup_process()  # huge pages, one JAX device per core
   main()

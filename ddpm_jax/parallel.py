@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
+from nnbase.conv import BATCH_AXIS as DATA_AXIS  # the axis the fast convolutions split
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -82,6 +82,23 @@ def global_batch(local_batch: np.ndarray, mesh: Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(data_sharding(mesh), local_batch)
 
 
+def in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """`fn` traced with `mesh` as the context mesh (for use inside `jax.jit`).
+
+  The fast CPU convolutions (`nnbase.conv`) read it: under a mesh whose
+  "data" axis splits the batch, each device runs its own rows' chunked GEMMs
+  (a `shard_map`) instead of XLA gathering the batch for them. Every
+  function below wraps its argument with it; wrap your own jitted function
+  the same way when its batch is split over `data_sharding(mesh)`.
+  """
+
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
 def parallel_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -> Callable:
   """jit(train_step) with a replicated state and a batch split over "data".
 
@@ -91,7 +108,7 @@ def parallel_train_step(train_step: Callable, mesh: Mesh, donate: bool = True) -
   """
   rep, data = replicated(mesh), data_sharding(mesh)
   return jax.jit(
-    train_step,
+    in_mesh(train_step, mesh),
     in_shardings=(rep, data),
     out_shardings=(rep, rep),
     donate_argnums=(0,) if donate else (),
@@ -103,7 +120,8 @@ def sharded_eps_fn(eps_fn: Callable, mesh: Mesh) -> Callable:
   sampler's scan: each device denoises its own slice of the batch."""
   data = data_sharding(mesh)
   constrain = lambda a: jax.lax.with_sharding_constraint(a, data)
-  return lambda x_t, t: constrain(eps_fn(constrain(x_t), constrain(t)))
+  inner = in_mesh(eps_fn, mesh)
+  return lambda x_t, t: constrain(inner(constrain(x_t), constrain(t)))
 
 
 def parallel_sampler(sample_fn: Callable, mesh: Mesh) -> Callable:
@@ -114,4 +132,4 @@ def parallel_sampler(sample_fn: Callable, mesh: Mesh) -> Callable:
   number of devices.
   """
   rep, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(sample_fn, in_shardings=(rep, rep), out_shardings=data)
+  return jax.jit(in_mesh(sample_fn, mesh), in_shardings=(rep, rep), out_shardings=data)

@@ -529,7 +529,7 @@ def run_main(fn, argv=None) -> int:
 
 
 def exit_main(fn) -> None:
-  """A job's `__main__`: restart once with huge pages (runtime.py), then
-  `sys.exit(run_main(fn))`."""
-  runtime.reexec_with_hugepages()
+  """A job's `__main__`: `runtime.setup_process()` (huge pages, one JAX device
+  per CPU core), then `sys.exit(run_main(fn))`."""
+  runtime.setup_process()  # huge pages, one JAX device per core
   sys.exit(run_main(fn))

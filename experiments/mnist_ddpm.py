@@ -77,7 +77,9 @@ def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_tr
       return train_step(state, x)
     return train_step(state, (x, jax.lax.with_sharding_constraint(y, data)))
 
-  host_step_fn = jax.jit(on_batch, donate_argnums=(0,), out_shardings=(rep, rep))
+  host_step_fn = jax.jit(
+    dj.parallel.in_mesh(on_batch, mesh), donate_argnums=(0,), out_shardings=(rep, rep)
+  )
 
   @functools.partial(jax.jit, out_shardings=(data, data))
   def gather(step, images, labels, perm):

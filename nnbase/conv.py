@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from nnbase import tuning
 
@@ -74,14 +75,50 @@ def _out_size(n, k, pad, stride):
   return (n + pad[0] + pad[1] - k) // stride + 1
 
 
+# The mesh axis a batch is split over in data parallelism (ddpm_jax.parallel).
+BATCH_AXIS = "data"
+
+
+def _batch_mesh(batch: int):
+  """The trace's context mesh (`jax.sharding.use_abstract_mesh`, which
+  `ddpm_jax.parallel` sets) when its BATCH_AXIS splits `batch` over more than
+  one device and is not already manual (inside a `shard_map`), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or BATCH_AXIS not in mesh.axis_names or BATCH_AXIS in mesh.manual_axes:
+    return None
+  n = mesh.shape[BATCH_AXIS]
+  return mesh if n > 1 and batch % n == 0 else None
+
+
 def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outputs=False):
   """Applies `fn` to batch chunks of `batch_args` in a scan.
 
   With init=None the per-chunk outputs are concatenated along the batch;
   otherwise they are summed into `init`. With `with_outputs` too, `fn` returns
   (summand, output) per chunk and the result is (sum, concatenated outputs).
+
+  Under a context mesh that splits the batch (`_batch_mesh`), each device
+  scans its own rows (`shard_map`) and the sums are all-reduced. XLA's
+  partitioner would otherwise gather the whole batch onto every device for
+  the scan (15 all-gathers in the seed U-Net's forward, 2x slower than one
+  device).
   """
   batch = batch_args[0].shape[0]
+  mesh = _batch_mesh(batch)
+  if mesh is not None:
+    data = P(BATCH_AXIS)
+    local = lambda *a: _chunked(fn, a, out_rows_per_image, row_bytes, None, False)
+    if init is None:
+      return jax.shard_map(local, mesh=mesh, in_specs=data, out_specs=data)(*batch_args)
+
+    def part(*a):
+      zero = jax.lax.pcast(jnp.zeros(init.shape, init.dtype), (BATCH_AXIS,), to="varying")
+      r = _chunked(fn, a, out_rows_per_image, row_bytes, zero, with_outputs)
+      return (jax.lax.psum(r[0], BATCH_AXIS), r[1]) if with_outputs else jax.lax.psum(r, BATCH_AXIS)
+
+    out_specs = (P(), data) if with_outputs else P()
+    r = jax.shard_map(part, mesh=mesh, in_specs=data, out_specs=out_specs)(*batch_args)
+    return (init + r[0], r[1]) if with_outputs else init + r
   per = _chunk_images(batch, out_rows_per_image, row_bytes)
   if per == batch:
     r = fn(*batch_args)

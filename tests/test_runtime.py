@@ -1,4 +1,5 @@
-"""The jobs' process set-up: huge pages for malloc (experiments/runtime.py)."""
+"""The jobs' process set-up: huge pages for malloc, one JAX device per CPU core
+(experiments/runtime.py)."""
 
 import os
 import subprocess
@@ -98,3 +99,32 @@ def test_python_m_restarts_with_the_tunable(tmp_path):
     check=True,
   ).stdout.strip()
   assert out == "['x']"
+
+
+def test_cpu_device_count_is_a_power_of_two_up_to_the_cap():
+  counts = [runtime.cpu_device_count(c) for c in (1, 2, 3, 4, 6, 8, 12, 96)]
+  assert counts == [1, 2, 2, 4, 4, 8, 8, runtime.MAX_CPU_DEVICES]
+
+
+@pytest.mark.parametrize(
+  "env", [{"JAX_NUM_CPU_DEVICES": "1"}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}]
+)
+def test_split_cpu_devices_leaves_a_users_choice_alone(env):
+  assert runtime.split_cpu_devices(env) is None
+
+
+def test_setup_process_gives_a_device_per_core(tmp_path):
+  """A job's set-up makes the CPU one JAX device per core (up to a power of
+  two); JAX_NUM_CPU_DEVICES=1 keeps one."""
+  code = (
+    "from experiments import runtime\nruntime.split_cpu_devices()\n"
+    "import jax\nprint(jax.local_device_count())\n"
+  )
+  (tmp_path / "probe_devices.py").write_text(code)
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+  env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]), JAX_PLATFORMS="cpu")
+  run = lambda e: subprocess.run(
+    [sys.executable, "-m", "probe_devices"], env=e, capture_output=True, text=True, check=True
+  ).stdout.strip()
+  assert run(env) == str(runtime.cpu_device_count(len(os.sched_getaffinity(0))))
+  assert run(dict(env, JAX_NUM_CPU_DEVICES="1")) == "1"

@@ -11,6 +11,7 @@ import optax
 
 import ddpm_jax as dj
 from ddpm_jax import parallel
+from nnbase import conv
 
 
 def main():
@@ -73,12 +74,50 @@ def main():
       )
     )
   )
+  out.update(gemm_conv_check(batch, schedule, tx, devices))
   try:
     parallel.shard_batch(batch[:6], parallel.make_mesh(devices))
     out["indivisible_error"] = None
   except ValueError as e:
     out["indivisible_error"] = str(e)
   print(json.dumps(out))
+
+
+def gemm_conv_check(batch, schedule, tx, devices):
+  """The seed net's layers on the fast CPU convolutions (`nnbase.conv`), one
+  device against four: each device must scan its own rows (no all-gather of
+  the batch) and give the same step and samples. Chunks of one image, so
+  every convolution is a scan over chunks as at full size."""
+  conv.CHUNK_BYTES = 1
+  model = dj.make_model("simple", channels=(8, 16, 32), time_dim=16, gemm_conv=True)
+  step = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(2))
+  init = lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
+  res = {}
+  for n in (1, 4):
+    mesh = parallel.make_mesh(devices[:n])
+    f = parallel.parallel_train_step(step, mesh)
+    state, x = parallel.replicate(init(), mesh), parallel.shard_batch(batch, mesh)
+    hlo = f.lower(state, x).compile().as_text()
+    state, m = f(state, x)
+
+    def sample(params, rng, mesh=mesh):
+      eps_fn = parallel.sharded_eps_fn(dj.model_eps_fn(model, params), mesh)
+      return dj.ddim_sample(eps_fn, schedule, rng, (8, 28, 28, 1), 3)
+
+    sampler = parallel.parallel_sampler(sample, mesh)
+    s_hlo = sampler.lower(state.params, jax.random.key(3)).compile().as_text()
+    s = np.asarray(sampler(state.params, jax.random.key(3)))
+    gathers = hlo.count("all-gather(") + s_hlo.count("all-gather(")
+    res[n] = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.params), s, gathers)
+  (l1, g1, p1, s1, _), (l4, g4, p4, s4, a4) = res[1], res[4]
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p4)
+  return {
+    "gemm_all_gathers_4": a4,
+    "gemm_loss_diff": abs(l1 - l4),
+    "gemm_grad_norm_rel_diff": abs(g1 - g4) / g1,
+    "gemm_param_max_diff": max(jax.tree.leaves(diffs)),
+    "gemm_sample_max_diff": float(np.max(np.abs(s1 - s4))),
+  }
 
 
 if __name__ == "__main__":
