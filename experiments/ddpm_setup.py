@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli
+from experiments import cli, runtime
 from experiments.checkpoints import restore_latest
 from experiments.host_pipeline import PIPELINES
 from nnbase import pixels
@@ -184,6 +184,12 @@ PRESETS = {
 }
 
 
+def job_mesh(batch_size: int) -> jax.sharding.Mesh:
+  """The data-parallel mesh of a job whose global batch is `batch_size`:
+  every device (`runtime.batch_devices`)."""
+  return dj.parallel.make_mesh(runtime.batch_devices(batch_size))
+
+
 def make_schedule(config: Config) -> dj.Schedule:
   """The configured noise schedule (the betas apply to linear and quadratic)."""
   options = {}
@@ -227,7 +233,7 @@ def validate(config: Config) -> None:
     f"--batch_size {config.batch_size} exceeds the 60000 training images",
   )
   try:
-    dj.parallel.check_batch(config.batch_size, dj.parallel.make_mesh())
+    dj.parallel.check_batch(config.batch_size, job_mesh(config.batch_size))
   except ValueError as e:
     raise cli.UsageError(f"--batch_size: {e}") from None
   need(config.learning_rate > 0, f"--learning_rate must be > 0, got {config.learning_rate}")
@@ -348,7 +354,7 @@ def make_sampler(
   params, rng, labels)`, to draw other digits without recompiling.
   With several devices and a batch they divide, each device denoises its slice.
   """
-  mesh = dj.parallel.make_mesh()
+  mesh = job_mesh(config.batch_size)  # the devices training put the parameters on
   split = mesh.devices.size > 1 and shape[0] % mesh.devices.size == 0
   scale = config.guidance_scale if guidance_scale is None else guidance_scale
 

@@ -31,10 +31,15 @@ PIPELINES = ("auto", "device", "host")
 
 
 def choose_pipeline(requested: str, source: ImageSource) -> str:
-  """'device' or 'host' for --data_pipeline `requested` and this split."""
+  """'device' or 'host' for --data_pipeline `requested` and this split.
+
+  The device path puts a copy on every local device; CPU devices share the
+  host's memory, so there the limit counts all their copies."""
   if requested != "auto":
     return requested
-  return "device" if source.nbytes <= DEVICE_DATA_LIMIT_BYTES else "host"
+  local = jax.local_devices()
+  copies = len(local) if local[0].platform == "cpu" else 1
+  return "device" if source.nbytes * copies <= DEVICE_DATA_LIMIT_BYTES else "host"
 
 
 class HostBatches:

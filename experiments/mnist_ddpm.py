@@ -33,6 +33,7 @@ from experiments.ddpm_setup import (  # noqa: F401  (re-exported for callers)
   build_model,
   check_image_size,
   grid_labels,
+  job_mesh,
   load_trained,
   make_sampler,
   make_schedule,
@@ -54,7 +55,7 @@ def make_step_fns(config: Config, model, schedule, tx, train_rng, data_rng, n_tr
   and shards it over the devices (data parallel). host_step_fn(state, x, y):
   the same step on a uint8 batch read on the host (`host_pipeline`), already
   split over the devices; both give the same numbers."""
-  mesh = dj.parallel.make_mesh()
+  mesh = job_mesh(config.batch_size)
   rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
   batch, steps_per_epoch = config.batch_size, n_train // config.batch_size
   train_step = dj.make_train_step(
@@ -130,7 +131,7 @@ def train_and_evaluate(
   check_image_size(config, source.image_shape[:2])
   if config.conditional and not source.num_classes:
     raise cli.UsageError(f"--conditional needs class labels; {config.dataset} has none")
-  mesh = dj.parallel.make_mesh()  # data parallel over every device
+  mesh = job_mesh(config.batch_size)  # data parallel over every device
   rep = dj.parallel.replicated(mesh)
   images = train_labels = None
   if pipeline == "device":  # uint8 on every device, shuffled there

@@ -107,6 +107,8 @@ def reexec_with_hugepages() -> None:
 
 CPU_DEVICES = "JAX_NUM_CPU_DEVICES"
 MAX_CPU_DEVICES = 8
+# The CPU device count split_cpu_devices set in this process (None: it set none).
+AUTO_CPU_DEVICES: Optional[int] = None
 
 
 def cpu_device_count(cores: int) -> int:
@@ -141,8 +143,26 @@ def split_cpu_devices(env: Mapping[str, str] = os.environ) -> Optional[int]:
     return None
   import jax
 
+  global AUTO_CPU_DEVICES
   jax.config.update("jax_num_cpu_devices", n)
+  AUTO_CPU_DEVICES = n
   return n
+
+
+def batch_devices(batch_size: int) -> list:
+  """The devices a job splits a batch of `batch_size` over: every device, except
+  where `split_cpu_devices` made them in this (single) process and the batch
+  does not divide over all of them: then the most that divide it (batch 75 on
+  2 CPU devices runs on one, where a chosen device count would refuse it)."""
+  import jax
+
+  devices = jax.devices()
+  if AUTO_CPU_DEVICES is None or jax.process_count() > 1 or devices[0].platform != "cpu":
+    return devices
+  n = len(devices)
+  while batch_size % n:
+    n -= 1
+  return devices[:n]
 
 
 def setup_process() -> None:

@@ -115,10 +115,12 @@ def test_split_cpu_devices_leaves_a_users_choice_alone(env):
 
 def test_setup_process_gives_a_device_per_core(tmp_path):
   """A job's set-up makes the CPU one JAX device per core (up to a power of
-  two); JAX_NUM_CPU_DEVICES=1 keeps one."""
+  two), and a batch they do not divide runs on fewer; JAX_NUM_CPU_DEVICES=1
+  keeps one."""
   code = (
     "from experiments import runtime\nruntime.split_cpu_devices()\n"
-    "import jax\nprint(jax.local_device_count())\n"
+    "import jax\nprint(jax.local_device_count(), len(runtime.batch_devices(64)),"
+    " len(runtime.batch_devices(75)))\n"
   )
   (tmp_path / "probe_devices.py").write_text(code)
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
@@ -126,5 +128,7 @@ def test_setup_process_gives_a_device_per_core(tmp_path):
   run = lambda e: subprocess.run(
     [sys.executable, "-m", "probe_devices"], env=e, capture_output=True, text=True, check=True
   ).stdout.strip()
-  assert run(env) == str(runtime.cpu_device_count(len(os.sched_getaffinity(0))))
-  assert run(dict(env, JAX_NUM_CPU_DEVICES="1")) == "1"
+  n = runtime.cpu_device_count(len(os.sched_getaffinity(0)))
+  odd = max(k for k in range(1, n + 1) if 75 % k == 0)  # an odd batch runs on fewer
+  assert run(env) == f"{n} {n} {odd}"
+  assert run(dict(env, JAX_NUM_CPU_DEVICES="1")) == "1 1 1"
