@@ -128,9 +128,9 @@ def split_cpu_devices(env: Mapping[str, str] = os.environ) -> Optional[int]:
   XLA:CPU runs each elementwise fusion on one thread, so a single device
   leaves a core idle during the convolutions' transforms. With a device per
   core, the jobs' data parallelism (ddpm_jax.parallel) splits each batch and
-  both cores work (seed U-Net on 2 cores: forward ~1.2-1.4x, train step
-  ~1.2x; docs/design.md). Must run before JAX initialises a backend;
-  JAX_NUM_CPU_DEVICES=1 opts out. GPUs and TPUs are not affected.
+  both cores work (seed U-Net on 2 cores: forward 1.14-1.43x, train step
+  1.00-1.25x, `python -m benchmarks.cpu_devices`). Must run before JAX
+  initialises a backend; JAX_NUM_CPU_DEVICES=1 opts out. GPUs and TPUs are not affected.
   """
   if CPU_DEVICES in env or "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", ""):
     return None
