@@ -33,12 +33,14 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 import ddpm_jax as dj
 import nnbase
 import vae_jax as vj
 from benchmarks import torch_ref
 from experiments import runtime
+from experiments.ddpm_setup import job_mesh
 
 cpu_name = nnbase.tuning.cpu_model  # one home for the CPU model string
 
@@ -88,30 +90,25 @@ def _device_peak_bytes() -> Optional[int]:
     return None
 
 
-def _train_setup(preset: str, gemm: Optional[bool], dtype, mesh=None):
-  """(init_state, jitted buffer-donating train step) of a U-Net preset, T=1000.
-
-  With a mesh (what the jobs use: every device, `dj.parallel`), the state is
-  replicated and the step takes a batch split over it (`shard`); without, one
-  device.
-  """
+def _train_setup(preset: str, gemm: Optional[bool], dtype, mesh):
+  """(init_state, jitted buffer-donating train step) of a U-Net preset, T=1000,
+  the state replicated over `mesh` and the batch split over it (`dj.parallel`)."""
   model = dj.make_model(preset, gemm_conv=gemm, dtype=dtype)
   schedule = dj.make_schedule("linear", 1000)
   tx = dj.make_optimizer(1e-3, 1000)
   init = lambda: dj.create_train_state(jax.random.key(0), model, tx, (28, 28, 1))
-  raw = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1))
-  if mesh is None:
-    return init, jax.jit(raw, donate_argnums=0)
-  return (lambda: dj.parallel.replicate(init(), mesh)), dj.parallel.parallel_train_step(raw, mesh)
+  step = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(1))
+  return (lambda: dj.parallel.replicate(init(), mesh)), dj.parallel.parallel_train_step(step, mesh)
 
 
-def _mesh():
-  """The jobs' data-parallel mesh: every device (on a CPU, one per core: experiments/runtime.py)."""
-  return dj.parallel.make_mesh()
+def _mesh(batch: int):
+  """The mesh a job splits a batch of `batch` over (on a CPU, one device per
+  core: experiments/runtime.py)."""
+  return job_mesh(batch)
 
 
-def _shard(x, mesh):
-  return dj.parallel.shard_batch(x, mesh) if x.shape[0] % mesh.devices.size == 0 else x
+def _one_device():
+  return dj.parallel.make_mesh(jax.devices()[:1])
 
 
 def _forward_fn(model, mesh):
@@ -128,8 +125,8 @@ def _init_params(model):
 def model_flops(preset: str, batch: int, dtype=jnp.float32) -> Optional[float]:
   """FLOPs of one train step, from XLA's cost analysis of the plain-XLA model
   (gemm_conv=False: the same maths without scans, whose bodies the
-  analysis would count once)."""
-  init, step = _train_setup(preset, False, dtype)
+  analysis would count once), on one device (a split program's are per device)."""
+  init, step = _train_setup(preset, False, dtype, _one_device())
   x = jax.ShapeDtypeStruct((batch, 28, 28, 1), jnp.float32)
   flops, _ = _cost(step.lower(jax.eval_shape(init), x).compile())
   return flops
@@ -139,10 +136,12 @@ def train_bench(
   preset: str, batch: int, iters: int, peak: float, gemm: Optional[bool] = None, dtype=jnp.float32
 ) -> dict:
   """Train-step throughput; gemm: `gemm_conv` (None: the backend's default)."""
-  mesh = _mesh()
+  mesh = _mesh(batch)
   init, step = _train_setup(preset, gemm, dtype, mesh)
   state = init()
-  x = _shard(jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh)
+  x = dj.parallel.shard_batch(
+    jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, x).compile()
   compile_s = time.perf_counter() - t0
@@ -177,19 +176,19 @@ def forward_bench(
 ) -> dict:
   model = dj.make_model(preset, gemm_conv=gemm)
   params = _init_params(model)
-  mesh = _mesh()
+  mesh = _mesh(batch)
   eps_fn = _forward_fn(model, mesh)
-  x = _shard(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
-  t = _shard(jnp.full((batch,), 500, jnp.int32), mesh)
+  x = dj.parallel.shard_batch(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
+  t = dj.parallel.shard_batch(jnp.full((batch,), 500, jnp.int32), mesh)
   t0 = time.perf_counter()
   compiled = eps_fn.lower(params, x, t).compile()
   compile_s = time.perf_counter() - t0
   _, mem = _cost(compiled)
   # FLOPs from the plain-XLA model on one device: the analysis counts a scan
   # body once, and a split program's FLOPs per device.
-  plain = dj.make_model(preset, gemm_conv=False)
+  plain = _forward_fn(dj.make_model(preset, gemm_conv=False), _one_device())
   x1, t1 = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, t))
-  flops, _ = _cost(jax.jit(lambda p, x, t: plain.apply(p, x, t)).lower(params, x1, t1).compile())
+  flops, _ = _cost(plain.lower(params, x1, t1).compile())
   compiled(params, x, t).block_until_ready()
   dt = _time(lambda: compiled(params, x, t).block_until_ready(), iters)
   gflops = flops / dt / 1e9 if flops else None
@@ -210,8 +209,7 @@ def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
   params = _init_params(model)
   schedule = dj.make_schedule("linear", 1000)
   shape = (batch, 28, 28, 1)
-
-  mesh = _mesh()
+  mesh = _mesh(batch)
 
   def sample(p, rng):
     eps_fn = dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
@@ -320,12 +318,17 @@ def tuning_values() -> dict:
   }
 
 
-def jax_train_round(preset: str, batch: int, gemm: Optional[bool] = None) -> Callable:
-  """The jitted train step, compiled and warmed once: `round(iters) -> images/s`."""
-  mesh = _mesh()
+def jax_train_round(
+  preset: str, batch: int, gemm: Optional[bool] = None, mesh: Optional[Mesh] = None
+) -> Callable:
+  """The jitted train step over `mesh` (None: the job's), compiled and warmed
+  once: `round(iters) -> images/s`."""
+  mesh = _mesh(batch) if mesh is None else mesh
   init, step = _train_setup(preset, gemm, jnp.float32, mesh)
   holder = [init()]
-  x = _shard(jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh)
+  x = dj.parallel.shard_batch(
+    jax.random.uniform(jax.random.key(2), (batch, 28, 28, 1)) * 2 - 1, mesh
+  )
   compiled = step.lower(holder[0], x).compile()
 
   def run():
@@ -343,13 +346,14 @@ def jax_train_round(preset: str, batch: int, gemm: Optional[bool] = None) -> Cal
   return round_
 
 
-def jax_forward_round(preset: str, batch: int) -> Callable:
-  """One U-Net forward, compiled once: `round(iters) -> images/s`."""
+def jax_forward_round(preset: str, batch: int, mesh: Optional[Mesh] = None) -> Callable:
+  """One U-Net forward over `mesh` (None: the job's), compiled once:
+  `round(iters) -> images/s`."""
   model = dj.make_model(preset)
   params = _init_params(model)
-  mesh = _mesh()
-  x = _shard(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
-  t = _shard(jnp.full((batch,), 500, jnp.int32), mesh)
+  mesh = _mesh(batch) if mesh is None else mesh
+  x = dj.parallel.shard_batch(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
+  t = dj.parallel.shard_batch(jnp.full((batch,), 500, jnp.int32), mesh)
   compiled = _forward_fn(model, mesh).lower(params, x, t).compile()
   compiled(params, x, t).block_until_ready()
 
@@ -393,7 +397,7 @@ def jax_ancestral_round(preset: str, batch: int, T: int = 1000) -> Callable:
   params = _init_params(model)
   schedule = dj.make_schedule("linear", T)
   shape = (batch, 28, 28, 1)
-  mesh = _mesh()
+  mesh = _mesh(batch)
   eps = lambda p: dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
   fn = dj.parallel.parallel_sampler(
     lambda p, r: dj.sample(eps(p), schedule, r, shape, "ddpm", T), mesh
