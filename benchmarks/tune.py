@@ -5,8 +5,12 @@ sizes of the GEMM convolutions and with XLA's own convolutions, interleaved
 round by round, and caches the fastest choice for this machine
 (`nnbase/tuning.py`: ~/.cache/ddpm_jax/conv_tuning.json), which every later
 process reads at import. The GEMM path is kept only if it beats XLA's
-convolutions, so the default is never slower than the plain path. About a
-minute on 2 CPU cores; run it on an otherwise idle machine.
+convolutions, so the default is never slower than the plain path. With the
+GEMM path on, it then times one forward pass of 64 images with the strided
+layers' forward pass through XLA's convolution and through im2col + GEMM
+(`nnbase.conv.STRIDED_FORWARD_XLA`; the train step's gradients are GEMMs
+either way) and keeps the faster. About two minutes on 2 CPU cores; run it on
+an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -42,6 +46,28 @@ def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
   return results
 
 
+def measure_strided_forward(rounds: int, iters: int) -> dict:
+  """{"xla" | "gemm": [images/s per round]}: one forward of 64 images with the
+  strided layers' forward pass through XLA's convolution or im2col + GEMM."""
+  from benchmarks.run import jax_forward_round, warm
+  from nnbase import conv
+
+  makers = {}
+  for name, flag in (("xla", True), ("gemm", False)):
+    conv.STRIDED_FORWARD_XLA = flag  # read when the forward is traced, below
+    makers[name] = warm(jax_forward_round("simple", 64), 3 * iters)
+  results = {name: [] for name in makers}
+  for r in range(rounds):
+    for name, run in makers.items():
+      results[name].append(run())
+    print(
+      f"forward round {r + 1}: " + ", ".join(f"strided {k} {v[-1]:.0f}" for k, v in results.items()),
+      file=sys.stderr,
+      flush=True,
+    )
+  return results
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
@@ -63,10 +89,28 @@ def main(argv=None) -> None:
   gemm = best != "xla"
   for k, v in medians.items():
     print(f"{k:24s} {v:8.1f} img/s{'   <- chosen' if k == best else ''}")
+  strided_xla, fwd = tuning.strided_forward_xla(), {}
+  if gemm:
+    from nnbase import conv
+
+    conv.CHUNK_BYTES = chunk
+    # More rounds than the train step's: the difference is a few percent.
+    raw = measure_strided_forward(max(8, 2 * a.rounds), a.iters)
+    fwd = {k: float(np.median(v)) for k, v in raw.items()}
+    fwd["xla_over_gemm"] = float(np.median(np.array(raw["xla"]) / np.array(raw["gemm"])))
+    strided_xla = fwd["xla_over_gemm"] >= 1.0
+    for k in ("xla", "gemm"):
+      chosen = "   <- chosen" if (k == "xla") == strided_xla else ""
+      print(f"{'forward, strided ' + k:24s} {fwd[k]:8.1f} img/s{chosen}")
+    print(f"forward, strided XLA over GEMM: {fwd['xla_over_gemm']:.3f} (median of per-round ratios)")
   if a.dry_run:
     return
-  path = tuning.save_choice(chunk, gemm, {"images_per_sec_median": medians, "batch": a.batch})
-  print(f"saved to {path}: chunk {chunk / tuning.MIB:.1f} MiB, gemm path {'on' if gemm else 'off'}")
+  measured = {"images_per_sec_median": medians, "batch": a.batch, "forward_64_median": fwd}
+  path = tuning.save_choice(chunk, gemm, measured, strided_xla)
+  print(
+    f"saved to {path}: chunk {chunk / tuning.MIB:.1f} MiB, gemm path {'on' if gemm else 'off'}, "
+    f"strided forward {'XLA' if strided_xla else 'GEMM'}"
+  )
 
 
 if __name__ == "__main__":

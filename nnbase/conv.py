@@ -3,8 +3,9 @@
 `Conv` computes the same function as `flax.linen.Conv` (same parameter names
 and shapes) through `conv_gemm`: the forward pass, the input gradient and the
 weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
-of image patches. On XLA:CPU this beats XLA's own convolutions for the seed
-U-Net's layers (`python -m benchmarks.levers` measures it; figures in
+of image patches (a strided forward pass is XLA's own convolution unless
+tuning chose otherwise: `STRIDED_FORWARD_XLA`). On XLA:CPU this beats XLA's
+own convolutions for the seed U-Net's layers (`python -m benchmarks.levers` measures it; figures in
 docs/design.md).
 `ConvTranspose2x` is the 4x4/stride-2 transposed convolution as one GEMM of
 each chunk against all 16 kernel taps, the shifted tap planes then summed
@@ -61,6 +62,10 @@ CHUNK_BYTES = tuning.chunk_bytes()
 # Whether gemm_conv=None means the GEMM path on CPU (off only if tuning measured
 # the plain XLA convolutions faster on this machine).
 GEMM_BY_DEFAULT = tuning.gemm_default()
+# Whether `conv_gemm`'s strided forward pass is XLA's convolution (XLA:CPU
+# builds the patches inside its GEMM; im2col writes them out first, about 40%
+# of the stride-2 layer's time). Its gradients stay GEMMs either way.
+STRIDED_FORWARD_XLA = tuning.strided_forward_xla()
 
 
 def _chunk_images(batch: int, rows_per_image: int, row_bytes: int = 4 * 1152) -> int:
@@ -418,7 +423,8 @@ def conv_gemm(
   Same function as `lax.conv_general_dilated` (NHWC, HWIO). The forward pass
   and the input gradient are (patches @ kernel) over batch chunks; the weight
   gradient is g^T @ patches. Strided input gradients other than 3x3/stride 2/
-  pad 1 fall back to XLA.
+  pad 1 fall back to XLA, and so does a strided forward pass when
+  STRIDED_FORWARD_XLA (the default unless `benchmarks.tune` chose otherwise).
 
   Args:
     x: [B, H, W, Cin].
@@ -432,6 +438,8 @@ def conv_gemm(
   pads = _same_pads(*w.shape[:2]) if pads is None else pads
   if _is_winograd(w, pads, strides):
     return _conv3x3_winograd(x, w)
+  if tuple(strides) != (1, 1) and STRIDED_FORWARD_XLA:
+    return _conv(x, w, pads, tuple(strides))
   return _conv_gemm(x, w, pads, tuple(strides))
 
 

@@ -1,12 +1,14 @@
 """Machine-dependent constants of the fast convolutions, chosen per machine.
 
-`nnbase.conv` asks `chunk_bytes()` and `gemm_default()` at import. In order:
+`nnbase.conv` asks `chunk_bytes()`, `gemm_default()` and
+`strided_forward_xla()` at import. In order:
 1. a choice measured on this machine by `python -m benchmarks.tune` and cached
    in `~/.cache/ddpm_jax/conv_tuning.json` (keyed by CPU model and cache sizes,
    so a copied home folder on another machine is ignored);
 2. else a rule from the cache sizes Linux reports: a chunk of 7/32 of the
    last-level cache (7 MiB on a 32 MiB L3, the best measured there), within
-   [1, 32] MiB; and the GEMM path on.
+   [1, 32] MiB; the GEMM path on; and XLA's own convolution for the forward
+   pass of strided layers (never slower than the plain XLA path).
 `DDPM_JAX_CONV_TUNING=off` ignores the cached file.
 """
 
@@ -84,11 +86,14 @@ def cached_choice() -> Optional[dict]:
   return record if ok and record["chunk_bytes"] >= 64 * 1024 else None
 
 
-def save_choice(chunk_bytes: int, gemm: bool, measurements: dict) -> str:
+def save_choice(
+  chunk_bytes: int, gemm: bool, measurements: dict, strided_forward_xla: bool = True
+) -> str:
   record = {
     "machine": machine_key(),
     "chunk_bytes": int(chunk_bytes),
     "gemm": bool(gemm),
+    "strided_forward_xla": bool(strided_forward_xla),
     "measurements": measurements,
   }
   os.makedirs(os.path.dirname(CACHE_FILE), exist_ok=True)
@@ -108,3 +113,14 @@ def gemm_default() -> bool:
   """Whether gemm_conv=None picks the GEMM path on CPU (False when tuning found it slower)."""
   choice = cached_choice()
   return choice["gemm"] if choice else True
+
+
+def strided_forward_xla() -> bool:
+  """Whether the GEMM path's strided convolutions run their forward pass
+  through XLA's convolution (their gradients stay GEMMs). True unless tuning
+  measured the GEMM forward faster: on a 2-core Zen 4 XLA's stride-2 forward
+  ran 1.8x faster than im2col + GEMM at 28x28x64 -> 128, level at 14x14x128
+  -> 256 (docs/design.md)."""
+  choice = cached_choice()
+  value = choice.get("strided_forward_xla") if choice else None
+  return value if isinstance(value, bool) else True

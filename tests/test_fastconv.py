@@ -59,6 +59,7 @@ def _compare(fast, ref, x, key, atol=2e-4):
     "one_by_one",
     "stride2_phases",
     "stride2_odd",
+    "stride2_xla_forward",
     "chunked_winograd",
     "chunked_im2col",
   ],
@@ -70,7 +71,8 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   if case == "one_by_one":
     kernel = (1, 1)
   if case.startswith("stride2"):
-    strides, size = (2, 2), (8 if case == "stride2_phases" else 9)
+    strides, size = (2, 2), (9 if case == "stride2_odd" else 8)
+    monkeypatch.setattr(layers, "STRIDED_FORWARD_XLA", case == "stride2_xla_forward")
   if case.startswith("chunked"):
     monkeypatch.setattr(layers, "CHUNK_BYTES", 4000)
     batch = 6
@@ -83,9 +85,11 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   _compare(fast, ref, x, key)
   if case in ("winograd", "chunked_winograd"):
     assert ran["_conv3x3_winograd"] and ran["_wgrad3x3_winograd"] and ran["_dx_stride1"]
+  elif case == "stride2_xla_forward":  # XLA's forward, the GEMM gradients
+    assert not ran["_conv_gemm"] and ran["_wgrad"] and ran["_dx_stride2"]
   else:
     assert ran["_conv_gemm"] and ran["_wgrad"] and not ran["_conv3x3_winograd"]
-  if case == "stride2_phases":
+  if case in ("stride2_phases", "stride2_xla_forward"):
     assert ran["_dx_stride2"] and ran["_tap_upsample"]
 
 
