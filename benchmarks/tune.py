@@ -61,7 +61,8 @@ def measure_strided_forward(rounds: int, iters: int) -> dict:
     for name, run in makers.items():
       results[name].append(run())
     print(
-      f"forward round {r + 1}: " + ", ".join(f"strided {k} {v[-1]:.0f}" for k, v in results.items()),
+      f"forward round {r + 1}: "
+      + ", ".join(f"strided {k} {v[-1]:.0f}" for k, v in results.items()),
       file=sys.stderr,
       flush=True,
     )
@@ -102,7 +103,8 @@ def main(argv=None) -> None:
     for k in ("xla", "gemm"):
       chosen = "   <- chosen" if (k == "xla") == strided_xla else ""
       print(f"{'forward, strided ' + k:24s} {fwd[k]:8.1f} img/s{chosen}")
-    print(f"forward, strided XLA over GEMM: {fwd['xla_over_gemm']:.3f} (median of per-round ratios)")
+    ratio = fwd["xla_over_gemm"]
+    print(f"forward, strided XLA over GEMM: {ratio:.3f} (median of per-round ratios)")
   if a.dry_run:
     return
   measured = {"images_per_sec_median": medians, "batch": a.batch, "forward_64_median": fwd}
