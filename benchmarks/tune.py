@@ -23,6 +23,21 @@ import numpy as np
 from experiments import runtime
 
 
+def interleaved(makers: dict, rounds: int, label: str) -> dict:
+  """{name: [images/s per round]}: each no-argument `makers[name]()` once per
+  round, round by round, in turn."""
+  results = {name: [] for name in makers}
+  for r in range(rounds):
+    for name, run in makers.items():
+      results[name].append(run())
+    print(
+      f"{label} {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
+      file=sys.stderr,
+      flush=True,
+    )
+  return results
+
+
 def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
   """{name: [images/s per round]} for (name, chunk_bytes or None for XLA's convs)."""
   from benchmarks.run import jax_train_round
@@ -32,18 +47,10 @@ def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
   for name, chunk in candidates:
     if chunk is not None:
       conv.CHUNK_BYTES = chunk  # read when the step is traced, below
-    makers[name] = jax_train_round("simple", batch, gemm=chunk is not None)
+    train_round = jax_train_round("simple", batch, gemm=chunk is not None)
+    makers[name] = lambda run=train_round: run(iters)
     print(f"compiled {name}", file=sys.stderr, flush=True)
-  results = {name: [] for name in makers}
-  for r in range(rounds):
-    for name, run in makers.items():
-      results[name].append(run(iters))
-    print(
-      f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in results.items()),
-      file=sys.stderr,
-      flush=True,
-    )
-  return results
+  return interleaved(makers, rounds, "round")
 
 
 def measure_strided_forward(rounds: int, iters: int) -> dict:
@@ -56,17 +63,7 @@ def measure_strided_forward(rounds: int, iters: int) -> dict:
   for name, flag in (("xla", True), ("gemm", False)):
     conv.STRIDED_FORWARD_XLA = flag  # read when the forward is traced, below
     makers[name] = warm(jax_forward_round("simple", 64), 3 * iters)
-  results = {name: [] for name in makers}
-  for r in range(rounds):
-    for name, run in makers.items():
-      results[name].append(run())
-    print(
-      f"forward round {r + 1}: "
-      + ", ".join(f"strided {k} {v[-1]:.0f}" for k, v in results.items()),
-      file=sys.stderr,
-      flush=True,
-    )
-  return results
+  return interleaved(makers, rounds, "forward round (strided xla / gemm)")
 
 
 def main(argv=None) -> None:
@@ -97,13 +94,13 @@ def main(argv=None) -> None:
     conv.CHUNK_BYTES = chunk
     # More rounds than the train step's: the difference is a few percent.
     raw = measure_strided_forward(max(8, 2 * a.rounds), a.iters)
+    ratio = float(np.median(np.array(raw["xla"]) / np.array(raw["gemm"])))
     fwd = {k: float(np.median(v)) for k, v in raw.items()}
-    fwd["xla_over_gemm"] = float(np.median(np.array(raw["xla"]) / np.array(raw["gemm"])))
-    strided_xla = fwd["xla_over_gemm"] >= 1.0
+    fwd["xla_over_gemm"] = ratio
+    strided_xla = ratio >= 1.0
     for k in ("xla", "gemm"):
       chosen = "   <- chosen" if (k == "xla") == strided_xla else ""
       print(f"{'forward, strided ' + k:24s} {fwd[k]:8.1f} img/s{chosen}")
-    ratio = fwd["xla_over_gemm"]
     print(f"forward, strided XLA over GEMM: {ratio:.3f} (median of per-round ratios)")
   if a.dry_run:
     return

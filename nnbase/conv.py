@@ -5,8 +5,8 @@ and shapes) through `conv_gemm`: the forward pass, the input gradient and the
 weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
 of image patches (a strided forward pass is XLA's own convolution unless
 tuning chose otherwise: `STRIDED_FORWARD_XLA`). On XLA:CPU this beats XLA's
-own convolutions for the seed U-Net's layers (`python -m benchmarks.levers` measures it; figures in
-docs/design.md).
+own convolutions for the seed U-Net's layers (`python -m benchmarks.levers`
+measures it; figures in docs/design.md).
 `ConvTranspose2x` is the 4x4/stride-2 transposed convolution as one GEMM of
 each chunk against all 16 kernel taps, the shifted tap planes then summed
 (`_tap_upsample`, which also computes the stride-2 input gradient).
