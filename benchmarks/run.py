@@ -313,6 +313,7 @@ def tuning_values() -> dict:
     "chunk_bytes": c.CHUNK_BYTES,
     "gemm_by_default": c.GEMM_BY_DEFAULT,
     "strided_forward_xla": c.STRIDED_FORWARD_XLA,
+    "winograd_tile": c.WINOGRAD_TILE,
     "source": "benchmarks.tune" if nnbase.tuning.cached_choice() else "cache-size rule",
     "winograd_min_channels": c.WINOGRAD_MIN_CHANNELS,
     "gemm_min_channels": c.GEMM_MIN_CHANNELS,

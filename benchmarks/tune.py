@@ -9,8 +9,9 @@ convolutions, so the default is never slower than the plain path. With the
 GEMM path on, it then times one forward pass of 64 images with the strided
 layers' forward pass through XLA's convolution and through im2col + GEMM
 (`nnbase.conv.STRIDED_FORWARD_XLA`; the train step's gradients are GEMMs
-either way) and keeps the faster. About two minutes on 2 CPU cores; run it on
-an otherwise idle machine.
+either way) and keeps the faster, and the train step with Winograd F(4x4, 3x3)
+against F(2x2, 3x3) (`nnbase.conv.WINOGRAD_TILE`). About four minutes on 2 CPU
+cores; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -66,6 +67,26 @@ def measure_strided_forward(rounds: int, iters: int) -> dict:
   return interleaved(makers, rounds, "forward round (strided xla / gemm)")
 
 
+def measure_winograd_tile(batch: int, rounds: int, iters: int) -> dict:
+  """{"F4" | "F2": [images/s per round]}: the train step with Winograd
+  F(4x4, 3x3) or F(2x2, 3x3) at the float32 3x3 layers."""
+  from benchmarks.run import jax_train_round
+  from nnbase import conv
+
+  makers = {}
+  for name, tile in (("F4", 4), ("F2", 2)):
+    conv.WINOGRAD_TILE = tile  # read when the step is traced, below
+    train_round = jax_train_round("simple", batch)
+    makers[name] = lambda run=train_round: run(iters)
+  return interleaved(makers, rounds, "train round (Winograd F4 / F2)")
+
+
+def ab(raw: dict, a: str, b: str) -> tuple:
+  """({name: median images/s}, median of the per-round ratios a / b)."""
+  medians = {k: float(np.median(v)) for k, v in raw.items()}
+  return medians, float(np.median(np.array(raw[a]) / np.array(raw[b])))
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
@@ -88,27 +109,39 @@ def main(argv=None) -> None:
   for k, v in medians.items():
     print(f"{k:24s} {v:8.1f} img/s{'   <- chosen' if k == best else ''}")
   strided_xla, fwd = tuning.strided_forward_xla(), {}
+  tile, wino = tuning.winograd_tile(), {}
   if gemm:
     from nnbase import conv
 
     conv.CHUNK_BYTES = chunk
-    # More rounds than the train step's: the difference is a few percent.
-    raw = measure_strided_forward(max(8, 2 * a.rounds), a.iters)
-    ratio = float(np.median(np.array(raw["xla"]) / np.array(raw["gemm"])))
-    fwd = {k: float(np.median(v)) for k, v in raw.items()}
+    # More rounds than the chunk sweep's: the differences are a few percent.
+    fwd, ratio = ab(measure_strided_forward(max(8, 2 * a.rounds), a.iters), "xla", "gemm")
     fwd["xla_over_gemm"] = ratio
     strided_xla = ratio >= 1.0
     for k in ("xla", "gemm"):
       chosen = "   <- chosen" if (k == "xla") == strided_xla else ""
       print(f"{'forward, strided ' + k:24s} {fwd[k]:8.1f} img/s{chosen}")
     print(f"forward, strided XLA over GEMM: {ratio:.3f} (median of per-round ratios)")
+    conv.STRIDED_FORWARD_XLA = strided_xla
+    wino, ratio = ab(measure_winograd_tile(a.batch, max(6, 2 * a.rounds), a.iters), "F4", "F2")
+    wino["f4_over_f2"] = ratio
+    tile = 4 if ratio >= 1.0 else 2
+    for k in ("F4", "F2"):
+      chosen = "   <- chosen" if k == f"F{tile}" else ""
+      print(f"{'train, Winograd ' + k:24s} {wino[k]:8.1f} img/s{chosen}")
+    print(f"train, Winograd F4 over F2: {ratio:.3f} (median of per-round ratios)")
   if a.dry_run:
     return
-  measured = {"images_per_sec_median": medians, "batch": a.batch, "forward_64_median": fwd}
-  path = tuning.save_choice(chunk, gemm, measured, strided_xla)
+  measured = {
+    "images_per_sec_median": medians,
+    "batch": a.batch,
+    "forward_64_median": fwd,
+    "train_winograd_median": wino,
+  }
+  path = tuning.save_choice(chunk, gemm, measured, strided_xla, tile)
   print(
     f"saved to {path}: chunk {chunk / tuning.MIB:.1f} MiB, gemm path {'on' if gemm else 'off'}, "
-    f"strided forward {'XLA' if strided_xla else 'GEMM'}"
+    f"strided forward {'XLA' if strided_xla else 'GEMM'}, Winograd F({tile}x{tile}, 3x3)"
   )
 
 

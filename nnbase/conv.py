@@ -15,7 +15,7 @@ each chunk against all 16 kernel taps, the shifted tap planes then summed
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -66,6 +66,9 @@ GEMM_BY_DEFAULT = tuning.gemm_default()
 # builds the patches inside its GEMM; im2col writes them out first, about 40%
 # of the stride-2 layer's time). Its gradients stay GEMMs either way.
 STRIDED_FORWARD_XLA = tuning.strided_forward_xla()
+# Winograd's output tile for float32 3x3 layers: 4 (F(4x4, 3x3)) or 2
+# (F(2x2, 3x3), also what 16-bit floats always use; see `_winograd`).
+WINOGRAD_TILE = tuning.winograd_tile()
 
 
 def _chunk_images(batch: int, rows_per_image: int, row_bytes: int = 4 * 1152) -> int:
@@ -95,12 +98,16 @@ def _batch_mesh(batch: int):
   return mesh if n > 1 and batch % n == 0 else None
 
 
-def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outputs=False):
+def _chunked(
+  fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outputs=False, finish=None
+):
   """Applies `fn` to batch chunks of `batch_args` in a scan.
 
   With init=None the per-chunk outputs are concatenated along the batch;
   otherwise they are summed into `init`. With `with_outputs` too, `fn` returns
   (summand, output) per chunk and the result is (sum, concatenated outputs).
+  `finish`, a linear map, is applied to the sum (on each device's partial
+  sum before the all-reduce, which then moves the smaller result).
 
   Under a context mesh that splits the batch (`_batch_mesh`), each device
   scans its own rows (`shard_map`) and the sums are all-reduced. XLA's
@@ -110,6 +117,9 @@ def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outp
   """
   batch = batch_args[0].shape[0]
   mesh = _batch_mesh(batch)
+  if finish is not None and (mesh is None or init is None or with_outputs):
+    assert init is not None and not with_outputs, "finish is for sums"
+    return finish(_chunked(fn, batch_args, out_rows_per_image, row_bytes, init))
   if mesh is not None:
     data = P(BATCH_AXIS)
     local = lambda *a: _chunked(fn, a, out_rows_per_image, row_bytes, None, False)
@@ -119,10 +129,14 @@ def _chunked(fn, batch_args, out_rows_per_image, row_bytes, init=None, with_outp
     def part(*a):
       zero = jax.lax.pcast(jnp.zeros(init.shape, init.dtype), (BATCH_AXIS,), to="varying")
       r = _chunked(fn, a, out_rows_per_image, row_bytes, zero, with_outputs)
+      if finish is not None:
+        r = finish(r)
       return (jax.lax.psum(r[0], BATCH_AXIS), r[1]) if with_outputs else jax.lax.psum(r, BATCH_AXIS)
 
     out_specs = (P(), data) if with_outputs else P()
     r = jax.shard_map(part, mesh=mesh, in_specs=data, out_specs=out_specs)(*batch_args)
+    if finish is not None:
+      return finish(init) + r
     return (init + r[0], r[1]) if with_outputs else init + r
   per = _chunk_images(batch, out_rows_per_image, row_bytes)
   if per == batch:
@@ -168,140 +182,229 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
   return _chunked(one, (x,), H * W, kh * kw * cin * x.dtype.itemsize)
 
 
-# Winograd F(2x2, 3x3): Y = A^T [(G w G^T) * (B^T d B)] A per 4x4 input tile d
-# and 2x2 output tile; 16 multiplications per output tile instead of 36.
-# G = ((1, 0, 0), (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1)).
+# Winograd F(m x m, 3 x 3): Y = A^T [(G w G^T) * (B^T d B)] A per (m+2)^2 input
+# tile d and m x m output tile; (m+2)^2 multiplications per output tile
+# instead of 9 m^2. Each transform below acts along one axis, on a tuple of
+# arrays (the slices along that axis).
 
 
-def _wino_g(k):
-  """G k along one axis (3 taps -> 4)."""
+def _f2_g(k):
+  """G k, 3 taps -> 4; G = ((1, 0, 0), (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1))."""
   return (k[0], 0.5 * (k[0] + k[1] + k[2]), 0.5 * (k[0] - k[1] + k[2]), k[2])
 
 
-def _wino_gt(m):
-  """G^T m along one axis (4 -> 3 taps), the adjoint of `_wino_g`."""
+def _f2_gt(m):
+  """G^T m, 4 -> 3 taps, the adjoint of `_f2_g`."""
   return (m[0] + 0.5 * (m[1] + m[2]), 0.5 * (m[1] - m[2]), 0.5 * (m[1] + m[2]) + m[3])
 
 
-def _wino_kernel(w):
-  """G w G^T of a [3, 3, Cin, Cout] kernel -> [16, Cin, Cout].
-
-  Written as sums of whole [Cin, Cout] slabs: the same numbers as
-  `einsum("ai,ijcd,bj->abcd", G, w, G)`, which XLA:CPU ran 9-17x slower
-  (4.2 against 0.25 ms for a 256x256 kernel) through a transposing copy.
-  """
-  return jnp.stack([t for r in _wino_g([w[i] for i in range(3)]) for t in _wino_g(r)])
-
-
-def _wino_in(p):
-  """B^T p B along one axis: the four 2-strided slices of p combined."""
+def _f2_in(p):
+  """B^T p: the four 2-strided slices of p combined."""
   return (p[0] - p[2], p[1] + p[2], p[2] - p[1], p[1] - p[3])
 
 
-def _wino_out(m):
-  """A^T m along one axis."""
+def _f2_out(m):
+  """A^T m, 4 -> 2."""
   return (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
 
 
-def _wino_tiles(xc, H, W):
-  """B^T d B for every 4x4 tile of xc padded by 1 (and to even H, W): [16, b, H'/2, W'/2, C]."""
-  Hp, Wp = H + H % 2, W + W % 2
-  xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
-  return _tile_transform(_wino_in, xp, 4, Hp, Wp)
+def _f2_out_adj(gy):
+  """A gy, 2 -> 4, the adjoint of `_f2_out`."""
+  return (gy[0], gy[0] + gy[1], gy[0] - gy[1], -gy[1])
 
 
-def _tile_transform(t, x, n, H, W):
-  """A 1-D tile transform `t` (n arrays -> 4) along both spatial axes of x:
-  first on the row slices x[:, i : i + H : 2], then on the column slices
-  [..., j : j + W : 2] of the result, i < n. Returns [16, b, H/2, W/2, C].
+def _f4_g(k):
+  """G k, 3 taps -> 6 (Lavin and Gray's F(4, 3), points 0, +-1, +-2, inf)."""
+  a, b = k[0] / 24 + k[2] / 6, k[1] / 12
+  return (k[0] / 4, -(k[0] + k[1] + k[2]) / 6, -(k[0] - k[1] + k[2]) / 6, a + b, a - b, k[2])
 
-  Rows, stacked, then columns, stacked: two 4-way stacks XLA:CPU fuses. One
-  stack of the 16 transformed tiles is not fused (no concatenation of more
-  than 8 parts is): it writes 16 slabs, then copies them (forward ~5% slower,
-  train ~3-7%).
+
+def _f4_gt(m):
+  """G^T m, 6 -> 3 taps, the adjoint of `_f4_g`."""
+  s12, s34 = m[1] + m[2], m[3] + m[4]
+  return (
+    m[0] / 4 - s12 / 6 + s34 / 24,
+    (m[2] - m[1]) / 6 + (m[3] - m[4]) / 12,
+    (s34 - s12) / 6 + m[5],
+  )
+
+
+def _f4_in(d):
+  """B^T d, 6 -> 6."""
+  return (
+    4 * d[0] - 5 * d[2] + d[4],
+    d[3] + d[4] - 4 * (d[1] + d[2]),
+    d[4] - d[3] + 4 * (d[1] - d[2]),
+    d[4] - d[2] + 2 * (d[3] - d[1]),
+    d[4] - d[2] + 2 * (d[1] - d[3]),
+    4 * d[1] - 5 * d[3] + d[5],
+  )
+
+
+def _f4_out(m):
+  """A^T m, 6 -> 4."""
+  a, b, c, d = m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]
+  return (m[0] + a + c, b + 2 * d, a + 4 * c, b + 8 * d + m[5])
+
+
+def _f4_out_adj(g):
+  """A g, 4 -> 6, the adjoint of `_f4_out`."""
+  a, b, c, d = g[0] + g[2], g[1] + g[3], g[0] + 4 * g[2], 2 * g[1] + 8 * g[3]
+  return (g[0], a + b, a - b, c + d, c - d, g[3])
+
+
+class Winograd(NamedTuple):
+  """F(m x m, 3 x 3) as its 1-D transforms (input tiles m + 2 wide, step m)."""
+
+  m: int
+  kernel: Callable  # G: 3 -> m + 2
+  kernel_adj: Callable  # G^T: m + 2 -> 3
+  data: Callable  # B^T: m + 2 -> m + 2
+  out: Callable  # A^T: m + 2 -> m
+  out_adj: Callable  # A: m -> m + 2
+
+
+F2 = Winograd(2, _f2_g, _f2_gt, _f2_in, _f2_out, _f2_out_adj)
+F4 = Winograd(4, _f4_g, _f4_gt, _f4_in, _f4_out, _f4_out_adj)
+
+
+def _winograd(dtype) -> Winograd:
+  """F(4x4, 3x3) for float32 and wider when WINOGRAD_TILE is 4, else F(2x2, 3x3).
+
+  F(4, 3) does 2.25 multiplications per output against F(2, 3)'s 4 and
+  expands the input 2.25x against 4x, but its constants (up to 8 and 1/24)
+  cost precision: ~1e-5 relative in float32 against ~1e-6, too coarse for
+  16-bit floats.
   """
-  rows = jnp.stack(t([x[:, i : i + H : 2] for i in range(n)]))  # [4, b, H/2, W', C]
-  cols = t([rows[:, :, :, j : j + W : 2] for j in range(n)])  # 4 x [4, b, H/2, W/2, C]
-  return jnp.stack(cols, axis=1).reshape((16,) + cols[0].shape[1:])
+  wide = jnp.dtype(dtype).itemsize >= 4
+  return F4 if WINOGRAD_TILE == 4 and wide else F2
+
+
+def _wino_kernel(w, f: Winograd, flip: bool = False):
+  """G w G^T of a [3, 3, Cin, Cout] kernel -> [(m+2)^2, Cin, Cout]; with `flip`,
+  of w flipped in both spatial axes.
+
+  Written as sums of whole [Cin, Cout] slabs: the same numbers as
+  `einsum("ai,ijcd,bj->abcd", G, w, G)`, which XLA:CPU ran 9-17x slower
+  (4.2 against 0.25 ms for a 256x256 kernel, F(2, 3)) through a transposing copy.
+  """
+  taps = (lambda a: [a[2], a[1], a[0]]) if flip else (lambda a: [a[0], a[1], a[2]])
+  return jnp.stack([t for r in f.kernel(taps(w)) for t in f.kernel(taps(r))])
+
+
+def _padded(n, m):
+  return -(-n // m) * m
+
+
+def _wino_tiles(xc, H, W, f: Winograd):
+  """B^T d B for every (m+2)^2 tile of xc padded by 1 (and up to multiples of m):
+  [(m+2)^2, b, H'/m, W'/m, C]."""
+  Hp, Wp = _padded(H, f.m), _padded(W, f.m)
+  xp = jnp.pad(xc, ((0, 0), (1, 1 + Hp - H), (1, 1 + Wp - W), (0, 0)))
+  return _tile_transform(f.data, xp, f.m + 2, f.m, Hp, Wp)
+
+
+def _tile_transform(t, x, n, step, H, W):
+  """A 1-D tile transform `t` (n arrays -> k) along both spatial axes of x:
+  first on the row slices x[:, i : i + H : step], then on the column slices
+  [..., j : j + W : step] of the result, i < n. Returns [k*k, b, H/step, W/step, C].
+
+  Rows, stacked, then columns, stacked: two k-way stacks XLA:CPU fuses. One
+  stack of all k*k transformed tiles is not fused (no concatenation of more
+  than 8 parts is): it writes k*k slabs, then copies them (F(2, 3) forward
+  ~5% slower, train ~3-7%).
+  """
+  rows = jnp.stack(t([x[:, i : i + H : step] for i in range(n)]))  # [k, b, H/step, W', C]
+  cols = t([rows[:, :, :, j : j + W : step] for j in range(n)])  # k x [k, b, H/s, W/s, C]
+  return jnp.stack(cols, axis=1).reshape((len(cols) ** 2,) + cols[0].shape[1:])
 
 
 def _interleave(y):
-  """y[a][b] [n, H, W, C] -> [n, 2H, 2W, C] with pixel (2p + a, 2q + b) = y[a][b] at (p, q)."""
-  out = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [n, H, 2(a), W, 2(b), C]
-  n, H, _, W, _, C = out.shape
-  return out.reshape(n, 2 * H, 2 * W, C)
+  """y[a][b] [n, H, W, C], a, b < k -> [n, kH, kW, C]; pixel (kp + a, kq + b) = y[a][b][p, q]."""
+  out = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)  # [n, H, k(a), W, k(b), C]
+  n, H, ka, W, kb, C = out.shape
+  return out.reshape(n, ka * H, kb * W, C)
 
 
-def _conv3x3_winograd(x, w):
-  """`_conv(x, w)` for a 3x3 kernel, stride 1, padding 1, by Winograd F(2x2, 3x3).
+def _conv3x3_winograd(x, w, adjoint: bool = False):
+  """`_conv(x, w)` for a 3x3 kernel, stride 1, padding 1, by Winograd F(m x m, 3 x 3)
+  (`_winograd`: m = 4 in float32 by default, else 2). With `adjoint`, the
+  convolution with `_flip_transpose(w)` (the input gradient of `_conv(., w)`),
+  without writing that kernel out: its transposed copy made the 256-channel
+  input gradient ~1.5x slower than the forward pass.
 
-  Per batch chunk: the input transform (16 tiles' worth of adds), one batched
-  GEMM [16, tiles, Cin] @ [16, Cin, Cout], the output transform. 2.25x fewer
-  multiplications than the direct convolution (faster than `_conv_gemm` at the
-  seed U-Net's 3x3 layers: docs/design.md). Odd sizes are padded to
-  even and cropped. Float32 error is ~1e-6 relative.
+  Per batch chunk: the input transform, one batched GEMM
+  [(m+2)^2, tiles, Cin] @ [(m+2)^2, Cin, Cout], the output transform. 4x
+  (F(4, 3)) or 2.25x (F(2, 3)) fewer multiplications than the direct
+  convolution (faster than `_conv_gemm` at the seed U-Net's 3x3 layers:
+  docs/design.md). Sizes that m does not divide are padded and cropped.
+  Float32 error is ~1e-5 (F(4, 3)) or ~1e-6 (F(2, 3)) relative.
 
   Args:
-    x: [B, H, W, Cin]; w: [3, 3, Cin, Cout].
+    x: [B, H, W, Cin]; w: [3, 3, Cin, Cout] ([3, 3, Cout, Cin] with `adjoint`).
 
   Returns:
     [B, H, W, Cout].
   """
   B, H, W, cin = x.shape
-  cout = w.shape[-1]
-  Hp, Wp = H + H % 2, W + W % 2
-  u = _wino_kernel(w)
+  cout = w.shape[2 if adjoint else 3]
+  f = _winograd(x.dtype)
+  k = f.m + 2
+  u = _wino_kernel(w, f, flip=adjoint)  # [k*k, Cin, Cout], or [k*k, Cout, Cin]
+  contract = (((2,), (2 if adjoint else 1,)), ((0,), (0,)))
 
   def one(xc):
-    v = _wino_tiles(xc, H, W)
-    m = jax.lax.dot_general(v.reshape(16, -1, cin), u, (((2,), (1,)), ((0,), (0,))))
-    m = m.reshape((4, 4) + v.shape[1:4] + (cout,))
-    # Rows then columns; output pixel (2p + a, 2q + b) is y_ab at tile (p, q).
-    return _interleave([_wino_out(s) for s in _wino_out(m)])[:, :H, :W]
+    v = _wino_tiles(xc, H, W, f)
+    m = jax.lax.dot_general(v.reshape(k * k, -1, cin), u, contract)
+    m = m.reshape((k, k) + v.shape[1:4] + (cout,))
+    # Rows then columns; output pixel (mp + a, mq + b) is y_ab at tile (p, q).
+    return _interleave([f.out(s) for s in f.out(m)])[:, :H, :W]
 
-  return _chunked(one, (x,), (Hp // 2) * (Wp // 2), 16 * cin * x.dtype.itemsize)
-
-
-def _wino_grad_out(gy):
-  """A gy along one axis (the adjoint of `_wino_out`): 2 -> 4."""
-  return (gy[0], gy[0] + gy[1], gy[0] - gy[1], -gy[1])
+  tiles = (_padded(H, f.m) // f.m) * (_padded(W, f.m) // f.m)
+  return _chunked(one, (x,), tiles, k * k * cin * x.dtype.itemsize)
 
 
 def _wgrad3x3_winograd(x, g):
   """Weight gradient of `_conv3x3_winograd`: [3, 3, Cin, Cout], float32.
 
   The forward pass is y = A^T (U * V) A per tile with U = G w G^T, so
-  dw = G^T [sum over tiles of (A gy A^T) * V] G: 16 GEMMs over the tiles,
-  2.25x fewer multiplications than the direct weight gradient.
+  dw = G^T [sum over tiles of (A gy A^T) * V] G: (m+2)^2 GEMMs over the
+  tiles, as many fewer multiplications than the direct weight gradient as
+  the forward pass has.
 
   Args:
     x: [B, H, W, Cin], the forward input; g: [B, H, W, Cout], the output gradient.
   """
   B, H, W, cin = x.shape
   cout = g.shape[-1]
-  Hp, Wp = H + H % 2, W + W % 2
+  f = _winograd(x.dtype)
+  k = f.m + 2
+  Hp, Wp = _padded(H, f.m), _padded(W, f.m)
 
   def one(xc, gc):
-    v = _wino_tiles(xc, H, W)
+    v = _wino_tiles(xc, H, W, f)
     gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
-    gh = _tile_transform(_wino_grad_out, gp, 2, Hp, Wp)  # A g A^T
+    gh = _tile_transform(f.out_adj, gp, f.m, f.m, Hp, Wp)  # A g A^T
     return jax.lax.dot_general(
-      gh.reshape(16, -1, cout),
-      v.reshape(16, -1, cin),
+      gh.reshape(k * k, -1, cout),
+      v.reshape(k * k, -1, cin),
       (((1,), (1,)), ((0,), (0,))),
       preferred_element_type=jnp.float32,
-    )  # [16, Cout, Cin]
+    )  # [k*k, Cout, Cin]
 
-  acc = _chunked(
+  def kernel_adj(acc):  # G^T m G: [k*k, Cout, Cin] -> [3, 3, Cout, Cin]
+    m = acc.reshape(k, k, cout, cin)
+    return jnp.stack([jnp.stack(f.kernel_adj(r)) for r in f.kernel_adj([m[a] for a in range(k)])])
+
+  dw = _chunked(
     one,
     (x, g),
-    (Hp // 2) * (Wp // 2),
-    16 * cin * x.dtype.itemsize,
-    init=jnp.zeros((16, cout, cin), jnp.float32),
+    (Hp // f.m) * (Wp // f.m),
+    k * k * cin * x.dtype.itemsize,
+    init=jnp.zeros((k * k, cout, cin), jnp.float32),
+    finish=kernel_adj,  # before the all-reduce: 9 slabs move instead of k*k
   )
-  m = acc.reshape(4, 4, cout, cin)
-  dw = jnp.stack([jnp.stack(_wino_gt(r)) for r in _wino_gt([m[a] for a in range(4)])])
-  return dw.swapaxes(2, 3)  # G^T m G: [3, 3, Cin, Cout]
+  return dw.swapaxes(2, 3)  # [3, 3, Cin, Cout]
 
 
 # Winograd's transforms only pay off when the GEMMs have some width: a
@@ -354,7 +457,7 @@ def _dx_stride1(g, w, pads):
   kh, kw = w.shape[:2]
   dpads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]), (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
   if _is_winograd(w, dpads, (1, 1)):
-    return _conv3x3_winograd(g, _flip_transpose(w))
+    return _conv3x3_winograd(g, w, adjoint=True)
   return _conv_gemm(g, _flip_transpose(w), dpads)
 
 

@@ -1,14 +1,15 @@
 """Machine-dependent constants of the fast convolutions, chosen per machine.
 
-`nnbase.conv` asks `chunk_bytes()`, `gemm_default()` and
-`strided_forward_xla()` at import. In order:
+`nnbase.conv` asks `chunk_bytes()`, `gemm_default()`, `strided_forward_xla()`
+and `winograd_tile()` at import. In order:
 1. a choice measured on this machine by `python -m benchmarks.tune` and cached
    in `~/.cache/ddpm_jax/conv_tuning.json` (keyed by CPU model and cache sizes,
    so a copied home folder on another machine is ignored);
 2. else a rule from the cache sizes Linux reports: a chunk of 7/32 of the
    last-level cache (7 MiB on a 32 MiB L3, the best measured there), within
-   [1, 32] MiB; the GEMM path on; and XLA's own convolution for the forward
-   pass of strided layers (never slower than the plain XLA path).
+   [1, 32] MiB; the GEMM path on; XLA's own convolution for the forward
+   pass of strided layers (never slower than the plain XLA path); and
+   Winograd F(4x4, 3x3) for float32 3x3 layers.
 `DDPM_JAX_CONV_TUNING=off` ignores the cached file.
 """
 
@@ -87,13 +88,18 @@ def cached_choice() -> Optional[dict]:
 
 
 def save_choice(
-  chunk_bytes: int, gemm: bool, measurements: dict, strided_forward_xla: bool = True
+  chunk_bytes: int,
+  gemm: bool,
+  measurements: dict,
+  strided_forward_xla: bool = True,
+  winograd_tile: int = 4,
 ) -> str:
   record = {
     "machine": machine_key(),
     "chunk_bytes": int(chunk_bytes),
     "gemm": bool(gemm),
     "strided_forward_xla": bool(strided_forward_xla),
+    "winograd_tile": int(winograd_tile),
     "measurements": measurements,
   }
   os.makedirs(os.path.dirname(CACHE_FILE), exist_ok=True)
@@ -124,3 +130,12 @@ def strided_forward_xla() -> bool:
   choice = cached_choice()
   value = choice.get("strided_forward_xla") if choice else None
   return value if isinstance(value, bool) else True
+
+
+def winograd_tile() -> int:
+  """Winograd's output tile for float32 3x3 layers: 4 (F(4x4, 3x3)) unless
+  tuning measured F(2x2, 3x3) faster on this machine. On a 2-core Zen 4 the
+  seed U-Net's train step ran 1.07-1.21x faster with 4 (docs/design.md)."""
+  choice = cached_choice()
+  value = choice.get("winograd_tile") if choice else None
+  return value if value in (2, 4) else 4

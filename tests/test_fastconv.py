@@ -54,13 +54,15 @@ def _compare(fast, ref, x, key, atol=2e-4):
 @pytest.mark.parametrize(
   "case",
   [
-    "winograd",
+    "winograd_f2",
+    "winograd_f4",
     "im2col",
     "one_by_one",
     "stride2_phases",
     "stride2_odd",
     "stride2_xla_forward",
-    "chunked_winograd",
+    "chunked_winograd_f2",
+    "chunked_winograd_f4",
     "chunked_im2col",
   ],
 )
@@ -68,6 +70,8 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   kernel, strides, size, cin, cout, batch = (3, 3), (1, 1), 8, 16, 24, 3
   if case == "im2col":
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 10**6)
+  if "winograd" in case:  # sizes 8 x 10: F(4, 3) pads the 10 to 12
+    monkeypatch.setattr(layers, "WINOGRAD_TILE", int(case[-1]))
   if case == "one_by_one":
     kernel = (1, 1)
   if case.startswith("stride2"):
@@ -83,7 +87,7 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
   fast = Conv(cout, kernel, strides=strides, padding=pad, gemm_conv=True)
   ref = nn.Conv(cout, kernel, strides=strides, padding=pad, precision=HIGHEST)
   _compare(fast, ref, x, key)
-  if case in ("winograd", "chunked_winograd"):
+  if "winograd" in case:
     assert ran["_conv3x3_winograd"] and ran["_wgrad3x3_winograd"] and ran["_dx_stride1"]
   elif case == "stride2_xla_forward":  # XLA's forward, the GEMM gradients
     assert not ran["_conv_gemm"] and ran["_wgrad"] and ran["_dx_stride2"]
@@ -102,3 +106,24 @@ def test_custom_conv_transpose_matches_lax(key, ran, chunk_bytes, monkeypatch):
   ref = nn.ConvTranspose(10, (4, 4), strides=(2, 2), padding="SAME", precision=HIGHEST)
   _compare(fast, ref, x, key)
   assert ran["_conv_transpose_2x"] and ran["_tap_upsample"] and ran["_t2_grads"]
+
+
+def test_winograd_tile_follows_the_setting_and_dtype(monkeypatch):
+  monkeypatch.setattr(layers, "WINOGRAD_TILE", 4)
+  assert layers._winograd(jnp.float32) is layers.F4
+  assert layers._winograd(jnp.bfloat16) is layers.F2  # F(4, 3)'s constants cost 16-bit precision
+  monkeypatch.setattr(layers, "WINOGRAD_TILE", 2)
+  assert layers._winograd(jnp.float32) is layers.F2
+
+
+@pytest.mark.parametrize("f", [layers.F2, layers.F4], ids=["F2", "F4"])
+def test_winograd_transforms_compute_a_correlation(f):
+  """1-D: A^T [(G k) * (B^T d)] is the correlation of d with k, and the
+  adjoints used by the weight gradient are the transposes."""
+  rng = np.random.default_rng(0)
+  d, k = rng.normal(size=f.m + 2), rng.normal(size=3)
+  y = np.array(f.out(np.array(f.kernel(k)) * np.array(f.data(d))))
+  np.testing.assert_allclose(y, [d[i : i + 3] @ k for i in range(f.m)], atol=1e-12)
+  m, g = rng.normal(size=f.m + 2), rng.normal(size=f.m)
+  np.testing.assert_allclose(np.dot(f.out(m), g), np.dot(m, f.out_adj(g)), atol=1e-12)
+  np.testing.assert_allclose(np.dot(f.kernel(k), m), np.dot(k, f.kernel_adj(m)), atol=1e-12)

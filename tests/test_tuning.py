@@ -18,17 +18,21 @@ def test_cached_choice_is_used_only_on_its_machine(tmp_path, monkeypatch):
   path = tmp_path / "conv_tuning.json"
   monkeypatch.setattr(tuning, "CACHE_FILE", str(path))
   assert tuning.cached_choice() is None and tuning.chunk_bytes() == tuning.rule_chunk_bytes()
-  assert tuning.strided_forward_xla() is True
-  tuning.save_choice(3 * tuning.MIB, False, {"x": 1}, strided_forward_xla=False)
+  assert tuning.strided_forward_xla() is True and tuning.winograd_tile() == 4
+  tuning.save_choice(3 * tuning.MIB, False, {"x": 1}, strided_forward_xla=False, winograd_tile=2)
   assert tuning.chunk_bytes() == 3 * tuning.MIB and tuning.gemm_default() is False
-  assert tuning.strided_forward_xla() is False
+  assert tuning.strided_forward_xla() is False and tuning.winograd_tile() == 2
   monkeypatch.setenv("DDPM_JAX_CONV_TUNING", "off")
   assert tuning.cached_choice() is None and tuning.gemm_default() is True
   monkeypatch.delenv("DDPM_JAX_CONV_TUNING")
   record = json.loads(path.read_text())
-  # A record from before the strided-forward choice keeps its default.
-  path.write_text(json.dumps({k: v for k, v in record.items() if k != "strided_forward_xla"}))
+  # A record from before the strided-forward and Winograd choices keeps their defaults.
+  old = {k: v for k, v in record.items() if k not in ("strided_forward_xla", "winograd_tile")}
+  path.write_text(json.dumps(old))
   assert tuning.chunk_bytes() == 3 * tuning.MIB and tuning.strided_forward_xla() is True
+  assert tuning.winograd_tile() == 4
+  path.write_text(json.dumps(dict(record, winograd_tile=3)))  # not a tile we have
+  assert tuning.winograd_tile() == 4
   path.write_text(json.dumps(dict(record, machine="another CPU | L3=1")))
   assert tuning.cached_choice() is None
   path.write_text(json.dumps(dict(record, chunk_bytes="big")))

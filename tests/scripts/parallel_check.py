@@ -108,11 +108,15 @@ def gemm_conv_check(batch, schedule, tx, devices):
     s_hlo = sampler.lower(state.params, jax.random.key(3)).compile().as_text()
     s = np.asarray(sampler(state.params, jax.random.key(3)))
     gathers = hlo.count("all-gather(") + s_hlo.count("all-gather(")
+    # Winograd weight gradients in the transformed domain ([k*k, Cout, Cin]).
+    k2 = (conv.WINOGRAD_TILE + 2) ** 2
+    wino = sum("all-reduce" in line and f"f32[{k2}," in line for line in hlo.splitlines())
     res[n] = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.params), s, gathers)
   (l1, g1, p1, s1, _), (l4, g4, p4, s4, a4) = res[1], res[4]
   diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p4)
   return {
     "gemm_all_gathers_4": a4,
+    "winograd_domain_all_reduces_4": wino,
     "gemm_loss_diff": abs(l1 - l4),
     "gemm_grad_norm_rel_diff": abs(g1 - g4) / g1,
     "gemm_param_max_diff": max(jax.tree.leaves(diffs)),
