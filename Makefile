@@ -20,8 +20,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m experiments.mnist_ddpm --workdir $(WORKDIR) --preset $(PRESET)
 
+# The tests run on up to 4 worker processes (one per core); TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

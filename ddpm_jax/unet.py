@@ -163,6 +163,28 @@ class ResBlock(nn.Module):
     return h + x
 
 
+def heads_first_attention(query, key, value, mask=None, dropout_rate: float = 0.0, dtype=None):
+  """softmax(q k^T / sqrt(d)) v, as `flax.linen.dot_product_attention`:
+  [B, L, H, D] x3 -> [B, L, H, D]; `mask` broadcasts to [B, H, Lq, Lk].
+
+  The products run on [B, H, L, D] (heads next to the batch), and the
+  softmax in float32. XLA:CPU runs flax's [B, L, H, D] einsums through
+  layout copies: one forward of the `test` U-Net's 14x14 attention (64
+  images, 2 heads of 8) took 33 ms that way and 6 ms this way, with the same
+  numbers (the gradient takes about as long either way).
+  """
+  if dropout_rate > 0.0:
+    raise ValueError("heads_first_attention has no attention dropout; use dropout_rate=0")
+  dtype = dtype or query.dtype
+  q, k, v = (jnp.swapaxes(a.astype(dtype), 1, 2) for a in (query, key, value))
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(dtype), k)
+  logits = logits.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", weights, v), 1, 2)
+
+
 class AttnBlock(nn.Module):
   """Multi-head self-attention over the H*W positions, with a residual."""
 
@@ -176,7 +198,9 @@ class AttnBlock(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"attention channels {c} not divisible by num_heads {self.num_heads}")
     h = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype)(x).reshape(b, hh * ww, c)
-    h = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(h, h)
+    h = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads, dtype=self.dtype, attention_fn=heads_first_attention
+    )(h, h)
     return x + h.reshape(b, hh, ww, c)
 
 

@@ -38,7 +38,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -75,35 +75,53 @@ class FeatureNet:
     return np.asarray(feats, np.float64), np.asarray(jax.nn.softmax(logits), np.float64)
 
 
-def reference_features(
-  net: FeatureNet, test_images: np.ndarray, cache_dir: Optional[str] = None
-) -> np.ndarray:
-  """Features of the MNIST test split, cached per (classifier, dataset) hash.
+class Reference(NamedTuple):
+  """The reference set as the metrics use it: features [N, FEATURE_DIM], each
+  one's squared distance to its REFERENCE_K-th nearest neighbour [N] (the
+  precision manifold), and the classifier's readable fraction of the set."""
 
-  The cache stores the features' own sha256; a cache that is unreadable,
-  has the wrong shape or fails its hash is rebuilt (with a note on stderr).
+  features: np.ndarray
+  radii: np.ndarray
+  readable: float
+
+
+REFERENCE_K = 3  # the k of precision/recall
+
+
+def reference_set(net: FeatureNet, test_images: np.ndarray, cache_dir: Optional[str] = None):
+  """`Reference` of the MNIST test split, cached per (classifier, dataset) hash.
+
+  The cache stores its arrays' own sha256; a cache that is unreadable, has
+  the wrong shapes or fails its hash is rebuilt (with a note on stderr).
   """
   cache_dir = cache_dir or os.path.join(os.path.dirname(default_cache_dir()), "quality")
-  path = os.path.join(cache_dir, f"ref_{clf.WEIGHTS_SHA256[:12]}_{ARRAYS_SHA256[:12]}.npz")
+  name = f"ref_k{REFERENCE_K}_{clf.WEIGHTS_SHA256[:12]}_{ARRAYS_SHA256[:12]}.npz"
+  path = os.path.join(cache_dir, name)
+  n = test_images.shape[0]
   if os.path.exists(path):
     problem = None
     try:
       with np.load(path, allow_pickle=False) as z:
-        feats, digest = z["features"], str(z["sha256"])
-      if feats.shape != (test_images.shape[0], clf.FEATURE_DIM):
-        problem = f"shape {feats.shape}"
-      elif arrays_sha256([feats]) != digest:
+        arrays = [z["features"], z["radii"], z["readable"]]
+        digest = str(z["sha256"])
+      shapes = [a.shape for a in arrays]
+      if shapes != [(n, clf.FEATURE_DIM), (n,), ()]:
+        problem = f"shapes {shapes}"
+      elif arrays_sha256(arrays) != digest:
         problem = "contents differ from their sha256"
     except Exception as e:  # zip, npz or key errors alike
       problem = f"{type(e).__name__}: {e}"
     if problem is None:
-      return feats
+      return Reference(arrays[0], arrays[1], float(arrays[2]))
     print(f"note: rebuilding the reference-feature cache {path} ({problem})", file=sys.stderr)
-  feats, _ = net.embed(test_images)
+  feats, probs = net.embed(test_images)
+  radii = qm.knn_radii(feats, REFERENCE_K)
+  readable = np.array(qm.readable_fraction(probs))
   with atomic_path(path, ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
-      np.savez(f, features=feats, sha256=np.array(arrays_sha256([feats])))
-  return feats
+      digest = arrays_sha256([feats, radii, readable])
+      np.savez(f, features=feats, radii=radii, readable=readable, sha256=np.array(digest))
+  return Reference(feats, radii, float(readable))
 
 
 to_uint8 = pixels.to_uint8
@@ -133,9 +151,9 @@ def baselines(train_images: np.ndarray, n: int, seed: int = 0) -> dict:
   }
 
 
-def evaluate_images(net: FeatureNet, ref: np.ndarray, images_u8: np.ndarray, seed: int = 0) -> dict:
+def evaluate_images(net: FeatureNet, ref: Reference, images_u8: np.ndarray, seed: int = 0) -> dict:
   feats, probs = net.embed(images_u8)
-  return qm.all_metrics(ref, feats, probs, seed=seed)
+  return qm.all_metrics(ref.features, feats, probs, k=REFERENCE_K, seed=seed, real_radii=ref.radii)
 
 
 # --------------------------------------------------------------------- samplers
@@ -465,8 +483,8 @@ class Scorer:
     self.seed = seed
     self.mnist = load_mnist()
     self.net = FeatureNet()
-    self.ref = reference_features(self.net, self.mnist.test_images)
-    test_readable = qm.readable_fraction(self.net.embed(self.mnist.test_images)[1])
+    self.ref = reference_set(self.net, self.mnist.test_images)
+    test_readable = self.ref.readable
     _TEST_READABLE["value"] = test_readable
     print(
       f"readable fraction of the MNIST test images (the ceiling): {test_readable:.4f}",

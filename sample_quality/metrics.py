@@ -145,15 +145,27 @@ def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk:
   return float(inside.mean())
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int = 1000) -> dict:
+def precision_recall(
+  real: np.ndarray,
+  fake: np.ndarray,
+  k: int = 3,
+  chunk: int = 1000,
+  real_radii: Optional[np.ndarray] = None,
+) -> dict:
   """Improved precision and recall (Kynkaanniemi et al. 2019).
 
   The real manifold is the union of balls around each real feature with the
   radius of its k-th nearest real neighbour; precision is the fraction of
-  fake features inside it. Recall swaps the roles.
+  fake features inside it. Recall swaps the roles. `real_radii` [N_real]:
+  `knn_radii(real, k)`, when the caller keeps them for a fixed reference set
+  (the N_real^2 distances are most of the cost).
   """
   real, fake = _check_features("real", real, k + 1), _check_features("fake", fake, k + 1)
-  precision = _coverage(fake, real, knn_radii(real, k, chunk), chunk)
+  if real_radii is None:
+    real_radii = knn_radii(real, k, chunk)
+  elif np.shape(real_radii) != (real.shape[0],):
+    raise ValueError(f"real_radii must be [{real.shape[0]}], got shape {np.shape(real_radii)}")
+  precision = _coverage(fake, real, real_radii, chunk)
   recall = _coverage(real, fake, knn_radii(fake, k, chunk), chunk)
   return {"precision": precision, "recall": recall, "pr_k": k}
 
@@ -226,15 +238,17 @@ def all_metrics(
   kid_subsets: int = 100,
   kid_subset_size: int = 1000,
   seed: int = 0,
+  real_radii: Optional[np.ndarray] = None,
 ) -> dict:
-  """Every metric above for one set of samples against the reference features."""
+  """Every metric above for one set of samples against the reference features
+  (`real_radii`: their `knn_radii(real, k)`, if kept)."""
   out = {
     "fd": frechet_distance_features(real, fake),
     "num_samples": int(fake.shape[0]),
     "num_reference": int(real.shape[0]),
   }
   out.update(kid(real, fake, kid_subsets, kid_subset_size, seed))
-  out.update(precision_recall(real, fake, k))
+  out.update(precision_recall(real, fake, k, real_radii=real_radii))
   out.update(classifier_score(fake_probs, splits=min(10, fake.shape[0])))
   out.update(class_histogram(fake_probs))
   out["readable"] = readable_fraction(fake_probs)

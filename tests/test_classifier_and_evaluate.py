@@ -43,7 +43,7 @@ def test_weights_hash_is_checked(tmp_path):
 
 def test_baselines_order_floor_below_ceilings(mnist):
   net = evaluate.FeatureNet()
-  ref = evaluate.reference_features(net, mnist.test_images)
+  ref = evaluate.reference_set(net, mnist.test_images)
   sets = evaluate.baselines(mnist.train_images, 500)
   fd = {k: evaluate.evaluate_images(net, ref, v)["fd"] for k, v in sets.items()}
   floor = fd["floor: real train images"]

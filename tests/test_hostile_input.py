@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import cli, data, evaluate, mnist_ddpm
+from sample_quality import metrics as qm
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +132,27 @@ def test_finished_run_with_appended_garbage_still_resumes(finished_run, tmp_path
 
 def test_reference_feature_cache_is_verified(tmp_path, capsys):
   net = evaluate.FeatureNet()
-  images = data.load_mnist().test_images
-  good = evaluate.reference_features(net, images, str(tmp_path))
+  images = data.load_mnist().test_images[:500]  # the cache logic; any size will do
+  good = evaluate.reference_set(net, images, str(tmp_path))
+  feats, probs = net.embed(images)
+  np.testing.assert_array_equal(good.features, feats)
+  np.testing.assert_array_equal(good.radii, qm.knn_radii(feats, evaluate.REFERENCE_K))
+  assert good.readable == qm.readable_fraction(probs)
+
+  def same(ref):
+    for a, b in zip(ref, good):
+      np.testing.assert_array_equal(a, b)
+
   (path,) = [tmp_path / f for f in os.listdir(tmp_path)]
-  np.savez(path, features=np.zeros_like(good), sha256=np.array("0" * 64))  # replaced by zeros
-  np.testing.assert_array_equal(evaluate.reference_features(net, images, str(tmp_path)), good)
+  z = dict(np.load(path))
+  np.savez(path, **{**z, "features": np.zeros_like(good.features)})  # replaced by zeros
+  same(evaluate.reference_set(net, images, str(tmp_path)))
   assert "rebuilding the reference-feature cache" in capsys.readouterr().err
+  np.savez(path, features=good.features, sha256=z["sha256"])  # an older cache: no radii
+  same(evaluate.reference_set(net, images, str(tmp_path)))
+  assert "KeyError" in capsys.readouterr().err
   path.write_bytes(path.read_bytes()[:1000])  # truncated
-  np.testing.assert_array_equal(evaluate.reference_features(net, images, str(tmp_path)), good)
+  same(evaluate.reference_set(net, images, str(tmp_path)))
   assert "rebuilding" in capsys.readouterr().err
 
 

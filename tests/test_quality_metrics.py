@@ -116,3 +116,12 @@ def test_mean_pairwise_distance_brute_force():
 def test_metric_argument_errors(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_precision_recall_with_kept_real_radii_is_the_same():
+  rs = np.random.default_rng(1)
+  real, fake = rs.normal(size=(60, 4)), rs.normal(0.3, 1.0, size=(25, 4))
+  kept = qm.knn_radii(real, 3)
+  assert qm.precision_recall(real, fake, 3, real_radii=kept) == qm.precision_recall(real, fake, 3)
+  with pytest.raises(ValueError, match=r"real_radii must be \[60\]"):
+    qm.precision_recall(real, fake, 3, real_radii=kept[:10])

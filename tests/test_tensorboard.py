@@ -30,3 +30,20 @@ def test_vae_job_writes_scalars_and_samples(tmp_path):
   assert {"train_loss", "test_loss", "epoch_seconds"} <= set(acc.Tags()["scalars"])
   assert "samples" in acc.Tags()["images"]
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_non_finite_samples_are_written_black_without_a_warning(tmp_path):
+  import warnings
+
+  import numpy as np
+
+  from experiments.tensorboard_log import TensorBoardLog
+
+  images = np.zeros((4, 8, 8, 1), np.float32)
+  images[0] = np.nan  # a diverged run's samples
+  log = TensorBoardLog(str(tmp_path))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    log.image("samples", images, 1, nrow=2)
+  log.close()
+  assert read(tmp_path / "tensorboard").Images("samples")[-1].step == 1

@@ -173,3 +173,24 @@ def test_timestep_embedding_matches_seed_formula():
   freqs = np.exp(-np.log(10000) * np.arange(half) / (half - 1))
   args = np.array([0, 7, 999])[:, None] * freqs[None]
   np.testing.assert_allclose(e, np.concatenate([np.sin(args), np.cos(args)], -1), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_first_attention_matches_flax(key, dtype):
+  from ddpm_jax.unet import heads_first_attention
+
+  kq, kk, kv, km = jax.random.split(key, 4)
+  q, k, v = (jax.random.normal(r, (3, 10, 2, 4), dtype) for r in (kq, kk, kv))
+  mask = jax.random.bernoulli(km, 0.7, (3, 2, 10, 10)).at[..., 0].set(True)
+  loss = lambda f, q, k, v, m: (f(q, k, v, mask=m).astype(jnp.float32) ** 2).sum()
+  for m in (None, mask):
+    ours = jax.jit(heads_first_attention)(q, k, v, mask=m)
+    ref = nn.dot_product_attention(q, k, v, mask=m, force_fp32_for_softmax=True)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(ours), np.float32(ref), atol=tol, rtol=tol)
+    g = jax.jit(jax.grad(lambda *a: loss(heads_first_attention, *a), (0, 1, 2)))(q, k, v, m)
+    g_ref = jax.grad(lambda *a: loss(nn.dot_product_attention, *a), (0, 1, 2))(q, k, v, m)
+    for a, b in zip(g, g_ref):
+      np.testing.assert_allclose(np.float32(a), np.float32(b), atol=5 * tol, rtol=5 * tol)
+  with pytest.raises(ValueError, match="no attention dropout"):
+    heads_first_attention(q, k, v, dropout_rate=0.1)
