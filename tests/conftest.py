@@ -32,4 +32,3 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture(scope="session")
 def key():
   return jax.random.key(0)
-
