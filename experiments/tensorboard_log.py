@@ -50,8 +50,7 @@ class TensorBoardLog:
     grid = tile(to_unit(np.asarray(images), value_range), nrow)
     if grid.ndim == 2:
       grid = grid[..., None]
-    grid = np.clip(np.nan_to_num(grid, nan=0.0), 0, 1)  # a diverged run's NaNs show black
-    self._writer.add_image(tag, grid, int(step), dataformats="HWC")
+    self._writer.add_image(tag, np.clip(grid, 0, 1), int(step), dataformats="HWC")
 
   def close(self) -> None:
     if self._writer is not None:

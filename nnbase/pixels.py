@@ -25,13 +25,16 @@ def u8_to_signed(images_u8: jax.Array) -> jax.Array:
 
 
 def to_unit(images: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-  """Float images in value_range -> float32 in [0, 1], clipped (numpy, for plots)."""
+  """Float images in value_range -> float32 in [0, 1], clipped (numpy, for plots).
+  NaN (a diverged run's samples) becomes 0, black."""
   lo, hi = value_range
-  return np.clip((np.asarray(images, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+  u = (np.asarray(images, np.float32) - lo) / (hi - lo)
+  return np.clip(np.nan_to_num(u, nan=0.0), 0.0, 1.0)
 
 
 def to_uint8(images: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-  """Float images in value_range -> uint8, clipped and rounded as a PNG stores them."""
+  """Float images in value_range -> uint8, clipped and rounded as a PNG stores them;
+  NaN becomes 0."""
   lo, hi = value_range
   u = (np.asarray(images, np.float64) - lo) / (hi - lo)
-  return np.rint(np.clip(u, 0, 1) * 255).astype(np.uint8)
+  return np.rint(np.clip(np.nan_to_num(u, nan=0.0), 0, 1) * 255).astype(np.uint8)

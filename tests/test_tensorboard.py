@@ -47,3 +47,17 @@ def test_non_finite_samples_are_written_black_without_a_warning(tmp_path):
     log.image("samples", images, 1, nrow=2)
   log.close()
   assert read(tmp_path / "tensorboard").Images("samples")[-1].step == 1
+
+
+def test_pixel_scaling_maps_nan_to_black_without_a_warning():
+  import warnings
+
+  import numpy as np
+
+  from nnbase import pixels
+
+  x = np.array([np.nan, -1.0, 0.0, 1.0, 3.0], np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    np.testing.assert_array_equal(pixels.to_unit(x), [0.0, 0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_array_equal(pixels.to_uint8(x), [0, 0, 128, 255, 255])
