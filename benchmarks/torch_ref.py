@@ -3,11 +3,19 @@
 SimpleUNet, its DDPM train step (seed 001) and the MNIST VAE epoch (seed 000),
 written as in the notebooks. torch is optional: `available()` is False when
 it is missing and the benchmark prints a message instead of ratios.
+
+`python -m benchmarks.torch_ref` times them alone, without JAX, in the
+environment it is started in (so with and without `GLIBC_TUNABLES`, the
+huge-page setting `benchmarks.run` gives both frameworks, it shows what that
+setting does to PyTorch): medians of `--rounds` rounds, about 15 s each.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import statistics
 import time
 
 try:
@@ -246,3 +254,35 @@ def vae_epoch_seconds_seed_loop(images_u8, batch: int = 128) -> float:
       )
   print(f"Average loss: {train_loss / len(loader.dataset):.4f}", file=log)
   return time.perf_counter() - t0
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(
+    description="The seeds' PyTorch train step, forward and VAE epoch, alone."
+  )
+  p.add_argument("--rounds", type=int, default=4, help="rounds per figure (>= 1)")
+  a = p.parse_args(argv)
+  if a.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {a.rounds}")
+  if torch is None:
+    raise SystemExit("error: torch is not installed (pip install torch)")
+  import numpy as np
+
+  images = np.random.default_rng(0).integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+  train, fwd = make_train_round(128), make_forward_round(64)
+  names = ("train step, batch 128 (img/s)", "forward, 64 images (img/s)", "VAE epoch (s)")
+  rows = {n: [] for n in names}
+  for _ in range(a.rounds):
+    train(1)  # one untimed call per round, as benchmarks.run does
+    rows[names[0]].append(train(3))
+    fwd(1)
+    rows[names[1]].append(fwd(9))
+    rows[names[2]].append(vae_epoch_seconds(images))
+  env = os.environ.get("GLIBC_TUNABLES", "unset")
+  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, GLIBC_TUNABLES={env}")
+  for name, v in rows.items():
+    print(f"  {name:32s} median {statistics.median(v):8.2f}  (min {min(v):.2f}, max {max(v):.2f})")
+
+
+if __name__ == "__main__":
+  main()

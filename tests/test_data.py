@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments import data, files
 
 
 def test_numpy_only_unpickler_refuses_code():
@@ -39,8 +39,30 @@ def test_corrupt_cache_is_detected(tmp_path):
   with pytest.raises(data.DataError, match="is corrupt"):
     data._load_npz(str(path))
   path.write_bytes(b"truncated")
-  with pytest.raises(data.DataError, match="cannot read cached MNIST"):
+  with pytest.raises(data.DataError, match="is corrupt \\(unreadable: "):
     data._load_npz(str(path))
+
+
+def test_verified_npz_round_trip_and_refusals(tmp_path):
+  path = str(tmp_path / "c.npz")
+  a, b = np.arange(6.0).reshape(2, 3), np.array(0.5)
+  files.write_verified_npz(path, {"a": a, "b": b})
+  got = files.read_verified_npz(path, ("a", "b"), shapes=[(2, 3), ()])
+  np.testing.assert_array_equal(got[0], a)
+  np.testing.assert_array_equal(got[1], b)
+  with pytest.raises(files.CacheError, match=r"shapes \[\(2, 3\), \(\)\], expected"):
+    files.read_verified_npz(path, ("a", "b"), shapes=[(3, 2), ()])
+  with pytest.raises(files.CacheError, match="unreadable: KeyError"):
+    files.read_verified_npz(path, ("a", "c"))
+  # A digest given by the caller wins over the stored one.
+  with pytest.raises(files.CacheError, match="expected 00"):
+    files.read_verified_npz(path, ("a", "b"), sha256="00")
+  z = dict(np.load(path))
+  np.savez(path, **{**z, "a": a.astype(np.float32)})  # same values, another dtype
+  with pytest.raises(files.CacheError, match="sha256"):
+    files.read_verified_npz(path, ("a", "b"))
+  with pytest.raises(files.CacheError, match="unreadable: FileNotFoundError"):
+    files.read_verified_npz(str(tmp_path / "none.npz"), ("a",))
 
 
 def test_mnist_loads_with_canonical_split():
