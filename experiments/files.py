@@ -179,8 +179,9 @@ def read_verified_npz(
       expected = sha256 if sha256 is not None else str(z["sha256"])
   except Exception as e:  # OS, zip, npz-format and missing-key errors alike
     raise CacheError(f"unreadable: {type(e).__name__}: {e}") from e
-  if shapes is not None and [a.shape for a in arrays] != [tuple(s) for s in shapes]:
-    raise CacheError(f"shapes {[a.shape for a in arrays]}, expected {[tuple(s) for s in shapes]}")
+  got = [a.shape for a in arrays]
+  if shapes is not None and got != [tuple(s) for s in shapes]:
+    raise CacheError(f"shapes {got}, expected {[tuple(s) for s in shapes]}")
   digest = arrays_sha256(arrays)
   if digest != expected:
     raise CacheError(f"sha256 {digest}, expected {expected}")

