@@ -118,8 +118,11 @@ def _forward_fn(model, mesh):
   return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=data)
 
 
-def _init_params(model):
-  return model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+def _init_params(model, mesh: Optional[Mesh] = None):
+  """The model's parameters, replicated over `mesh` when given (as the jobs hold
+  them: otherwise every call would first copy them to the devices)."""
+  p = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), jnp.zeros((1,), jnp.int32))
+  return p if mesh is None else dj.parallel.replicate(p, mesh)
 
 
 def model_flops(preset: str, batch: int, dtype=jnp.float32) -> Optional[float]:
@@ -175,8 +178,8 @@ def forward_bench(
   preset: str, batch: int, iters: int, peak: float, gemm: Optional[bool] = None
 ) -> dict:
   model = dj.make_model(preset, gemm_conv=gemm)
-  params = _init_params(model)
   mesh = _mesh(batch)
+  params = _init_params(model, mesh)
   eps_fn = _forward_fn(model, mesh)
   x = dj.parallel.shard_batch(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
   t = dj.parallel.shard_batch(jnp.full((batch,), 500, jnp.int32), mesh)
@@ -188,7 +191,8 @@ def forward_bench(
   # body once, and a split program's FLOPs per device.
   plain = _forward_fn(dj.make_model(preset, gemm_conv=False), _one_device())
   x1, t1 = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, t))
-  flops, _ = _cost(plain.lower(params, x1, t1).compile())
+  p1 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  flops, _ = _cost(plain.lower(p1, x1, t1).compile())
   compiled(params, x, t).block_until_ready()
   dt = _time(lambda: compiled(params, x, t).block_until_ready(), iters)
   gflops = flops / dt / 1e9 if flops else None
@@ -206,10 +210,10 @@ def forward_bench(
 
 def sampler_bench(preset: str, batch: int, sampler: str, steps: int) -> dict:
   model = dj.make_model(preset)
-  params = _init_params(model)
   schedule = dj.make_schedule("linear", 1000)
   shape = (batch, 28, 28, 1)
   mesh = _mesh(batch)
+  params = _init_params(model, mesh)
 
   def sample(p, rng):
     eps_fn = dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
@@ -352,8 +356,8 @@ def jax_forward_round(preset: str, batch: int, mesh: Optional[Mesh] = None) -> C
   """One U-Net forward over `mesh` (None: the job's), compiled once:
   `round(iters) -> images/s`."""
   model = dj.make_model(preset)
-  params = _init_params(model)
   mesh = _mesh(batch) if mesh is None else mesh
+  params = _init_params(model, mesh)
   x = dj.parallel.shard_batch(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)
   t = dj.parallel.shard_batch(jnp.full((batch,), 500, jnp.int32), mesh)
   compiled = _forward_fn(model, mesh).lower(params, x, t).compile()
@@ -396,10 +400,10 @@ def jax_vae_round(images_u8: np.ndarray) -> Callable:
 def jax_ancestral_round(preset: str, batch: int, T: int = 1000) -> Callable:
   """Ancestral sampling over all T steps, compiled once: `round() -> seconds`."""
   model = dj.make_model(preset)
-  params = _init_params(model)
   schedule = dj.make_schedule("linear", T)
   shape = (batch, 28, 28, 1)
   mesh = _mesh(batch)
+  params = _init_params(model, mesh)
   eps = lambda p: dj.parallel.sharded_eps_fn(lambda x, t: model.apply(p, x, t), mesh)
   fn = dj.parallel.parallel_sampler(
     lambda p, r: dj.sample(eps(p), schedule, r, shape, "ddpm", T), mesh
