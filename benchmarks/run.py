@@ -352,10 +352,12 @@ def jax_train_round(
   return round_
 
 
-def jax_forward_round(preset: str, batch: int, mesh: Optional[Mesh] = None) -> Callable:
+def jax_forward_round(
+  preset: str, batch: int, mesh: Optional[Mesh] = None, gemm: Optional[bool] = None
+) -> Callable:
   """One U-Net forward over `mesh` (None: the job's), compiled once:
-  `round(iters) -> images/s`."""
-  model = dj.make_model(preset)
+  `round(iters) -> images/s`; gemm: `gemm_conv` (None: the backend's default)."""
+  model = dj.make_model(preset, gemm_conv=gemm)
   mesh = _mesh(batch) if mesh is None else mesh
   params = _init_params(model, mesh)
   x = dj.parallel.shard_batch(jax.random.normal(jax.random.key(1), (batch, 28, 28, 1)), mesh)

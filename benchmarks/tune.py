@@ -1,8 +1,10 @@
 """Tune the fast convolutions for this machine: `python -m benchmarks.tune`.
 
-Times the seed SimpleUNet's train step (batch 128, fp32) with a few chunk
-sizes of the GEMM convolutions and with XLA's own convolutions, interleaved
-round by round, and caches the fastest choice for this machine
+Times the seed SimpleUNet's train step (batch 128, fp32) and one forward
+pass of 64 images with a few chunk sizes of the GEMM convolutions
+(`nnbase.tuning.tuning_candidates`) and with XLA's own convolutions,
+interleaved round by round, and caches the fastest choice (the
+product of the train and forward speeds, `chunk_scores`) for this machine
 (`nnbase/tuning.py`: ~/.cache/ddpm_jax/conv_tuning.json), which every later
 process reads at import. The GEMM path is kept only if it beats XLA's
 convolutions, so the default is never slower than the plain path. With the
@@ -10,7 +12,7 @@ GEMM path on, it then times one forward pass of 64 images with the strided
 layers' forward pass through XLA's convolution and through im2col + GEMM
 (`nnbase.conv.STRIDED_FORWARD_XLA`; the train step's gradients are GEMMs
 either way) and keeps the faster, and the train step with Winograd F(4x4, 3x3)
-against F(2x2, 3x3) (`nnbase.conv.WINOGRAD_TILE`). About four minutes on 2 CPU
+against F(2x2, 3x3) (`nnbase.conv.WINOGRAD_TILE`). About six minutes on 2 CPU
 cores; run it on an otherwise idle machine.
 """
 
@@ -40,8 +42,9 @@ def interleaved(makers: dict, rounds: int, label: str) -> dict:
 
 
 def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
-  """{name: [images/s per round]} for (name, chunk_bytes or None for XLA's convs)."""
-  from benchmarks.run import jax_train_round
+  """{name: [images/s per round]} of the train step, and {"fwd " + name: ...} of
+  one forward of 64 images, for (name, chunk_bytes or None for XLA's convs)."""
+  from benchmarks.run import jax_forward_round, jax_train_round, warm
   from nnbase import conv
 
   makers = {}
@@ -50,8 +53,21 @@ def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
       conv.CHUNK_BYTES = chunk  # read when the step is traced, below
     train_round = jax_train_round("simple", batch, gemm=chunk is not None)
     makers[name] = lambda run=train_round: run(iters)
+    makers["fwd " + name] = warm(jax_forward_round("simple", 64, gemm=chunk is not None), 3 * iters)
     print(f"compiled {name}", file=sys.stderr, flush=True)
   return interleaved(makers, rounds, "round")
+
+
+def chunk_scores(results: dict) -> dict:
+  """{name: score}: each candidate's median train speed times its median
+  forward speed, each over the best candidate's (1.0 for one best at both).
+  The forward is what every sampler step costs, the train step what
+  training does."""
+  med = {k: float(np.median(v)) for k, v in results.items()}
+  train = {k: v for k, v in med.items() if not k.startswith("fwd ")}
+  best_train = max(train.values())
+  best_fwd = max(v for k, v in med.items() if k.startswith("fwd "))
+  return {k: v / best_train * med["fwd " + k] / best_fwd for k, v in train.items()}
 
 
 def measure_strided_forward(rounds: int, iters: int) -> dict:
@@ -99,15 +115,20 @@ def main(argv=None) -> None:
   from nnbase import tuning
 
   rule = tuning.rule_chunk_bytes()
-  sizes = sorted({max(tuning.MIB, rule // 2), rule, 2 * rule})
+  sizes = tuning.tuning_candidates()
   candidates = [(f"gemm chunk {s / tuning.MIB:.1f} MiB", s) for s in sizes] + [("xla", None)]
   results = measure(candidates, a.batch, a.rounds, a.iters)
   medians = {k: float(np.median(v)) for k, v in results.items()}
-  best = max(medians, key=medians.get)
+  scores = chunk_scores(results)
+  best = max(scores, key=scores.get)
   chunk = dict(candidates)[best] or rule
   gemm = best != "xla"
-  for k, v in medians.items():
-    print(f"{k:24s} {v:8.1f} img/s{'   <- chosen' if k == best else ''}")
+  for k, score in scores.items():
+    chosen = "   <- chosen" if k == best else ""
+    print(
+      f"{k:24s} train {medians[k]:6.1f}, forward {medians['fwd ' + k]:6.1f} img/s, "
+      f"score {score:.3f}{chosen}"
+    )
   strided_xla, fwd = tuning.strided_forward_xla(), {}
   tile, wino = tuning.winograd_tile(), {}
   if gemm:

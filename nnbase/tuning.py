@@ -5,8 +5,8 @@ and `winograd_tile()` at import. In order:
 1. a choice measured on this machine by `python -m benchmarks.tune` and cached
    in `~/.cache/ddpm_jax/conv_tuning.json` (keyed by CPU model and cache sizes,
    so a copied home folder on another machine is ignored);
-2. else a rule from the cache sizes Linux reports: a chunk of 7/32 of the
-   last-level cache (7 MiB on a 32 MiB L3, the best measured there), within
+2. else a rule from the cache sizes Linux reports (`rule_chunk_bytes`: 7/32
+   of an L3 of up to 64 MiB, the per-core L2 beside a larger one), within
    [1, 32] MiB; the GEMM path on; XLA's own convolution for the forward
    pass of strided layers (never slower than the plain XLA path); and
    Winograd F(4x4, 3x3) for float32 3x3 layers.
@@ -63,13 +63,47 @@ def machine_key() -> str:
   return cpu_model() + " | " + ", ".join(f"{k}={v}" for k, v in sorted(caches.items()))
 
 
+# Above this size the last-level cache is a server socket's, shared by dozens
+# of cores (a VM sees the whole of it), and a core's share is a few MiB.
+SHARED_L3_BYTES = 64 * MIB
+
+
 def rule_chunk_bytes(caches: Optional[dict] = None) -> int:
-  """7/32 of the last-level cache, within [1, 32] MiB (7 MiB when unknown)."""
+  """The chunk size from the cache sizes, within [1, 32] MiB (7 MiB when unknown).
+
+  - A last-level cache of up to SHARED_L3_BYTES (one core complex's, as AMD's
+    32 MiB per 8 cores): 7/32 of it, 7 MiB on the 32 MiB L3 of a 2-core AMD
+    EPYC, where 3.5, 7 and 14 MiB were within noise and 7 the best measured.
+  - A larger one (a socket-wide L3, as an Intel Xeon's: 260 MiB on a 2-core
+    Emerald Rapids VM): the per-core L2. There 2 MiB (its L2) trained as fast
+    as 3-6 MiB and ran the forward 1.05-1.19x faster than 4-32 MiB, and
+    7/32 of the L3 (32 MiB) trained 0.90x as fast (docs/design.md).
+  """
   caches = cpu_caches() if caches is None else caches
   last = max((v for k, v in caches.items() if k != "L1d"), default=0)
   if not last:
     return DEFAULT_CHUNK_BYTES
-  return int(min(max(last * 7 // 32, MIB), 32 * MIB))
+  if last > SHARED_L3_BYTES:
+    chunk = caches.get("L2") or DEFAULT_CHUNK_BYTES
+  else:
+    chunk = last * 7 // 32
+  return int(min(max(chunk, MIB), 32 * MIB))
+
+
+def tuning_candidates(caches: Optional[dict] = None) -> list:
+  """Chunk sizes `benchmarks.tune` measures, ascending: half, one and two times
+  the rule's, and what the rule's other branch would give (the L2, or 7/32 of
+  the L3 up to 32 MiB), so a machine the rule misjudges still finds its size."""
+  caches = cpu_caches() if caches is None else caches
+  rule = rule_chunk_bytes(caches)
+  last = max((v for k, v in caches.items() if k != "L1d"), default=0)
+  other = rule
+  if last > SHARED_L3_BYTES:
+    other = last * 7 // 32
+  elif caches.get("L2"):
+    other = caches["L2"]
+  sizes = {rule // 2, rule, 2 * rule, other}
+  return sorted({int(min(max(s, MIB), 32 * MIB)) for s in sizes})
 
 
 def cached_choice() -> Optional[dict]:

@@ -2,16 +2,47 @@
 
 import json
 
+import pytest
+
 from nnbase import conv, tuning
 
 
-def test_rule_follows_the_last_level_cache():
+def test_rule_follows_the_caches():
   mib = tuning.MIB
   assert tuning.rule_chunk_bytes({"L1d": 48 * 1024, "L2": mib, "L3": 32 * mib}) == 7 * mib
   assert tuning.rule_chunk_bytes({"L1d": 32 * 1024, "L2": 2 * mib, "L3": 16 * mib}) == 3.5 * mib
   assert tuning.rule_chunk_bytes({"L2": 2 * mib}) == mib  # floor
-  assert tuning.rule_chunk_bytes({"L3": 512 * mib}) == 32 * mib  # ceiling
+  # A socket-wide L3 (a 2-core Xeon VM reports all 260 MiB): the per-core L2.
+  assert tuning.rule_chunk_bytes({"L1d": 48 * 1024, "L2": 2 * mib, "L3": 260 * mib}) == 2 * mib
+  assert tuning.rule_chunk_bytes({"L2": 64 * mib, "L3": 512 * mib}) == 32 * mib  # ceiling
+  assert tuning.rule_chunk_bytes({"L3": 512 * mib}) == tuning.DEFAULT_CHUNK_BYTES  # no L2
   assert tuning.rule_chunk_bytes({}) == tuning.DEFAULT_CHUNK_BYTES
+
+
+def test_tuning_candidates_cover_both_branches_of_the_rule():
+  mib = tuning.MIB
+  epyc = {"L1d": 32 * 1024, "L2": mib, "L3": 32 * mib}
+  assert tuning.tuning_candidates(epyc) == [mib, 3.5 * mib, 7 * mib, 14 * mib]
+  xeon = {"L1d": 48 * 1024, "L2": 2 * mib, "L3": 260 * mib}
+  assert tuning.tuning_candidates(xeon) == [mib, 2 * mib, 4 * mib, 32 * mib]
+  assert tuning.tuning_candidates({}) == [3.5 * mib, 7 * mib, 14 * mib]
+
+
+def test_tune_scores_chunks_by_train_and_forward():
+  from benchmarks.tune import chunk_scores
+
+  # "a" trains 10% faster, "b" runs the forward 20% faster: b scores 100/110, a 300/360.
+  raw = {
+    "a": [110.0, 111.0, 109.0],
+    "fwd a": [300.0, 290.0, 310.0],
+    "b": [100.0, 99.0, 101.0],
+    "fwd b": [360.0, 350.0, 370.0],
+    "xla": [14.0, 13.0, 15.0],
+    "fwd xla": [210.0, 200.0, 220.0],
+  }
+  s = chunk_scores(raw)
+  assert s["a"] == pytest.approx(300 / 360) and s["b"] == pytest.approx(100 / 110)
+  assert max(s, key=s.get) == "b" and s["xla"] < 0.1
 
 
 def test_cached_choice_is_used_only_on_its_machine(tmp_path, monkeypatch):
