@@ -122,6 +122,42 @@ def test_train_epoch_lowers_loss():
   assert after < before - 50, (before, after)
 
 
+@pytest.mark.parametrize("binarization", ["none", "dynamic"])
+def test_train_epoch_is_its_steps_with_per_step_keys(binarization):
+  """The epoch draws its z noise before the scan; it must be the noise each
+  step draws from its own key: the same parameters as a loop of
+  `batch_loss` steps keyed fold_in(step_rng, step), from a resumed step."""
+  vae = vj.make_vae("mlp", latent_dim=3, hidden=16)
+  tx = optax.adam(1e-2)
+  base = jax.random.key(2)
+  state = vj.create_state(jax.random.key(0), vae, tx, 3).replace(step=jnp.array(7, jnp.int32))
+  imgs = jax.random.randint(jax.random.key(1), (40, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  ep = vj.make_train_epoch(vae, tx, base_rng=base, batch_size=8, binarization=binarization)
+  got, _ = jax.jit(ep)(state, imgs, 3)
+
+  shuffle_rng, step_rng = jax.random.split(base)
+  perm = jax.random.permutation(jax.random.fold_in(shuffle_rng, 3), 40).reshape(5, 8)
+
+  @jax.jit
+  def one(params, opt_state, step, x_u8):
+    rng = jax.random.fold_in(step_rng, step)
+    if binarization == "dynamic":
+      bin_rng, rng = jax.random.split(rng)
+      x = vj.train.binarize(bin_rng, x_u8)
+    else:
+      x = vj.train.to_unit(x_u8)
+    loss = lambda p: vj.batch_loss(*vj.vae_fns(vae, p), rng, x)[0]
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = state.params, state.opt_state
+  for i in range(5):
+    params, opt_state = one(params, opt_state, 7 + i, imgs[perm[i]])
+  assert int(got.step) == 12
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("steps", [1, 3])
 def test_train_epoch_counts_a_non_finite_update(steps):
   """The loss is checked every step; an update that makes the parameters
