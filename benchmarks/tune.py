@@ -58,16 +58,15 @@ def measure(candidates: list, batch: int, rounds: int, iters: int) -> dict:
   return interleaved(makers, rounds, "round")
 
 
-def chunk_scores(results: dict) -> dict:
-  """{name: score}: each candidate's median train speed times its median
-  forward speed, each over the best candidate's (1.0 for one best at both).
-  The forward is what every sampler step costs, the train step what
+def chunk_scores(medians: dict) -> dict:
+  """{name: score} from `measure`'s medians: each candidate's train speed times
+  its forward speed, each over the best candidate's (1.0 for one best at
+  both). The forward is what every sampler step costs, the train step what
   training does."""
-  med = {k: float(np.median(v)) for k, v in results.items()}
-  train = {k: v for k, v in med.items() if not k.startswith("fwd ")}
+  train = {k: v for k, v in medians.items() if not k.startswith("fwd ")}
   best_train = max(train.values())
-  best_fwd = max(v for k, v in med.items() if k.startswith("fwd "))
-  return {k: v / best_train * med["fwd " + k] / best_fwd for k, v in train.items()}
+  best_fwd = max(v for k, v in medians.items() if k.startswith("fwd "))
+  return {k: v / best_train * medians["fwd " + k] / best_fwd for k, v in train.items()}
 
 
 def measure_strided_forward(rounds: int, iters: int) -> dict:
@@ -119,7 +118,7 @@ def main(argv=None) -> None:
   candidates = [(f"gemm chunk {s / tuning.MIB:.1f} MiB", s) for s in sizes] + [("xla", None)]
   results = measure(candidates, a.batch, a.rounds, a.iters)
   medians = {k: float(np.median(v)) for k, v in results.items()}
-  scores = chunk_scores(results)
+  scores = chunk_scores(medians)
   best = max(scores, key=scores.get)
   chunk = dict(candidates)[best] or rule
   gemm = best != "xla"

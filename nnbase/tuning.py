@@ -68,6 +68,22 @@ def machine_key() -> str:
 SHARED_L3_BYTES = 64 * MIB
 
 
+def _clamp(chunk: int) -> int:
+  return int(min(max(chunk, MIB), 32 * MIB))
+
+
+def _branches(caches: dict) -> tuple:
+  """(the rule's chunk before clamping, the other branch's or None) for known
+  caches; (None, None) when Linux reports no L2 or L3."""
+  last = max((v for k, v in caches.items() if k != "L1d"), default=0)
+  if not last:
+    return None, None
+  share, l2 = last * 7 // 32, caches.get("L2")
+  if last > SHARED_L3_BYTES:
+    return l2 or DEFAULT_CHUNK_BYTES, share
+  return share, l2
+
+
 def rule_chunk_bytes(caches: Optional[dict] = None) -> int:
   """The chunk size from the cache sizes, within [1, 32] MiB (7 MiB when unknown).
 
@@ -79,15 +95,8 @@ def rule_chunk_bytes(caches: Optional[dict] = None) -> int:
     as 3-6 MiB and ran the forward 1.05-1.19x faster than 4-32 MiB, and
     7/32 of the L3 (32 MiB) trained 0.90x as fast (docs/design.md).
   """
-  caches = cpu_caches() if caches is None else caches
-  last = max((v for k, v in caches.items() if k != "L1d"), default=0)
-  if not last:
-    return DEFAULT_CHUNK_BYTES
-  if last > SHARED_L3_BYTES:
-    chunk = caches.get("L2") or DEFAULT_CHUNK_BYTES
-  else:
-    chunk = last * 7 // 32
-  return int(min(max(chunk, MIB), 32 * MIB))
+  chunk, _ = _branches(cpu_caches() if caches is None else caches)
+  return DEFAULT_CHUNK_BYTES if chunk is None else _clamp(chunk)
 
 
 def tuning_candidates(caches: Optional[dict] = None) -> list:
@@ -96,14 +105,9 @@ def tuning_candidates(caches: Optional[dict] = None) -> list:
   the L3 up to 32 MiB), so a machine the rule misjudges still finds its size."""
   caches = cpu_caches() if caches is None else caches
   rule = rule_chunk_bytes(caches)
-  last = max((v for k, v in caches.items() if k != "L1d"), default=0)
-  other = rule
-  if last > SHARED_L3_BYTES:
-    other = last * 7 // 32
-  elif caches.get("L2"):
-    other = caches["L2"]
-  sizes = {rule // 2, rule, 2 * rule, other}
-  return sorted({int(min(max(s, MIB), 32 * MIB)) for s in sizes})
+  _, other = _branches(caches)
+  sizes = {rule // 2, rule, 2 * rule} | ({other} if other else set())
+  return sorted({_clamp(s) for s in sizes})
 
 
 def cached_choice() -> Optional[dict]:

@@ -32,15 +32,8 @@ def test_tune_scores_chunks_by_train_and_forward():
   from benchmarks.tune import chunk_scores
 
   # "a" trains 10% faster, "b" runs the forward 20% faster: b scores 100/110, a 300/360.
-  raw = {
-    "a": [110.0, 111.0, 109.0],
-    "fwd a": [300.0, 290.0, 310.0],
-    "b": [100.0, 99.0, 101.0],
-    "fwd b": [360.0, 350.0, 370.0],
-    "xla": [14.0, 13.0, 15.0],
-    "fwd xla": [210.0, 200.0, 220.0],
-  }
-  s = chunk_scores(raw)
+  medians = {"a": 110.0, "fwd a": 300.0, "b": 100.0, "fwd b": 360.0, "xla": 14.0, "fwd xla": 210.0}
+  s = chunk_scores(medians)
   assert s["a"] == pytest.approx(300 / 360) and s["b"] == pytest.approx(100 / 110)
   assert max(s, key=s.get) == "b" and s["xla"] < 0.1
 
