@@ -97,16 +97,20 @@ def gemm_conv_check(batch, schedule, tx, devices):
     mesh = parallel.make_mesh(devices[:n])
     f = parallel.parallel_train_step(step, mesh)
     state, x = parallel.replicate(init(), mesh), parallel.shard_batch(batch, mesh)
-    hlo = f.lower(state, x).compile().as_text()
-    state, m = f(state, x)
+    # The executables compiled for their HLO also run the step and the
+    # sampler (calling `f` would compile each again).
+    compiled = f.lower(state, x).compile()
+    hlo = compiled.as_text()
+    state, m = compiled(state, x)
 
     def sample(params, rng, mesh=mesh):
       eps_fn = parallel.sharded_eps_fn(dj.model_eps_fn(model, params), mesh)
       return dj.ddim_sample(eps_fn, schedule, rng, (8, 28, 28, 1), 3)
 
     sampler = parallel.parallel_sampler(sample, mesh)
-    s_hlo = sampler.lower(state.params, jax.random.key(3)).compile().as_text()
-    s = np.asarray(sampler(state.params, jax.random.key(3)))
+    s_compiled = sampler.lower(state.params, jax.random.key(3)).compile()
+    s_hlo = s_compiled.as_text()
+    s = np.asarray(s_compiled(state.params, jax.random.key(3)))
     gathers = hlo.count("all-gather(") + s_hlo.count("all-gather(")
     # Winograd weight gradients in the transformed domain ([k*k, Cout, Cin]).
     k2 = (conv.WINOGRAD_TILE + 2) ** 2
