@@ -16,9 +16,19 @@ import jax.numpy as jnp
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-  """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from rng. Shapes [..., L]."""
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+def reparameterize(
+  rng: Optional[jax.Array],
+  mean: jax.Array,
+  logvar: jax.Array,
+  eps: Optional[jax.Array] = None,
+) -> jax.Array:
+  """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) from rng. Shapes [..., L].
+
+  eps, if given, is that draw made in advance, of mean's shape (rng is then
+  unused)."""
+  if eps is None:
+    eps = jax.random.normal(rng, mean.shape, mean.dtype)
+  return mean + jnp.exp(0.5 * logvar) * eps
 
 
 def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -79,7 +89,7 @@ def _batch_elbo_terms(
   key rngs[i] (`example_noise`), or noise[i] where noise [B, L] is given."""
   mean, logvar = encode_fn(x)
   eps = example_noise(rngs, mean.shape[-1], mean.dtype) if noise is None else noise
-  z = mean + jnp.exp(0.5 * logvar) * eps
+  z = reparameterize(None, mean, logvar, eps)
   rec = log_likelihood(decode_fn(z), x.reshape(x.shape[0], -1), likelihood)
   return rec, gaussian_kl(mean, logvar)
 
@@ -156,7 +166,7 @@ def iwae_bound(
 
   def one_chunk(carry, i):
     eps = jax.random.normal(jax.random.fold_in(rng, i), (chunk,) + mean.shape, mean.dtype)
-    z = mean[None] + jnp.exp(0.5 * logvar)[None] * eps  # [S, B, L]
+    z = reparameterize(None, mean[None], logvar[None], eps)  # [S, B, L]
     out = decode_fn(z.reshape(-1, z.shape[-1])).reshape(chunk, x.shape[0], -1)
     log_w = (
       log_likelihood(out, jnp.broadcast_to(xf, out.shape), likelihood)
