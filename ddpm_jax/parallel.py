@@ -55,8 +55,51 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Places a pytree (e.g. the train state) on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (e.g. the train state) on every device of the mesh.
+
+  With several processes every process must pass the same values. That is
+  checked once for the whole tree, by one all-gather of a digest of every
+  leaf's bytes (a ValueError if they differ). `jax.device_put` would check
+  each leaf with its own all-gather, and for a process whose compilation-cache
+  keys differ from process 0's (CPU processes) compile a program for each.
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  leaves, treedef = jax.tree.flatten(tree)
+  out, host = [], []
+  for x in leaves:
+    if isinstance(x, jax.Array) and (
+      not x.is_fully_addressable or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    ):
+      out.append(jax.device_put(x, sharding))  # already global, or a typed PRNG key
+      continue
+    x = np.asarray(x)
+    host.append(x)
+    out.append(jax.make_array_from_callback(x.shape, sharding, lambda idx, x=x: x[idx]))
+  _check_same_on_every_process(host)
+  return treedef.unflatten(out)
+
+
+def _check_same_on_every_process(arrays: Sequence[np.ndarray]) -> None:
+  """Raises ValueError unless every process holds the same arrays (compared by
+  a BLAKE2 digest of dtypes, shapes and bytes, in one all-gather)."""
+  import hashlib
+
+  from jax.experimental import multihost_utils
+
+  h = hashlib.blake2b(digest_size=32)
+  for a in arrays:
+    h.update(f"{a.dtype.str}{a.shape};".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  mine = np.frombuffer(h.digest(), np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
+  if not (every == mine).all():
+    differ = [i for i in range(every.shape[0]) if not (every[i] == every[0]).all()]
+    raise ValueError(
+      f"replicate: processes {differ} hold other values than process 0; every process "
+      "must pass the same tree (same seed, same checkpoint)"
+    )
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

@@ -132,12 +132,12 @@ def train_and_evaluate(
   if config.conditional and not source.num_classes:
     raise cli.UsageError(f"--conditional needs class labels; {config.dataset} has none")
   mesh = job_mesh(config.batch_size)  # data parallel over every device
-  rep = dj.parallel.replicated(mesh)
   images = train_labels = None
   if pipeline == "device":  # uint8 on every device, shuffled there
     data = source.load()
-    images = jax.device_put(data.train_images, rep)
-    train_labels = jax.device_put(data.train_labels.astype(np.int32), rep)
+    images, train_labels = dj.parallel.replicate(
+      (data.train_images, data.train_labels.astype(np.int32)), mesh
+    )
   n_train, image_shape = source.num_examples, tuple(source.image_shape)
 
   schedule = make_schedule(config)

@@ -299,3 +299,29 @@ def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):
   for k in ("test_nll_iwae", "test_neg_elbo", "final_test_loss"):
     assert two[k] == pytest.approx(one[k], rel=1e-6), k
   assert [r["epoch"] for r in _metrics(multi)] == [1, 2]  # one writer
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_replicate_checks_the_processes_agree_in_one_all_gather(differ, tmp_path):
+  port, script = _free_port(), os.path.join(ROOT, "tests", "scripts", "replicate_check.py")
+  procs = [
+    subprocess.Popen(
+      [sys.executable, script, str(port), str(i), "1" if differ else "0", str(tmp_path / f"{i}")],
+      cwd=ROOT,
+      env=dict(_env(2), PYTHONPATH=ROOT),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  results = []
+  for i, p in enumerate(procs):
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads((tmp_path / f"{i}").read_text()))
+  for r in results:
+    if differ:  # both processes refuse, naming the one that differs
+      assert "processes [1] hold other values than process 0" in r["error"], r
+    else:  # 60 leaves, one all-gather (jax.device_put ran one per leaf)
+      assert r["ok"] and r["gathers"] == 1, r
