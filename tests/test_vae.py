@@ -55,6 +55,33 @@ def test_shapes_and_parameter_counts():
   assert m.shape == lv.shape == (3, 8) and dec(m).shape == (3, 784)
 
 
+def test_mean_and_logvar_heads_are_one_product_with_the_seed_layers_parameters():
+  """The MLP encoder's two heads share one GEMM, with the parameters (names,
+  shapes and initial values) that two TorchDense layers would have."""
+  import flax.linen as nn
+
+  from vae_jax import models
+
+  class TwoDenseHeads(nn.Module):  # the seed's layout: fc1, then fc_mu and fc_logvar
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(models.TorchDense(32, name="fc1")(x.reshape(x.shape[0], -1)))
+      return models.TorchDense(4, name="fc_mu")(h), models.TorchDense(4, name="fc_logvar")(h)
+
+  enc = vj.make_vae("mlp", latent_dim=4, hidden=32).encoder
+  x = jax.random.uniform(jax.random.key(1), (3, 28, 28, 1))
+  params = enc.init(jax.random.key(0), x)
+  seed = TwoDenseHeads().init(jax.random.key(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(seed)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(seed)))
+  for a, b in zip(enc.apply(params, x), TwoDenseHeads().apply(seed, x)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  jaxpr = jax.make_jaxpr(lambda p: jax.grad(lambda p: sum(map(jnp.sum, enc.apply(p, x))))(p))
+  dots = str(jaxpr(params)).count("dot_general")
+  # fc1, the heads; the heads' weight and input gradients; fc1's weight gradient (8 with two heads)
+  assert dots == 5, dots
+
+
 @pytest.mark.parametrize("model,likelihood", [("mlp", "bernoulli"), ("conv", "gaussian")])
 def test_batch_loss_is_the_vmapped_per_example_elbo(model, likelihood):
   """batch_loss runs the networks on the whole batch, but example i must draw
