@@ -73,8 +73,7 @@ def dense_heads(h: jax.Array, heads: Sequence[Tuple[jax.Array, jax.Array]]) -> t
   """
   bias = jnp.concatenate([b for _, b in heads])
   out = h @ jnp.concatenate([k for k, _ in heads], 1) + bias[None]
-  ends = np.cumsum([k.shape[1] for k, _ in heads])
-  return tuple(out[:, e - k.shape[1] : e] for (k, _), e in zip(heads, ends))
+  return tuple(jnp.split(out, np.cumsum([k.shape[1] for k, _ in heads])[:-1], axis=1))
 
 
 class MLPEncoder(nn.Module):
