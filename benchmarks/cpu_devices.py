@@ -9,13 +9,16 @@ per-round ratios with their min and max. About 3 minutes on 2 cores.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 
 import jax
 
 import ddpm_jax as dj
 from benchmarks import run
-from experiments import runtime
 
 
 def main(argv=None) -> None:

@@ -11,12 +11,15 @@ schedule.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 
 import jax
 
 import ddpm_jax as dj
-from experiments import runtime
 
 MU, SD = 0.5, 0.3
 

@@ -11,13 +11,15 @@ Prints a table; `--json PATH` writes it.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import json
 import os
 import subprocess
 import sys
-
-from experiments import runtime
 
 CHILD = r"""
 import json, sys

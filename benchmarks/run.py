@@ -22,6 +22,10 @@ so it gets the same set-up. The machine line says whether it is on.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import json
 import os
@@ -39,7 +43,6 @@ import ddpm_jax as dj
 import nnbase
 import vae_jax as vj
 from benchmarks import torch_ref
-from experiments import runtime
 from experiments.ddpm_setup import job_mesh
 
 cpu_name = nnbase.tuning.cpu_model  # one home for the CPU model string

@@ -18,12 +18,14 @@ cores; run it on an otherwise idle machine.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import sys
 
 import numpy as np
-
-from experiments import runtime
 
 
 def interleaved(makers: dict, rounds: int, label: str) -> dict:

@@ -33,6 +33,10 @@ label's unconditional samples). DDPM runs can add:
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import dataclasses
 import os

@@ -9,6 +9,10 @@ sha256 to pin in `ddpm_jax.pretrained.REGISTRY`.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import dataclasses
 import glob

@@ -7,6 +7,10 @@ trajectory.png. Running again with the same workdir resumes.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import functools
 import os
 import sys

@@ -10,6 +10,10 @@ latent scatter, and final_eval.json with the importance-weighted NLL.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import functools
 import os
 import sys

@@ -9,6 +9,10 @@ unconditional samples) and `OUT/grid.png`.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import os
 import sys

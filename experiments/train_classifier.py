@@ -11,6 +11,10 @@ the packaged weights) and writes a JSON record beside the weights.
 
 from __future__ import annotations
 
+from experiments import runtime
+
+runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
+
 import argparse
 import json
 import os

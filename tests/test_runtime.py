@@ -101,6 +101,61 @@ def test_python_m_restarts_with_the_tunable(tmp_path):
   assert out == "['x']"
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entry_points() -> list:
+  """Modules of experiments/ and benchmarks/ whose `__main__` sets up the process."""
+  out = []
+  for package in ("experiments", "benchmarks"):
+    for name in sorted(os.listdir(os.path.join(ROOT, package))):
+      path = os.path.join(ROOT, package, name)
+      if name.endswith(".py") and name != "runtime.py":
+        parts = open(path, encoding="utf-8").read().split('if __name__ == "__main__":')
+        if len(parts) > 1 and ("exit_main(" in parts[-1] or "setup_process()" in parts[-1]):
+          out.append(path)
+  return out
+
+
+def test_entry_points_restart_before_their_imports():
+  """Each entry point's first statement after `from experiments import runtime`
+  is `runtime.restart_main(__name__)`: a restart after the module's imports
+  loads JAX and the libraries twice (2.5-3 s per launch)."""
+  import ast
+
+  paths = _entry_points()
+  assert len(paths) >= 11, paths
+  for path in paths:
+    body = ast.parse(open(path, encoding="utf-8").read()).body
+    first = None
+    for node in body:
+      if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+        continue  # the docstring
+      if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+        continue
+      if isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["runtime"]:
+        continue
+      first = ast.unparse(node)
+      break
+    assert first == "runtime.restart_main(__name__)", (path, first)
+
+
+def test_restarted_launch_imports_jax_once(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
+  if runtime.hugepages_env(env, runtime.glibc_version(), runtime.thp_mode()) is None:
+    pytest.skip("no huge-pages restart on this machine")
+  p = subprocess.run(
+    [sys.executable, "-X", "importtime", "-m", "experiments.sample", "--help"],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  jax_lines = [line for line in p.stderr.splitlines() if line.rstrip().endswith("| jax")]
+  assert len(jax_lines) == 1, jax_lines
+
+
 def test_cpu_device_count_is_a_power_of_two_up_to_the_cap():
   counts = [runtime.cpu_device_count(c) for c in (1, 2, 3, 4, 6, 8, 12, 96)]
   assert counts == [1, 2, 2, 4, 4, 8, 8, runtime.MAX_CPU_DEVICES]
