@@ -30,16 +30,22 @@ def atomic_savefig(fig, path: str, **kwargs) -> None:
 to_unit = pixels.to_unit
 
 
-def tile(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
-  """[N, H, W, C] in [0, 1] -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] mosaic."""
+def tile(
+  images: np.ndarray, nrow: int, pad: int = 2, fill: float = 0.5, border: bool = True
+) -> np.ndarray:
+  """[N, H, W, C] in [0, 1] -> one mosaic of `nrow` images per row, `pad`
+  pixels of `fill` between them and, with `border`, around them:
+  [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] (both 2*pad smaller without)."""
   n, h, w, c = images.shape
   rows = -(-n // nrow)
-  out = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.float32) * 0.5
+  edge = pad if border else 0
+  out = np.full(
+    (rows * (h + pad) - pad + 2 * edge, nrow * (w + pad) - pad + 2 * edge, c), fill, np.float32
+  )
   for i in range(n):
     r, k = divmod(i, nrow)
-    out[
-      pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w
-    ] = images[i]
+    y, x = edge + r * (h + pad), edge + k * (w + pad)
+    out[y : y + h, x : x + w] = images[i]
   return out
 
 
@@ -69,11 +75,8 @@ def strip_mosaic(frames: np.ndarray, gap: int) -> np.ndarray:
   """[F, N, H, W, C] in [0, 1] -> [N*(H+gap)-gap, F*(W+gap)-gap, C]: frame j of
   row i at rows i*(H+gap) and columns j*(W+gap), white (1.0) between."""
   f, n, h, w, c = frames.shape
-  out = np.ones((n * (h + gap) - gap, f * (w + gap) - gap, c), np.float32)
-  for i in range(n):
-    for j in range(f):
-      out[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = frames[j, i]
-  return out
+  rows_first = np.swapaxes(frames, 0, 1).reshape(n * f, h, w, c)
+  return tile(rows_first, f, pad=gap, fill=1.0, border=False)
 
 
 def save_strip(
