@@ -112,5 +112,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  runtime.setup_process()  # huge pages, one JAX device per core
+  runtime.split_cpu_devices()  # one JAX device per core
   main()

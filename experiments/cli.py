@@ -529,7 +529,8 @@ def run_main(fn, argv=None) -> int:
 
 
 def exit_main(fn) -> None:
-  """A job's `__main__`: `runtime.setup_process()` (huge pages, one JAX device
-  per CPU core), then `sys.exit(run_main(fn))`."""
-  runtime.setup_process()  # huge pages, one JAX device per core
+  """A job's `__main__`: `runtime.split_cpu_devices()` (one JAX device per CPU
+  core; the module restarted for huge pages before its imports), then
+  `sys.exit(run_main(fn))`."""
+  runtime.split_cpu_devices()  # one JAX device per core
   sys.exit(run_main(fn))

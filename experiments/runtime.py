@@ -1,5 +1,6 @@
 """Process set-up for the jobs: huge pages for XLA:CPU's buffers, and the
-CPU split into one JAX device per core (`setup_process` does both).
+CPU split into one JAX device per core (`restart_main` as an entry point's
+first statement, `split_cpu_devices` in its `__main__` block).
 
 XLA:CPU takes each call's temporary buffer from malloc: one block of 108 MB
 for the seed U-Net's forward pass on 64 images. glibc serves blocks above
@@ -173,10 +174,3 @@ def restart_main(module_name: str) -> None:
   restarted `python -m` launch loads JAX and the libraries once, not twice."""
   if module_name == "__main__":
     reexec_with_hugepages()
-
-
-def setup_process() -> None:
-  """A job's or benchmark's `__main__` set-up, before JAX runs anything:
-  `reexec_with_hugepages`, then `split_cpu_devices`."""
-  reexec_with_hugepages()
-  split_cpu_devices()

@@ -112,7 +112,7 @@ def _entry_points() -> list:
       path = os.path.join(ROOT, package, name)
       if name.endswith(".py") and name != "runtime.py":
         parts = open(path, encoding="utf-8").read().split('if __name__ == "__main__":')
-        if len(parts) > 1 and ("exit_main(" in parts[-1] or "setup_process()" in parts[-1]):
+        if len(parts) > 1 and ("exit_main(" in parts[-1] or "split_cpu_devices()" in parts[-1]):
           out.append(path)
   return out
 
@@ -170,7 +170,7 @@ def test_split_cpu_devices_leaves_a_users_choice_alone(env):
   assert runtime.split_cpu_devices(env) is None
 
 
-def test_setup_process_gives_a_device_per_core(tmp_path):
+def test_split_cpu_devices_gives_a_device_per_core(tmp_path):
   """A job's set-up makes the CPU one JAX device per core (up to a power of
   two), and a batch they do not divide runs on fewer; JAX_NUM_CPU_DEVICES=1
   keeps one."""
