@@ -22,24 +22,28 @@ class WeightsError(RuntimeError):
   """Weights are missing, unreadable or fail their hash check."""
 
 
+def _update(h, a, prefix: str = "") -> None:
+  """Feeds `prefix`, the array's dtype and shape, then its bytes to `h`;
+  contiguous arrays are hashed in place, without a copy."""
+  a = np.asarray(a)
+  h.update(f"{prefix}{a.dtype.str}:{a.shape};".encode())
+  h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def arrays_sha256(arrays: Sequence) -> str:
   """sha256 over each array's dtype, shape and bytes, in order (the same bytes
-  read as another dtype or shape give another digest). Contiguous arrays are
-  hashed in place, without a copy."""
+  read as another dtype or shape give another digest)."""
   h = hashlib.sha256()
   for a in arrays:
-    a = np.asarray(a)
-    h.update(f"{a.dtype.str}:{a.shape};".encode())
-    h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    _update(h, a)
   return h.hexdigest()
 
 
 def params_sha256(params: Mapping) -> str:
   """sha256 over (name, dtype, shape, bytes) of every leaf, names sorted."""
   h = hashlib.sha256()
-  for name, leaf in sorted((("/".join(k), np.asarray(v)) for k, v in flatten_dict(params).items())):
-    h.update(f"{name}:{leaf.dtype.str}:{leaf.shape};".encode())
-    h.update(np.ascontiguousarray(leaf).tobytes())
+  for name, leaf in sorted(("/".join(k), v) for k, v in flatten_dict(params).items()):
+    _update(h, leaf, f"{name}:")
   return h.hexdigest()
 
 
