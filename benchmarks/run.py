@@ -274,8 +274,9 @@ def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
   """The VAE epoch's matrix products alone, as one compiled scan: the forward
   784-400-(20+20)-400-784 products and the backward products that training
   needs (every weight gradient, every input gradient but the data's). No
-  activations, loss, sampling or Adam: a lower bound on any epoch's time on
-  this machine, and its GFLOP/s is what XLA:CPU reaches on these shapes."""
+  activations, loss, sampling or Adam: a lower bound on the epoch's time on
+  this machine, and its GFLOP/s is what the products reach on these shapes
+  (`nnbase.blas.dot`: MKL where it is on, else XLA's own)."""
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
   ws = (
     0.03 * jax.random.normal(k1, (784, 400)),
@@ -287,14 +288,16 @@ def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
 
   def body(w, x):
     w1, w2, w3, w4 = w
-    h = x @ w1
-    z = (h @ w2)[:, :20]
-    h2 = z @ w3
-    g = h2 @ w4  # stands in for the output gradient: same shape, data-dependent
-    gh2 = g @ w4.T
-    gz = gh2 @ w3.T
-    gh = jnp.pad(gz, ((0, 0), (0, 20))) @ w2.T
-    grads = (x.T @ gh, h.T @ jnp.pad(gz, ((0, 0), (0, 20))), z.T @ gh2, h2.T @ g)
+    mm = nnbase.blas.dot  # as the epoch's layers compute them
+    h = mm(x, w1)
+    z = mm(h, w2)[:, :20]
+    h2 = mm(z, w3)
+    g = mm(h2, w4)  # stands in for the output gradient: same shape, data-dependent
+    gh2 = mm(g, w4, trans_b=True)
+    gz = mm(gh2, w3, trans_b=True)
+    gzp = jnp.pad(gz, ((0, 0), (0, 20)))
+    gh = mm(gzp, w2, trans_b=True)
+    grads = (mm(x, gh, True), mm(h, gzp, True), mm(z, gh2, True), mm(h2, g, True))
     return jax.tree.map(lambda a, b: a - 1e-9 * b, w, grads), None
 
   fn = jax.jit(lambda w, xs: jax.lax.scan(body, w, xs)[0])
@@ -314,7 +317,8 @@ def _ratio(a, b):
 
 
 def tuning_values() -> dict:
-  """The fast convolutions' constants (nnbase.conv) in force for this run."""
+  """The fast convolutions' constants (nnbase.conv) in force for this run, and
+  whether float32 products run on MKL (nnbase.blas)."""
   c = nnbase.conv
   return {
     "chunk_bytes": c.CHUNK_BYTES,
@@ -324,6 +328,7 @@ def tuning_values() -> dict:
     "source": "benchmarks.tune" if nnbase.tuning.cached_choice() else "cache-size rule",
     "winograd_min_channels": c.WINOGRAD_MIN_CHANNELS,
     "gemm_min_channels": c.GEMM_MIN_CHANNELS,
+    "blas": nnbase.blas.status(),
   }
 
 

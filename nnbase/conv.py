@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from nnbase import tuning
+from nnbase import blas, tuning
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -174,11 +174,11 @@ def _conv_gemm(x, w, pads, strides=(1, 1)):
   W = _out_size(x.shape[2], kw, pads[1], strides[1])
   wm = w.reshape(kh * kw * cin, cout)
   if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
-    return jnp.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
+    return blas.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
 
   def one(xc):
     cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
-    return jnp.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
+    return blas.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
 
   return _chunked(one, (x,), H * W, kh * kw * cin * x.dtype.itemsize)
 
@@ -364,11 +364,10 @@ def _conv3x3_winograd(x, w, adjoint: bool = False):
   f = _winograd(x.dtype)
   k = f.m + 2
   u = _wino_kernel(w, f, flip=adjoint)  # [k*k, Cin, Cout], or [k*k, Cout, Cin]
-  contract = (((2,), (2 if adjoint else 1,)), ((0,), (0,)))
 
   def one(xc):
     v = _wino_tiles(xc, H, W, f)
-    m = jax.lax.dot_general(v.reshape(k * k, -1, cin), u, contract)
+    m = blas.dot(v.reshape(k * k, -1, cin), u, trans_b=adjoint)
     m = m.reshape((k, k) + v.shape[1:4] + (cout,))
     # Rows then columns; output pixel (mp + a, mq + b) is y_ab at tile (p, q).
     return _interleave([f.out(s) for s in f.out(m)])[:, :H, :W]
@@ -398,10 +397,10 @@ def _wgrad3x3_winograd(x, g):
     v = _wino_tiles(xc, H, W, f)
     gp = jnp.pad(gc, ((0, 0), (0, Hp - H), (0, Wp - W), (0, 0)))
     gh = _tile_transform(f.out_adj, gp, f.m, f.m, Hp, Wp)  # A g A^T
-    return jax.lax.dot_general(
+    return blas.dot(
       gh.reshape(k * k, -1, cout),
       v.reshape(k * k, -1, cin),
-      (((1,), (1,)), ((0,), (0,))),
+      trans_a=True,
       preferred_element_type=jnp.float32,
     )  # [k*k, Cout, Cin]
 
@@ -449,7 +448,7 @@ def _wgrad(x, g, kh, kw, pads, strides=(1, 1)):
       cols = xc.reshape(-1, cin)
     else:
       cols = _patches(xc, kh, kw, pads, strides).reshape(-1, k)
-    return jnp.dot(gc.reshape(-1, cout).T, cols, preferred_element_type=jnp.float32)
+    return blas.dot(gc.reshape(-1, cout), cols, trans_a=True, preferred_element_type=jnp.float32)
 
   acc = _chunked(
     one,
@@ -502,7 +501,7 @@ def _tap_upsample(x, k, taps):
   hi = max(0, max(d for t in taps for d, _ in t))
 
   def one(xc):
-    y = jnp.dot(xc.reshape(-1, cin), km).reshape(xc.shape[:3] + (kh, kw, cout))
+    y = blas.dot(xc.reshape(-1, cin), km).reshape(xc.shape[:3] + (kh, kw, cout))
     yp = jnp.pad(y, ((0, 0), (lo, hi), (lo, hi), (0, 0), (0, 0), (0, 0)))
     tap = lambda di, i, dj, j: yp[:, lo + di : lo + di + H, lo + dj : lo + dj + W, i, j]
     return _interleave([[sum(tap(*r, *c) for r in ta for c in tb) for tb in taps] for ta in taps])
@@ -630,9 +629,9 @@ def _t2_grads(x, w, g):
 
   def one(xc, gc):
     cols = _patches(gc, 4, 4, pads, (2, 2)).reshape(-1, 16 * cout)
-    dx = jnp.dot(cols, wm).reshape(xc.shape)
+    dx = blas.dot(cols, wm).reshape(xc.shape)
     # x^T @ patches as ([Cin, rows] @ [rows, K]); see `_wgrad` on the orientation.
-    dwt = jnp.dot(xc.reshape(-1, cin).T, cols, preferred_element_type=jnp.float32)
+    dwt = blas.dot(xc.reshape(-1, cin), cols, trans_a=True, preferred_element_type=jnp.float32)
     return dwt, dx
 
   acc, dx = _chunked(

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnbase import blas
+
 
 def torch_linear_bias_init(fan_in: int) -> Callable:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's nn.Linear bias default."""
@@ -26,7 +28,8 @@ torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
 
 
 class TorchDense(nn.Module):
-  """`nn.Dense` with PyTorch's default initialisation (the seeds' nn.Linear)."""
+  """`nn.Dense` with PyTorch's default initialisation (the seeds' nn.Linear);
+  its float32 products run on MKL where `nnbase.blas` has it."""
 
   features: int
 
@@ -36,6 +39,7 @@ class TorchDense(nn.Module):
       self.features,
       kernel_init=torch_linear_kernel_init,
       bias_init=torch_linear_bias_init(x.shape[-1]),
+      dot_general=blas.dense_dot_general,
       name="dense",
     )(x)
 
@@ -72,7 +76,7 @@ def dense_heads(h: jax.Array, heads: Sequence[Tuple[jax.Array, jax.Array]]) -> t
   (12 interleaved rounds, 0.97-1.10, 2-core Intel Xeon).
   """
   bias = jnp.concatenate([b for _, b in heads])
-  out = h @ jnp.concatenate([k for k, _ in heads], 1) + bias[None]
+  out = blas.dot(h, jnp.concatenate([k for k, _ in heads], 1)) + bias[None]
   return tuple(jnp.split(out, np.cumsum([k.shape[1] for k, _ in heads])[:-1], axis=1))
 
 
