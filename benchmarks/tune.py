@@ -1,6 +1,11 @@
 """Tune the fast convolutions for this machine: `python -m benchmarks.tune`.
 
-Times the seed SimpleUNet's train step (batch 128, fp32) and one forward
+Where MKL loads (`nnbase.blas`), it first times the train step, the forward
+pass and the MNIST VAE epoch with float32 products on MKL and on XLA's own
+GEMMs, interleaved, and keeps MKL if the geometric mean of the three speed
+ratios is at least 1; the steps below then run with that choice.
+
+It then times the seed SimpleUNet's train step (batch 128, fp32) and one forward
 pass of 64 images with a few chunk sizes of the GEMM convolutions
 (`nnbase.tuning.tuning_candidates`) and with XLA's own convolutions,
 interleaved round by round, and caches the fastest choice (the
@@ -12,7 +17,7 @@ GEMM path on, it then times one forward pass of 64 images with the strided
 layers' forward pass through XLA's convolution and through im2col + GEMM
 (`nnbase.conv.STRIDED_FORWARD_XLA`; the train step's gradients are GEMMs
 either way) and keeps the faster, and the train step with Winograd F(4x4, 3x3)
-against F(2x2, 3x3) (`nnbase.conv.WINOGRAD_TILE`). About six minutes on 2 CPU
+against F(2x2, 3x3) (`nnbase.conv.WINOGRAD_TILE`). About eight minutes on 2 CPU
 cores; run it on an otherwise idle machine.
 """
 
@@ -23,6 +28,7 @@ from experiments import runtime
 runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
 
 import argparse
+import contextlib
 import sys
 
 import numpy as np
@@ -98,6 +104,34 @@ def measure_winograd_tile(batch: int, rounds: int, iters: int) -> dict:
   return interleaved(makers, rounds, "train round (Winograd F4 / F2)")
 
 
+def measure_blas(batch: int, rounds: int, iters: int) -> dict:
+  """{"mkl" | "xla": [train images/s per round], "fwd ...": [forward images/s],
+  "vae ...": [VAE epochs/s]} with float32 products on MKL or XLA's GEMMs."""
+  from benchmarks.run import jax_forward_round, jax_train_round, jax_vae_round, mnist_like, warm
+  from nnbase import blas
+
+  images = mnist_like()
+  makers = {}
+  for name, on in (("mkl", True), ("xla", False)):
+    with blas.forced(on):  # read when each program is traced, below
+      train_round = jax_train_round("simple", batch)
+      makers[name] = lambda run=train_round: run(iters)
+      makers["fwd " + name] = warm(jax_forward_round("simple", 64), 3 * iters)
+      vae_round = jax_vae_round(images)
+      makers["vae " + name] = lambda run=vae_round: 1.0 / run()
+  return interleaved(makers, rounds, "round (MKL / XLA products)")
+
+
+def blas_ratios(raw: dict) -> dict:
+  """{"train" | "forward" | "vae": median of the per-round MKL / XLA speed
+  ratios, "geomean": their geometric mean} from `measure_blas`."""
+  out = {}
+  for label, prefix in (("train", ""), ("forward", "fwd "), ("vae", "vae ")):
+    out[label] = float(np.median(np.array(raw[prefix + "mkl"]) / np.array(raw[prefix + "xla"])))
+  out["geomean"] = float(np.prod(list(out.values())) ** (1 / 3))
+  return out
+
+
 def ab(raw: dict, a: str, b: str) -> tuple:
   """({name: median images/s}, median of the per-round ratios a / b)."""
   medians = {k: float(np.median(v)) for k, v in raw.items()}
@@ -113,6 +147,26 @@ def main(argv=None) -> None:
   a = p.parse_args(argv)
   if min(a.rounds, a.iters, a.batch) < 1:
     p.error("--rounds, --iters and --batch must be >= 1")
+  from nnbase import blas
+
+  use_blas, blas_measured = None, {}
+  if blas._load()[0]:
+    blas_measured = blas_ratios(measure_blas(a.batch, max(4, a.rounds), a.iters))
+    use_blas = blas_measured["geomean"] >= 1.0
+    print(
+      "MKL over XLA's products: "
+      + ", ".join(f"{k} {v:.3f}" for k, v in blas_measured.items())
+      + f" -> {'MKL' if use_blas else 'XLA'}"
+    )
+  else:
+    print(f"products: XLA's own ({blas.status()})")
+  with contextlib.ExitStack() as stack:
+    if use_blas is not None:
+      stack.enter_context(blas.forced(use_blas))
+    tune_convolutions(a, use_blas, blas_measured)
+
+
+def tune_convolutions(a, use_blas, blas_measured: dict) -> None:
   from nnbase import tuning
 
   rule = tuning.rule_chunk_bytes()
@@ -159,11 +213,14 @@ def main(argv=None) -> None:
     "batch": a.batch,
     "forward_64_median": fwd,
     "train_winograd_median": wino,
+    "mkl_over_xla": blas_measured,
   }
-  path = tuning.save_choice(chunk, gemm, measured, strided_xla, tile)
+  path = tuning.save_choice(chunk, gemm, measured, strided_xla, tile, use_blas)
+  products = {None: "unmeasured", True: "MKL", False: "XLA"}[use_blas]
   print(
     f"saved to {path}: chunk {chunk / tuning.MIB:.1f} MiB, gemm path {'on' if gemm else 'off'}, "
-    f"strided forward {'XLA' if strided_xla else 'GEMM'}, Winograd F({tile}x{tile}, 3x3)"
+    f"strided forward {'XLA' if strided_xla else 'GEMM'}, Winograd F({tile}x{tile}, 3x3), "
+    f"products {products}"
   )
 
 

@@ -71,3 +71,20 @@ def test_gemm_default_off_keeps_xla_convolutions(monkeypatch):
   assert conv.use_gemm_conv(True, 64, 64)
   monkeypatch.setattr(conv, "GEMM_BY_DEFAULT", True)
   assert conv.use_gemm_conv(None, 64, 64) == (conv.jax.default_backend() == "cpu")
+
+
+def test_tune_keeps_mkl_by_the_geometric_mean_of_its_speedups():
+  from benchmarks.tune import blas_ratios
+
+  raw = {
+    "mkl": [110.0, 120.0, 100.0],
+    "xla": [100.0, 100.0, 100.0],  # train ratios 1.1, 1.2, 1.0: median 1.1
+    "fwd mkl": [90.0, 95.0, 99.0],
+    "fwd xla": [100.0, 100.0, 100.0],  # median 0.95
+    "vae mkl": [1.0, 1.0, 1.0],
+    "vae xla": [1.0, 0.5, 1.0],  # ratios 1, 2, 1: median 1
+  }
+  r = blas_ratios(raw)
+  assert r["train"] == pytest.approx(1.1) and r["forward"] == pytest.approx(0.95)
+  assert r["vae"] == pytest.approx(1.0)
+  assert r["geomean"] == pytest.approx((1.1 * 0.95) ** (1 / 3))
