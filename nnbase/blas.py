@@ -107,9 +107,11 @@ def _load() -> tuple:
   try:
     lib = ctypes.CDLL(_build())
   except (OSError, RuntimeError) as e:
+    _log.warning("nnbase.blas: XLA's own products (the FFI handler did not build: %s)", e)
     return False, f"the FFI handler did not build: {e}"
   rc = lib.nnbase_blas_load(mkl.encode(), b"cblas_sgemm", _MKL_SEQUENTIAL)
   if rc != 0:
+    _log.warning("nnbase.blas: XLA's own products (%s did not load, code %d)", mkl, rc)
     return False, f"{mkl} did not load (code {rc})"
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.NnbaseSgemm), platform="cpu")
   return True, f"MKL ({mkl})"
@@ -176,7 +178,9 @@ def _ffi(a, b, trans_a, trans_b):
   n = b.shape[-2] if trans_b else b.shape[-1]
   a3, b3 = (a, b) if a.ndim == 3 else (a[None], b[None])
   out = jax.ShapeDtypeStruct((a3.shape[0], m, n), jnp.float32)
-  call = jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")
+  # Under vmap the handler gets the vmapped axes in front, size 1 where an
+  # operand is not mapped, and broadcasts those.
+  call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
   c = call(a3, b3, trans_a=trans_a, trans_b=trans_b, min_part_flops=np.int64(MIN_PART_FLOPS))
   # Inside shard_map the result varies over the mesh axes its operands vary
   # over; the custom call's result type does not say so by itself.
@@ -198,7 +202,8 @@ def _meshed() -> bool:
 
 def _use_blas(a, b, preferred) -> bool:
   return (
-    a.dtype == b.dtype == jnp.float32
+    jax.default_backend() == "cpu"
+    and a.dtype == b.dtype == jnp.float32
     and preferred in (None, jnp.float32)
     and max(a.shape + b.shape, default=0) < 2**31
     and not _meshed()

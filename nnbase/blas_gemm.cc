@@ -1,7 +1,8 @@
 // Float32 GEMMs for XLA:CPU through a BLAS loaded at run time (nnbase/blas.py).
 //
-// One XLA FFI handler, `NnbaseSgemm`: out[i] = op(a[i]) @ op(b[i]) for rank-3
-// operands (a batch of products; batch 1 for a plain product). The work is
+// One XLA FFI handler, `NnbaseSgemm`: out[i] = op(a[i]) @ op(b[i]) over the
+// leading (batch) axes of operands of rank >= 3; a leading axis of size 1 in
+// a or b is broadcast (what jax.vmap's "expand_dims" method passes). The work is
 // cut into parts (one per product of a batch, else slabs of the larger of M
 // and N) that XLA's intra-op threads and the calling thread claim one at a
 // time, each part a single-threaded `cblas_sgemm`. The BLAS runs sequential
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -37,7 +39,8 @@ struct Work {
   const float* a;
   const float* b;
   float* c;
-  int64_t m, n, k, lda, ldb, ldc, stride_a, stride_b, stride_c;
+  int64_t m, n, k, lda, ldb, ldc, stride_c;
+  std::vector<int64_t> offset_a, offset_b;  // per product of the batch
   bool trans_a, trans_b, split_m;
   int64_t pieces, step, count;
   std::atomic<int64_t> next{0};
@@ -46,8 +49,8 @@ struct Work {
   // Part i: product i / pieces, slab i % pieces (rows of C if split_m, else columns).
   void Run(int64_t i) const {
     const int64_t item = i / pieces, lo = (i % pieces) * step;
-    const float* pa = a + item * stride_a;
-    const float* pb = b + item * stride_b;
+    const float* pa = a + offset_a[item];
+    const float* pb = b + offset_b[item];
     float* pc = c + item * stride_c;
     int64_t m_part = m, n_part = n;
     if (split_m) {
@@ -76,15 +79,43 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
                  ffi::ResultBuffer<ffi::F32> out, bool trans_a, bool trans_b, int64_t min_part_flops) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("nnbase_sgemm: no BLAS is loaded");
   auto da = a.dimensions(), db = b.dimensions(), dc = out->dimensions();
-  if (da.size() != 3 || db.size() != 3 || dc.size() != 3)
-    return ffi::Error::InvalidArgument("nnbase_sgemm: operands must be rank 3");
-  const int64_t batch = dc[0], m = dc[1], n = dc[2];
-  const int64_t k = trans_a ? da[1] : da[2];
-  if (da[0] != batch || db[0] != batch || (trans_a ? da[2] : da[1]) != m ||
-      (trans_b ? db[2] : db[1]) != k || (trans_b ? db[1] : db[2]) != n)
+  const size_t rank = dc.size();
+  if (rank < 3 || da.size() != rank || db.size() != rank)
+    return ffi::Error::InvalidArgument("nnbase_sgemm: operands must have one rank >= 3");
+  const int64_t m = dc[rank - 2], n = dc[rank - 1];
+  const int64_t k = trans_a ? da[rank - 2] : da[rank - 1];
+  if ((trans_a ? da[rank - 1] : da[rank - 2]) != m || (trans_b ? db[rank - 1] : db[rank - 2]) != k ||
+      (trans_b ? db[rank - 2] : db[rank - 1]) != n)
     return ffi::Error::InvalidArgument("nnbase_sgemm: operand shapes do not match");
-  if (std::max({m, n, k, da[2], db[2]}) > INT_MAX)
+  if (std::max({m, n, k, da[rank - 1], db[rank - 1]}) > INT_MAX)
     return ffi::Error::InvalidArgument("nnbase_sgemm: a dimension exceeds the BLAS's int");
+  // Offsets of each product's operands, leading axes row-major, size-1 axes broadcast.
+  int64_t batch = 1;
+  for (size_t d = 0; d + 2 < rank; ++d) {
+    if ((da[d] != dc[d] && da[d] != 1) || (db[d] != dc[d] && db[d] != 1))
+      return ffi::Error::InvalidArgument("nnbase_sgemm: batch axes do not match");
+    batch *= dc[d];
+  }
+  std::vector<int64_t> offset_a(batch), offset_b(batch);
+  {
+    int64_t step_a = da[rank - 2] * da[rank - 1], step_b = db[rank - 2] * db[rank - 1];
+    std::vector<int64_t> index(rank, 0);
+    for (int64_t i = 0; i < batch; ++i) {
+      int64_t oa = 0, ob = 0, sa = step_a, sb = step_b;
+      for (size_t d = rank - 2; d-- > 0;) {
+        if (da[d] != 1) oa += index[d] * sa;
+        if (db[d] != 1) ob += index[d] * sb;
+        sa *= da[d];
+        sb *= db[d];
+      }
+      offset_a[i] = oa;
+      offset_b[i] = ob;
+      for (size_t d = rank - 2; d-- > 0;) {  // next index, last axis fastest
+        if (++index[d] < dc[d]) break;
+        index[d] = 0;
+      }
+    }
+  }
   float* c = out->typed_data();
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
@@ -100,12 +131,12 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
   w.m = m;
   w.n = n;
   w.k = k;
-  w.lda = da[2];
-  w.ldb = db[2];
+  w.lda = da[rank - 1];
+  w.ldb = db[rank - 1];
   w.ldc = n;
-  w.stride_a = da[1] * da[2];
-  w.stride_b = db[1] * db[2];
   w.stride_c = m * n;
+  w.offset_a = std::move(offset_a);
+  w.offset_b = std::move(offset_b);
   w.trans_a = trans_a;
   w.trans_b = trans_b;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());

@@ -137,3 +137,23 @@ def test_a_failed_build_is_one_line(tmp_path, monkeypatch):
 def test_missing_library_is_reported(monkeypatch):
   monkeypatch.setenv("DDPM_JAX_BLAS_LIB", "/nonexistent/libmkl_rt.so")
   assert blas.mkl_library() is None
+
+
+@on_mkl
+def test_dot_under_vmap_broadcasts_the_unmapped_operand():
+  rng = np.random.default_rng(4)
+  xs = rng.standard_normal((5, 3, 64, 48)).astype(np.float32)  # 5 x 3 batched products
+  w = rng.standard_normal((3, 40, 48)).astype(np.float32)  # shared, used transposed
+  fn = jax.vmap(lambda x: blas.dot(x, w, trans_b=True))
+  lowered = jax.jit(fn).lower(xs).as_text()
+  # One call for all 15 products, not a loop of calls (vmap_method="sequential").
+  assert lowered.count(blas.TARGET) == 1 and "while" not in lowered
+  want = np.float64(xs) @ np.swapaxes(np.float64(w), -1, -2)
+  np.testing.assert_allclose(jax.jit(fn)(xs), want, rtol=1e-5, atol=1e-3)
+  # Per-example gradients (vmap of grad) of a dense layer, against XLA's.
+  x2, w2 = xs[:, 0, :8], w[0].T  # [5, 8, 48], [48, 40]
+  per_example = jax.vmap(jax.grad(lambda x, w: jnp.sum(jnp.tanh(blas.dot(x, w))), 1), (0, None))
+  got = jax.jit(per_example)(x2, w2)
+  with blas.forced(False):
+    ref = jax.jit(per_example)(x2, w2)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
