@@ -2,9 +2,10 @@
 
 `Conv` computes the same function as `flax.linen.Conv` (same parameter names
 and shapes) through `conv_gemm`: the forward pass, the input gradient and the
-weight gradient are each a `lax.scan` of GEMMs over cache-sized batch chunks
-of image patches (a strided forward pass is XLA's own convolution unless
-tuning chose otherwise: `STRIDED_FORWARD_XLA`). On XLA:CPU this beats XLA's
+weight gradient are each a `lax.scan` of GEMMs (`nnbase.blas.dot`: on MKL
+where it is on, else XLA's own) over cache-sized batch chunks of image
+patches (a strided forward pass is XLA's own convolution unless tuning chose
+otherwise: `STRIDED_FORWARD_XLA`). On XLA:CPU this beats XLA's
 own convolutions for the seed U-Net's layers (`python -m benchmarks.levers`
 measures it; figures in docs/design.md).
 `ConvTranspose2x` is the 4x4/stride-2 transposed convolution as one GEMM of

@@ -47,27 +47,25 @@ def cpu_caches() -> dict:
   return out
 
 
-def cpu_model() -> str:
+def _cpuinfo(field: str) -> Optional[str]:
+  """The first `field` of /proc/cpuinfo (None where there is none)."""
   try:
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
       for line in f:
-        if line.startswith("model name"):
+        if line.startswith(field):
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return None
+
+
+def cpu_model() -> str:
+  return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_vendor() -> str:
   """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...), else ""."""
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      for line in f:
-        if line.startswith("vendor_id"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
+  return _cpuinfo("vendor_id") or ""
 
 
 def machine_key() -> str:
