@@ -127,7 +127,7 @@ def blas_ratios(raw: dict) -> dict:
   ratios, "geomean": their geometric mean} from `measure_blas`."""
   out = {}
   for label, prefix in (("train", ""), ("forward", "fwd "), ("vae", "vae ")):
-    out[label] = float(np.median(np.array(raw[prefix + "mkl"]) / np.array(raw[prefix + "xla"])))
+    out[label] = ab(raw, prefix + "mkl", prefix + "xla")[1]
   out["geomean"] = float(np.prod(list(out.values())) ** (1 / 3))
   return out
 
