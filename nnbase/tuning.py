@@ -160,6 +160,12 @@ def save_choice(
   return CACHE_FILE
 
 
+def _cached(key: str):
+  """The tuned choice's `key` for this machine, or None (no choice, or a
+  record from before that key existed)."""
+  return (cached_choice() or {}).get(key)
+
+
 def chunk_bytes() -> int:
   choice = cached_choice()
   return choice["chunk_bytes"] if choice else rule_chunk_bytes()
@@ -177,8 +183,7 @@ def strided_forward_xla() -> bool:
   measured the GEMM forward faster: on a 2-core Zen 4 XLA's stride-2 forward
   ran 1.8x faster than im2col + GEMM at 28x28x64 -> 128, level at 14x14x128
   -> 256 (docs/design.md)."""
-  choice = cached_choice()
-  value = choice.get("strided_forward_xla") if choice else None
+  value = _cached("strided_forward_xla")
   return value if isinstance(value, bool) else True
 
 
@@ -186,8 +191,7 @@ def winograd_tile() -> int:
   """Winograd's output tile for float32 3x3 layers: 4 (F(4x4, 3x3)) unless
   tuning measured F(2x2, 3x3) faster on this machine. On a 2-core Zen 4 the
   seed U-Net's train step ran 1.07-1.21x faster with 4 (docs/design.md)."""
-  choice = cached_choice()
-  value = choice.get("winograd_tile") if choice else None
+  value = _cached("winograd_tile")
   return value if value in (2, 4) else 4
 
 
@@ -196,6 +200,5 @@ def blas_default() -> bool:
   tuning measured on this machine, else on Intel CPUs only. On a 2-core Intel
   Xeon the MNIST VAE epoch ran 1.14x faster on MKL (docs/design.md); MKL's
   speed on other vendors' CPUs is unmeasured."""
-  choice = cached_choice()
-  value = choice.get("blas") if choice else None
+  value = _cached("blas")
   return value if isinstance(value, bool) else cpu_vendor() == "GenuineIntel"
