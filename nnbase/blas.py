@@ -117,11 +117,18 @@ def _load() -> tuple:
   return True, f"MKL ({mkl})"
 
 
+@functools.lru_cache(maxsize=1)
+def _tuned_default() -> bool:
+  """tuning.blas_default(), read once per process (it reads the tuning cache
+  file and /proc/cpuinfo), as nnbase.conv reads its tuning at import."""
+  return tuning.blas_default()
+
+
 def _wanted() -> bool:
   env = os.environ.get("DDPM_JAX_BLAS", "").lower()
   if env in ("on", "off"):
     return env == "on"
-  return tuning.blas_default()
+  return _tuned_default()
 
 
 def status() -> str:
