@@ -142,15 +142,13 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t flops = 2 * m * n * k;
   w.split_m = m >= n;
+  const int64_t len = w.split_m ? m : n;
   w.pieces = 1;
   if (batch < threads && flops >= 2 * min_part_flops) {
     // Slabs of at least 16 rows or columns, at most one per thread per product.
-    const int64_t len = w.split_m ? m : n;
-    const int64_t want = std::min({(threads + batch - 1) / batch, flops / min_part_flops,
-                                   std::max<int64_t>(1, len / 16)});
-    w.pieces = std::max<int64_t>(1, want);
+    w.pieces = std::min({(threads + batch - 1) / batch, flops / min_part_flops,
+                         std::max<int64_t>(1, len / 16)});
   }
-  const int64_t len = w.split_m ? m : n;
   w.step = (len + w.pieces - 1) / w.pieces;
   w.pieces = (len + w.step - 1) / w.step;
   w.count = batch * w.pieces;
