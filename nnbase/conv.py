@@ -73,9 +73,22 @@ STRIDED_FORWARD_XLA = tuning.strided_forward_xla()
 WINOGRAD_TILE = tuning.winograd_tile()
 
 
-def _chunk_images(batch: int, rows_per_image: int, row_bytes: int = 4 * 1152) -> int:
-  """The largest divisor of `batch` whose chunk holds <= CHUNK_BYTES of patches (>= 1)."""
-  per = max(1, min(batch, CHUNK_BYTES // max(rows_per_image * row_bytes, 1)))
+# Rows (the GEMM's inner dimension) a chunk of a summed product such as a
+# weight gradient holds at least, whatever CHUNK_BYTES says: each chunk adds
+# a whole gradient-sized product into the sum, so few rows per chunk make the
+# additions, not the multiplications, the cost. The seed U-Net's 7x7
+# bottleneck had 16 Winograd tiles per 2 MiB chunk: its weight gradient ran
+# 1.8x faster with 128 (docs/design.md).
+MIN_SUM_ROWS = 128
+
+
+def _chunk_images(
+  batch: int, rows_per_image: int, row_bytes: int = 4 * 1152, min_rows: int = 1
+) -> int:
+  """The largest divisor of `batch` whose chunk holds <= CHUNK_BYTES of patches,
+  or about `min_rows` rows where that is more (>= 1)."""
+  per = CHUNK_BYTES // max(rows_per_image * row_bytes, 1)
+  per = max(1, min(batch, max(per, -(-min_rows // max(rows_per_image, 1)))))
   while batch % per:
     per -= 1
   return per
@@ -140,7 +153,8 @@ def _chunked(
     if finish is not None:
       return finish(init) + r
     return (init + r[0], r[1]) if with_outputs else init + r
-  per = _chunk_images(batch, out_rows_per_image, row_bytes)
+  min_rows = 1 if init is None else MIN_SUM_ROWS
+  per = _chunk_images(batch, out_rows_per_image, row_bytes, min_rows)
   if per == batch:
     r = fn(*batch_args)
     if init is None:

@@ -79,6 +79,7 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
     monkeypatch.setattr(layers, "STRIDED_FORWARD_XLA", case == "stride2_xla_forward")
   if case.startswith("chunked"):
     monkeypatch.setattr(layers, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(layers, "MIN_SUM_ROWS", 1)  # the sums chunked too
     batch = 6
     if case == "chunked_im2col":
       monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 10**6)
@@ -101,6 +102,7 @@ def test_custom_conv_matches_lax(key, ran, case, monkeypatch):
 def test_custom_conv_transpose_matches_lax(key, ran, chunk_bytes, monkeypatch):
   if chunk_bytes:
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(layers, "MIN_SUM_ROWS", 1)  # the sums chunked too
   x = jax.random.normal(key, (4, 5, 7, 12))
   fast = ConvTranspose2x(10, gemm_conv=True)
   ref = nn.ConvTranspose(10, (4, 4), strides=(2, 2), padding="SAME", precision=HIGHEST)

@@ -122,6 +122,7 @@ def test_fast_conv_strided_and_batch_chunked_matches_flax(
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 1)
   if chunk_bytes is not None:
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(layers, "MIN_SUM_ROWS", 1)  # the sums chunked too
     assert layers._chunk_images(batch, 9, 27 * 4) < batch
   x = jax.random.normal(key, (batch, size, size, 3))
   pad = ((1, 1), (1, 1))
@@ -151,6 +152,7 @@ def test_conv_transpose_2x_matches_flax(key, chunk_bytes, monkeypatch):
 
   if chunk_bytes is not None:  # one image per chunk in every scan
     monkeypatch.setattr(layers, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(layers, "MIN_SUM_ROWS", 1)  # the sums chunked too
   x = jax.random.normal(key, (4, 7, 5, 6))
   ref = nn.ConvTranspose(3, (4, 4), strides=(2, 2), padding="SAME")
   p = ref.init(key, x)
@@ -193,3 +195,21 @@ def test_heads_first_attention_matches_flax(key, dtype):
       np.testing.assert_allclose(np.float32(a), np.float32(b), atol=5 * tol, rtol=5 * tol)
   with pytest.raises(ValueError, match="no attention dropout"):
     heads_first_attention(q, k, v, dropout_rate=0.1)
+
+
+def test_summed_chunks_hold_min_sum_rows(monkeypatch):
+  """A weight gradient's chunks hold >= MIN_SUM_ROWS rows: the 7x7 bottleneck's
+  4 Winograd tiles per image made 2 MiB chunks of 16 rows, whose additions of
+  a [36, 256, 256] product per chunk cost more than the products."""
+  from nnbase import conv as layers
+
+  monkeypatch.setattr(layers, "CHUNK_BYTES", 2 * 2**20)
+  row = 36 * 256 * 4  # one F(4, 3) tile of 256 channels
+  assert layers._chunk_images(64, 4, row) == 8  # forward: by bytes alone
+  assert layers._chunk_images(64, 4, row, min_rows=layers.MIN_SUM_ROWS) == 32
+  assert layers._chunk_images(12, 4, row, min_rows=128) == 12  # capped at the batch
+  seen = []
+  monkeypatch.setattr(layers, "_chunk_images", lambda *a: seen.append(a) or 64)
+  x = jnp.ones((64, 7, 7, 256))
+  jax.eval_shape(lambda x, g: layers._wgrad3x3_winograd(x, g), x, x)
+  assert seen and seen[0][-1] == layers.MIN_SUM_ROWS

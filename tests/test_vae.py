@@ -38,6 +38,19 @@ def test_bernoulli_log_likelihood_direct_and_extreme():
   assert np.all(np.isfinite(g))
 
 
+def test_softplus_matches_jax_and_its_derivative_is_sigmoid():
+  from vae_jax.objectives import softplus
+
+  x = jnp.concatenate([jnp.linspace(-120.0, 120.0, 20001), jnp.array([0.0, -jnp.inf, jnp.inf])])
+  np.testing.assert_allclose(jax.jit(softplus)(x), jax.nn.softplus(x), rtol=1e-6, atol=1e-7)
+  g = jax.jit(jax.vmap(jax.grad(softplus)))(x)
+  np.testing.assert_allclose(g, jax.nn.sigmoid(x), rtol=1e-6, atol=1e-7)
+  assert float(jax.grad(softplus)(0.0)) == 0.5
+  # One exponential per pixel for the value and the derivative together.
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda x: jnp.sum(softplus(x))))(x[:8])
+  assert str(jaxpr).count(" exp ") == 1
+
+
 def tiny_vae():
   vae = vj.make_vae("mlp", latent_dim=4, hidden=32)
   params = vj.init_vae(vae, jax.random.key(0), 4)
