@@ -118,7 +118,7 @@ def _forward_fn(model, mesh):
   """jit of the U-Net forward `(params, x, t) -> eps`, the batch split over the mesh."""
   rep, data = dj.parallel.replicated(mesh), dj.parallel.data_sharding(mesh)
   fn = dj.parallel.in_mesh(lambda p, x, t: model.apply(p, x, t), mesh)
-  return jax.jit(fn, in_shardings=(rep, data, data), out_shardings=data)
+  return dj.parallel.jit_inference(fn, in_shardings=(rep, data, data), out_shardings=data)
 
 
 def _init_params(model, mesh: Optional[Mesh] = None):

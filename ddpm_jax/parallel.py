@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nnbase import tuning
 from nnbase.conv import BATCH_AXIS as DATA_AXIS  # the axis the fast convolutions split
 from nnbase.param_files import arrays_sha256
 
@@ -163,6 +164,14 @@ def sharded_eps_fn(eps_fn: Callable, mesh: Mesh) -> Callable:
   return lambda x_t, t: constrain(inner(constrain(x_t), constrain(t)))
 
 
+def jit_inference(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` for a forward-only program (a sampler, a
+  forward pass), compiled with `nnbase.tuning.inference_compiler_options()`:
+  on CPU without XLA's YNNPACK fusions (forward 1.07x, sampling 1.05x on a
+  2-core Xeon); training steps keep XLA's defaults."""
+  return jax.jit(fn, compiler_options=tuning.inference_compiler_options(), **jit_kwargs)
+
+
 def parallel_sampler(sample_fn: Callable, mesh: Mesh) -> Callable:
   """jit(sample_fn) with replicated inputs and the samples split over "data".
 
@@ -171,4 +180,4 @@ def parallel_sampler(sample_fn: Callable, mesh: Mesh) -> Callable:
   number of devices.
   """
   rep, data = replicated(mesh), data_sharding(mesh)
-  return jax.jit(in_mesh(sample_fn, mesh), in_shardings=(rep, rep), out_shardings=data)
+  return jit_inference(in_mesh(sample_fn, mesh), in_shardings=(rep, rep), out_shardings=data)

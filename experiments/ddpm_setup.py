@@ -384,7 +384,7 @@ def make_sampler(
       trajectory_every=trajectory_every,
     )
 
-  return jax.jit(sample)
+  return dj.parallel.jit_inference(sample)
 
 
 def sampler_timesteps(config: Config) -> np.ndarray:

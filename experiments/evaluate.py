@@ -697,7 +697,7 @@ def vlb_eval(
   eps_fn_of = lambda p: dj.eps_fn_from_model(
     dj.model_eps_fn(model, p), schedule, config.parameterization
   )
-  fn = jax.jit(
+  fn = dj.parallel.jit_inference(
     lambda p, x, r: dj.likelihood.vlb_terms(eps_fn_of(p), schedule, r, x, config.variance)
   )
   totals, priors, terms = [], [], []

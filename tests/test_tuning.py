@@ -88,3 +88,23 @@ def test_tune_keeps_mkl_by_the_geometric_mean_of_its_speedups():
   assert r["train"] == pytest.approx(1.1) and r["forward"] == pytest.approx(0.95)
   assert r["vae"] == pytest.approx(1.0)
   assert r["geomean"] == pytest.approx((1.1 * 0.95) ** (1 / 3))
+
+
+def test_inference_programs_compile_without_ynnpack(monkeypatch):
+  """Forward-only programs (`jit_inference`: samplers, the benchmark's forward)
+  compile without XLA:CPU's YNNPACK fusions; plain jit keeps them."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddpm_jax import parallel
+
+  monkeypatch.delenv("DDPM_JAX_INFERENCE_YNN", raising=False)
+  f = lambda a, b: jnp.tanh(a @ b)
+  a = jnp.ones((64, 64))
+  fused = lambda fn: "ynn_fusion" in fn.lower(a, a).compile().as_text()
+  assert fused(jax.jit(f))  # what the option turns off is there by default
+  assert not fused(parallel.jit_inference(f))
+  assert tuning.inference_compiler_options("gpu") is None
+  monkeypatch.setenv("DDPM_JAX_INFERENCE_YNN", "on")
+  assert tuning.inference_compiler_options("cpu") is None
+  assert fused(parallel.jit_inference(f))
