@@ -317,8 +317,9 @@ def _ratio(a, b):
 
 
 def tuning_values() -> dict:
-  """The fast convolutions' constants (nnbase.conv) in force for this run, and
-  whether float32 products run on MKL (nnbase.blas)."""
+  """The fast convolutions' constants (nnbase.conv) in force for this run,
+  whether float32 products run on MKL (nnbase.blas), and the compile options
+  of forward-only programs (nnbase.tuning.inference_compiler_options)."""
   c = nnbase.conv
   return {
     "chunk_bytes": c.CHUNK_BYTES,
@@ -328,7 +329,9 @@ def tuning_values() -> dict:
     "source": "benchmarks.tune" if nnbase.tuning.cached_choice() else "cache-size rule",
     "winograd_min_channels": c.WINOGRAD_MIN_CHANNELS,
     "gemm_min_channels": c.GEMM_MIN_CHANNELS,
+    "min_sum_rows": c.MIN_SUM_ROWS,
     "blas": nnbase.blas.status(),
+    "inference_compiler_options": nnbase.tuning.inference_compiler_options(),
   }
 
 
