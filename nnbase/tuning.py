@@ -218,7 +218,7 @@ def inference_compiler_options(backend: Optional[str] = None) -> Optional[dict]:
   over the thread pool that the devices of a one-device-per-core mesh share.
   On a 2-core Intel Xeon, against the default, the seed U-Net's forward on 64
   images ran 1.07-1.08x and a 20-step DDIM sampler 1.05x as fast (medians of
-  20-30 interleaved rounds); its train step ran 0.93-0.96x as fast, so
+  6-30 interleaved rounds); its train step ran 0.93-0.96x as fast, so
   training keeps the default (docs/design.md). `DDPM_JAX_INFERENCE_YNN=on`
   keeps YNNPACK. None elsewhere (no options)."""
   if backend is None:
