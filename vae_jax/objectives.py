@@ -36,6 +36,12 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   return -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1)
 
 
+def _softplus_and_exp(x):
+  """(max(x, 0) + log1p(e), e) with e = exp(-|x|), which the derivative reuses."""
+  e = jnp.exp(-jnp.abs(x))
+  return jnp.maximum(x, 0) + jnp.log1p(e), e
+
+
 @jax.custom_jvp
 def softplus(x: jax.Array) -> jax.Array:
   """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)), stable for any x.
@@ -46,14 +52,13 @@ def softplus(x: jax.Array) -> jax.Array:
   epoch's 468 x 128 x 784 pixels). Its derivative, sigmoid(x), reuses
   exp(-|x|) instead of computing a second exponential.
   """
-  return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return _softplus_and_exp(x)[0]
 
 
 @softplus.defjvp
 def _softplus_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
-  e = jnp.exp(-jnp.abs(x))
-  y = jnp.maximum(x, 0) + jnp.log1p(e)
+  y, e = _softplus_and_exp(x)
   return y, dx * jnp.where(x >= 0, 1, e) / (1 + e)
 
 
