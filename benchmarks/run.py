@@ -551,6 +551,7 @@ def main(argv=None) -> None:
     "jax": jax.__version__,
     "torch": torch_ref.torch.__version__ if use_torch else None,
     "hugepages": runtime.hugepages_active(),
+    "alloc_cache": runtime.alloc_cache_active(),
     "caches": nnbase.tuning.cpu_caches(),
     "tuning": tuning_values(),
   }

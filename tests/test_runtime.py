@@ -189,3 +189,144 @@ def test_split_cpu_devices_gives_a_device_per_core(tmp_path):
   odd = max(k for k in range(1, n + 1) if 75 % k == 0)  # an odd batch runs on fewer
   assert run(env) == f"{n} {n} {odd}"
   assert run(dict(env, JAX_NUM_CPU_DEVICES="1")) == "1 1 1"
+
+
+# The allocation cache (experiments/alloc_cache.c), preloaded by the restart.
+needs_cache = pytest.mark.skipif(
+  runtime.alloc_cache_library() is None, reason="no glibc or no C compiler"
+)
+
+
+def test_alloc_cache_env_adds_the_preload_once_and_keeps_others():
+  lib = "/c/alloc_cache_0123.so"
+  out = runtime.alloc_cache_env({"LD_PRELOAD": "/x/libfoo.so", "PATH": "/bin"}, lib)
+  assert out == {"LD_PRELOAD": "/x/libfoo.so:" + lib, "PATH": "/bin"}
+  assert runtime.alloc_cache_active(out) and not runtime.alloc_cache_active({})
+  assert runtime.alloc_cache_env(out, lib) is None  # already preloaded: no restart loop
+  assert runtime.alloc_cache_env({runtime.ALLOC_CACHE_OPT_OUT: "0"}, lib) is None
+  assert runtime.alloc_cache_env({}, None) is None  # nothing to preload
+  env = {runtime.OPT_OUT: "0", runtime.ALLOC_CACHE_OPT_OUT: "0"}
+  assert runtime.restart_env(env) is None  # both opted out: no restart
+
+
+# Run under LD_PRELOAD: reads the library's counters through ctypes.
+_CACHE_PROBE = r"""
+import ctypes, sys
+c = ctypes.CDLL(None)
+c.malloc.restype = c.realloc.restype = ctypes.c_void_p
+c.malloc.argtypes = [ctypes.c_size_t]
+c.free.argtypes = [ctypes.c_void_p]
+c.realloc.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+c.malloc_usable_size.argtypes = [ctypes.c_void_p]
+c.malloc_usable_size.restype = ctypes.c_size_t
+def stats():
+  v = [ctypes.c_ulong(), ctypes.c_ulong(), ctypes.c_ulong(), ctypes.c_size_t()]
+  c.ddpm_alloc_cache_stats(*[ctypes.byref(x) for x in v])
+  return tuple(x.value for x in v)
+MB = 1 << 20
+s0 = stats()
+a = c.malloc(100 * MB)
+ctypes.memset(a, 7, 100 * MB)
+c.free(a)
+b = c.malloc(90 * MB)  # same size class: the same block, still mapped
+out = {"reused": a == b, "aligned": a % (2 * MB) == 0, "usable": c.malloc_usable_size(b) >= 90 * MB}
+ctypes.memset(b, 1, 10)
+r = c.realloc(b, 300 * MB)  # grows: a new block, the contents copied
+out["realloc_kept"] = ctypes.string_at(r, 12) == b"\x01" * 10 + b"\x07" * 2
+p = ctypes.c_void_p()
+out["memalign"] = c.posix_memalign(ctypes.byref(p), 4096, 64 * MB) == 0 and p.value % 4096 == 0
+c.free(p); c.free(r)
+small = c.malloc(1000)
+out["small_from_glibc"] = small % (2 * MB) != 0 and c.malloc_usable_size(small) >= 1000
+c.free(small)
+c.ddpm_alloc_cache_enable(0)
+d = c.malloc(100 * MB)
+out["off_goes_to_glibc"] = d % (2 * MB) != 0
+c.free(d)
+s1 = stats()
+out["maps_hits"] = (s1[0] - s0[0], s1[1] - s0[1])
+out["kept_mb"] = s1[3] // MB
+print(repr(out))
+"""
+
+
+def _probe(env_extra):
+  lib = runtime.alloc_cache_library()
+  env = {**os.environ, "LD_PRELOAD": lib, **env_extra}
+  p = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True)
+  assert p.returncode == 0, p.stderr[-2000:]
+  import ast
+
+  return ast.literal_eval(p.stdout.strip())
+
+
+@needs_cache
+def test_alloc_cache_reuses_large_blocks_and_leaves_small_ones_to_glibc():
+  out = _probe({})
+  # Mapped: 100 MB and the realloc's 300 MB. Hits: the 90 MB and the 64 MB
+  # request (a freed 100 MB block serves 50-100 MB).
+  assert out.pop("maps_hits") == (2, 2)
+  assert out.pop("kept_mb") == 400  # freed blocks stay mapped, under the cap
+  assert all(out.values()), out
+
+
+@needs_cache
+def test_alloc_cache_unmaps_what_its_cap_does_not_hold():
+  out = _probe({"DDPM_JAX_ALLOC_CACHE_MB": "150"})
+  assert out["reused"] and out["realloc_kept"], out
+  assert out["kept_mb"] <= 150, out
+
+
+@needs_cache
+def test_jax_under_the_alloc_cache_computes_the_same_and_stops_faulting(tmp_path):
+  """A jitted program with a ~100 MB temporary buffer: the same numbers with
+  and without the cache, and that block no longer faulted in on every call."""
+  code = r"""
+import resource, sys, numpy as np, jax, jax.numpy as jnp
+f = jax.jit(lambda x: (lambda m: m @ x + m.sum(0))(jnp.tanh(jnp.outer(x, x))))  # m: 100 MB
+x = jnp.linspace(-1.0, 1.0, 5000, dtype=jnp.float32)
+f(x).block_until_ready()
+f(x).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  y = f(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 5)
+np.save(sys.argv[1], np.asarray(y))
+"""
+  lib = runtime.alloc_cache_library()
+  base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+  faults = {}
+  for name, env in (("off", base), ("on", {**base, "LD_PRELOAD": lib})):
+    p = subprocess.run(
+      [sys.executable, "-c", code, str(tmp_path / f"{name}.npy")],
+      env={**env, "JAX_NUM_CPU_DEVICES": "1"},
+      capture_output=True,
+      text=True,
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    faults[name] = int(p.stdout.split()[-1])
+  import numpy as np
+
+  np.testing.assert_array_equal(np.load(tmp_path / "on.npy"), np.load(tmp_path / "off.npy"))
+  # Off: the 100 MB faulted in every call (~25k pages); on: the program's
+  # smaller allocations only (~1.6k).
+  assert faults["on"] * 5 < faults["off"], faults
+
+
+@needs_cache
+def test_python_m_restarts_with_the_alloc_cache(tmp_path):
+  root = tmp_path / "pkgroot"
+  (root / "experiments_probe2").mkdir(parents=True)
+  (root / "experiments_probe2" / "__init__.py").write_text(
+    "from experiments.runtime import reexec_with_hugepages\nreexec_with_hugepages()\n"
+  )
+  (root / "experiments_probe2" / "show.py").write_text(
+    "import os\nprint(os.environ.get('LD_PRELOAD', ''))\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime.ALLOC_CACHE_OPT_OUT)}
+  env["PYTHONPATH"] = os.pathsep.join([str(root), ROOT])
+  run = lambda e: subprocess.run(
+    [sys.executable, "-m", "experiments_probe2.show"], env=e, capture_output=True, text=True, check=True
+  ).stdout.strip()
+  assert run(env) == runtime.alloc_cache_library()
+  assert run({**env, runtime.ALLOC_CACHE_OPT_OUT: "0"}) == ""
