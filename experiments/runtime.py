@@ -117,7 +117,8 @@ def alloc_cache_library(build_dir: str = ALLOC_CACHE_DIR) -> Optional[str]:
   target = os.path.join(build_dir, f"alloc_cache_{key}.so")
   if os.path.exists(target):
     return target
-  cc = next((shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
+  names = (os.environ.get("CC"), "cc", "gcc")
+  cc = next((shutil.which(c) for c in names if c and shutil.which(c)), None)
   if cc is None:
     return None
   try:

@@ -323,10 +323,12 @@ def test_python_m_restarts_with_the_alloc_cache(tmp_path):
   (root / "experiments_probe2" / "show.py").write_text(
     "import os\nprint(os.environ.get('LD_PRELOAD', ''))\n"
   )
-  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", runtime.ALLOC_CACHE_OPT_OUT)}
+  drop = ("LD_PRELOAD", runtime.ALLOC_CACHE_OPT_OUT)
+  env = {k: v for k, v in os.environ.items() if k not in drop}
   env["PYTHONPATH"] = os.pathsep.join([str(root), ROOT])
+  cmd = [sys.executable, "-m", "experiments_probe2.show"]
   run = lambda e: subprocess.run(
-    [sys.executable, "-m", "experiments_probe2.show"], env=e, capture_output=True, text=True, check=True
+    cmd, env=e, capture_output=True, text=True, check=True
   ).stdout.strip()
   assert run(env) == runtime.alloc_cache_library()
   assert run({**env, runtime.ALLOC_CACHE_OPT_OUT: "0"}) == ""
