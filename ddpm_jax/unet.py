@@ -127,17 +127,19 @@ class SimpleUNet(nn.Module):
     emb = nn.relu(emb if label is None else emb + label)
     proj = lambda c, name: dense(c, name=name)(emb)[:, None, None, :]
     every = self.num_classes > 0 if self.emb_every_block is None else self.emb_every_block
-    more = (lambda c, name: proj(c, name)) if every else (lambda c, name: 0.0)
+    more = (lambda c, name: proj(c, name)) if every else (lambda c, name: None)
 
-    h1 = nn.relu(conv(c1, name="conv1")(x) + proj(c1, "time_proj1"))
-    h2 = nn.relu(down(c2, name="conv2")(h1) + proj(c2, "time_proj2"))
-    h3 = nn.relu(down(c3, name="conv3")(h2) + proj(c3, "time_proj3"))
-    h = nn.relu(conv(c3, name="bottleneck1")(h3) + more(c3, "time_proj_mid1"))
-    h = nn.relu(conv(c3, name="bottleneck2")(h) + more(c3, "time_proj_mid2"))
+    # relu(conv(h) + bias + projection), the last two steps fused into the
+    # convolution on the GEMM path (nnbase.conv.conv_gemm_relu).
+    h1 = conv(c1, name="conv1")(x, proj(c1, "time_proj1"), relu=True)
+    h2 = down(c2, name="conv2")(h1, proj(c2, "time_proj2"), relu=True)
+    h3 = down(c3, name="conv3")(h2, proj(c3, "time_proj3"), relu=True)
+    h = conv(c3, name="bottleneck1")(h3, more(c3, "time_proj_mid1"), relu=True)
+    h = conv(c3, name="bottleneck2")(h, more(c3, "time_proj_mid2"), relu=True)
     h = up(c2, name="up1")(h)
-    h = nn.relu(conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1)) + more(c2, "time_proj4"))
+    h = conv(c2, name="conv4")(jnp.concatenate([h, h2], axis=-1), more(c2, "time_proj4"), relu=True)
     h = up(c1, name="up2")(h)
-    h = nn.relu(conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1)) + more(c1, "time_proj5"))
+    h = conv(c1, name="conv5")(jnp.concatenate([h, h1], axis=-1), more(c1, "time_proj5"), relu=True)
     return Conv(out_ch, (1, 1), gemm_conv=self.gemm_conv, dtype=self.dtype, name="out")(h)
 
 

@@ -81,6 +81,9 @@ WINOGRAD_TILE = tuning.winograd_tile()
 # 1.8x faster with 128 (docs/design.md).
 MIN_SUM_ROWS = 128
 
+# Conv(...)(x, add, relu=True) through conv_gemm_relu (False: three steps; for A/B runs).
+FUSED_RELU = True
+
 
 def _chunk_images(
   batch: int, rows_per_image: int, row_bytes: int = 4 * 1152, min_rows: int = 1
@@ -182,20 +185,28 @@ def _chunked(
   return acc
 
 
-def _conv_gemm(x, w, pads, strides=(1, 1)):
-  """`_conv(x, w, pads, strides)` as chunked (patches @ kernel) GEMMs."""
+def _conv_gemm(x, w, pads, strides=(1, 1), shift=None, relu: bool = False):
+  """`_conv(x, w, pads, strides)` as chunked (patches @ kernel) GEMMs; with
+  `shift` ([B or 1, 1, 1, Cout]) and `relu`, relu(y + shift) per chunk."""
   kh, kw, cin, cout = w.shape
   H = _out_size(x.shape[1], kh, pads[0], strides[0])
   W = _out_size(x.shape[2], kw, pads[1], strides[1])
   wm = w.reshape(kh * kw * cin, cout)
   if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
-    return blas.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
+    y = blas.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
+    y = y if shift is None else y + shift
+    return jnp.maximum(y, 0) if relu else y
 
-  def one(xc):
+  per_image = shift is not None and shift.shape[0] == x.shape[0] > 1
+
+  def one(xc, sc=shift):
     cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
-    return blas.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
+    y = blas.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
+    y = y if sc is None else y + sc
+    return jnp.maximum(y, 0) if relu else y
 
-  return _chunked(one, (x,), H * W, kh * kw * cin * x.dtype.itemsize)
+  args = (x, shift) if per_image else (x,)
+  return _chunked(one, args, H * W, kh * kw * cin * x.dtype.itemsize)
 
 
 # Winograd F(m x m, 3 x 3): Y = A^T [(G w G^T) * (B^T d B)] A per (m+2)^2 input
@@ -354,7 +365,7 @@ def _interleave(y):
   return out.reshape(n, ka * H, kb * W, C)
 
 
-def _conv3x3_winograd(x, w, adjoint: bool = False):
+def _conv3x3_winograd(x, w, adjoint: bool = False, shift=None, relu: bool = False):
   """`_conv(x, w)` for a 3x3 kernel, stride 1, padding 1, by Winograd F(m x m, 3 x 3)
   (`_winograd`: m = 4 in float32 by default, else 2). With `adjoint`, the
   convolution with `_flip_transpose(w)` (the input gradient of `_conv(., w)`),
@@ -368,6 +379,9 @@ def _conv3x3_winograd(x, w, adjoint: bool = False):
   docs/design.md). Sizes that m does not divide are padded and cropped.
   Float32 error is ~1e-5 (F(4, 3)) or ~1e-6 (F(2, 3)) relative.
 
+  With `shift` ([B or 1, 1, 1, Cout]) and `relu`, returns relu(y + shift)
+  (`conv_gemm_relu`), computed in each chunk as its output is written.
+
   Args:
     x: [B, H, W, Cin]; w: [3, 3, Cin, Cout] ([3, 3, Cout, Cin] with `adjoint`).
 
@@ -379,16 +393,20 @@ def _conv3x3_winograd(x, w, adjoint: bool = False):
   f = _winograd(x.dtype)
   k = f.m + 2
   u = _wino_kernel(w, f, flip=adjoint)  # [k*k, Cin, Cout], or [k*k, Cout, Cin]
+  per_image = shift is not None and shift.shape[0] == B > 1
 
-  def one(xc):
+  def one(xc, sc=shift):
     v = _wino_tiles(xc, H, W, f)
     m = blas.dot(v.reshape(k * k, -1, cin), u, trans_b=adjoint)
     m = m.reshape((k, k) + v.shape[1:4] + (cout,))
     # Rows then columns; output pixel (mp + a, mq + b) is y_ab at tile (p, q).
-    return _interleave([f.out(s) for s in f.out(m)])[:, :H, :W]
+    y = _interleave([f.out(s) for s in f.out(m)])[:, :H, :W]
+    y = y if sc is None else y + sc
+    return jnp.maximum(y, 0) if relu else y
 
   tiles = (_padded(H, f.m) // f.m) * (_padded(W, f.m) // f.m)
-  return _chunked(one, (x,), tiles, k * k * cin * x.dtype.itemsize)
+  args = (x, shift) if per_image else (x,)
+  return _chunked(one, args, tiles, k * k * cin * x.dtype.itemsize)
 
 
 def _wgrad3x3_winograd(x, g):
@@ -592,6 +610,57 @@ def _bwd(pads, strides, res, g):
 conv_gemm.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_gemm_relu(
+  x: jnp.ndarray,
+  w: jnp.ndarray,
+  shift: jnp.ndarray,
+  pads: Any = None,
+  strides: Sequence[int] = (1, 1),
+) -> jnp.ndarray:
+  """relu(conv_gemm(x, w, pads, strides) + shift), the bias (and a per-image
+  time projection) and the ReLU applied where a 3x3 Winograd layer writes
+  each chunk's output: the pre-activation is never stored, and no separate
+  pass reads it back. Other layers compute the same in three steps. The
+  backward pass keeps only the output (the ReLU's mask is output > 0).
+
+  Args:
+    x: [B, H, W, Cin]; w: [kh, kw, Cin, Cout].
+    shift: [B or 1, 1, 1, Cout].
+
+  Returns:
+    [B, H', W', Cout].
+  """
+  return _relu_apply(x, w, shift, pads, strides)
+
+
+def _relu_apply(x, w, shift, pads, strides):
+  p = _same_pads(*w.shape[:2]) if pads is None else pads
+  shift = shift.astype(x.dtype)
+  if _is_winograd(w, p, strides):
+    return _conv3x3_winograd(x, w, shift=shift, relu=True)
+  if tuple(strides) != (1, 1) and STRIDED_FORWARD_XLA:
+    return nn.relu(_conv(x, w, p, tuple(strides)) + shift)
+  return _conv_gemm(x, w, p, tuple(strides), shift=shift, relu=True)
+
+
+def _relu_fwd(x, w, shift, pads, strides):
+  h = _relu_apply(x, w, shift, pads, strides)
+  return h, (x, w, h, shift)
+
+
+def _relu_bwd(pads, strides, res, g):
+  x, w, h, shift = res
+  g = jnp.where(h > 0, g, jnp.zeros((), g.dtype))
+  axes = tuple(i for i in range(4) if shift.shape[i] == 1 and g.shape[i] != 1)
+  dshift = jnp.sum(g, axis=axes, keepdims=True, dtype=jnp.float32).astype(shift.dtype)
+  dx, dw = _bwd(pads, strides, (x, w), g)
+  return dx, dw, dshift
+
+
+conv_gemm_relu.defvjp(_relu_fwd, _relu_bwd)
+
+
 # Per output parity a: the (input offset, kernel tap) pairs that reach pixel 2p + a.
 _T2_TAPS = (((-1, 0), (0, 2)), ((0, 1), (1, 3)))
 
@@ -697,6 +766,10 @@ class Conv(nn.Module):
       with >= GEMM_MIN_CHANNELS channels (GPU and TPU convolution libraries
       beat it; narrow layers gain nothing).
     dtype: computation dtype (parameters stay float32).
+
+  `Conv(...)(x, add, relu=True)` is relu(conv(x) + bias + add), `add`
+  broadcasting as [B or 1, 1, 1, features] (a time projection); on the GEMM
+  path through `conv_gemm_relu`.
   """
 
   features: int
@@ -708,15 +781,20 @@ class Conv(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, add=None, relu: bool = False):
     kh, kw = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     pads = None if self.padding is None else tuple(tuple(p) for p in self.padding)
-    fn = conv_gemm if use_gemm_conv(self.gemm_conv, x.shape[-1], self.features) else _conv
-    y = fn(x, kernel, pads, tuple(self.strides))
-    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    shift = bias.reshape((1,) * (x.ndim - 1) + (-1,))
+    if add is not None:
+      shift = shift + jnp.asarray(add, self.dtype)
+    gemm = use_gemm_conv(self.gemm_conv, x.shape[-1], self.features)
+    if relu and gemm and FUSED_RELU and x.ndim == 4 and shift.ndim == 4:
+      return conv_gemm_relu(x, kernel, shift, pads, tuple(self.strides))
+    y = (conv_gemm if gemm else _conv)(x, kernel, pads, tuple(self.strides)) + shift
+    return nn.relu(y) if relu else y
 
 
 class ConvTranspose2x(nn.Module):

@@ -129,3 +129,52 @@ def test_winograd_transforms_compute_a_correlation(f):
   m, g = rng.normal(size=f.m + 2), rng.normal(size=f.m)
   np.testing.assert_allclose(np.dot(f.out(m), g), np.dot(m, f.out_adj(g)), atol=1e-12)
   np.testing.assert_allclose(np.dot(f.kernel(k), m), np.dot(k, f.kernel_adj(m)), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    "winograd",
+    "chunked_winograd",
+    "chunked_winograd_shared_shift",
+    "stride2",
+    "stride2_xla_forward",
+    "one_by_one",
+    "xla",
+  ],
+)
+def test_conv_relu_matches_relu_of_conv_plus_shift(key, ran, case, monkeypatch):
+  """Conv(...)(x, add, relu=True) is relu(conv(x) + bias + add) with the same
+  gradients for x, the kernel, the bias and `add`; on a Winograd layer the
+  epilogue runs inside the chunks (`conv_gemm_relu`)."""
+  batch, strides = 6, (1, 1)
+  if case.startswith("chunked"):
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 4000)
+    monkeypatch.setattr(layers, "MIN_SUM_ROWS", 1)
+  kernel = (1, 1) if case == "one_by_one" else (3, 3)
+  if case.startswith("stride2"):
+    strides = (2, 2)
+    monkeypatch.setattr(layers, "STRIDED_FORWARD_XLA", case == "stride2_xla_forward")
+  epilogues = []
+  real = layers._conv3x3_winograd
+  spy = lambda *a, **kw: epilogues.append(kw.get("relu", False)) or real(*a, **kw)
+  monkeypatch.setattr(layers, "_conv3x3_winograd", spy)
+  k1, k2, k3 = jax.random.split(key, 3)
+  x = jax.random.normal(k1, (batch, 8, 10, 16))
+  rows = 1 if case.endswith("shared_shift") else batch
+  add = jax.random.normal(k2, (rows, 1, 1, 24))
+  pad = tuple((k // 2, k // 2) for k in kernel)
+  fused = Conv(24, kernel, strides=strides, padding=pad, gemm_conv=case != "xla")
+  ref = nn.Conv(24, kernel, strides=strides, padding=pad, precision=HIGHEST)
+  p = ref.init(k3, x)
+  p = jax.tree.map(lambda a: a + 0.1, p)  # a nonzero bias
+  f = lambda p, x, a: fused.apply(p, x, a, relu=True)
+  r = lambda p, x, a: nn.relu(ref.apply(p, x) + a)
+  np.testing.assert_allclose(jax.jit(f)(p, x, add), r(p, x, add), atol=2e-4, rtol=1e-4)
+  assert float(jnp.mean(r(p, x, add) == 0)) > 0.2  # the ReLU's mask matters below
+  loss = lambda fn: lambda p, x, a: jnp.sum(jnp.sin(fn(p, x, a)) * jnp.cos(x.sum()))
+  g_fused = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(p, x, add)
+  g_ref = jax.jit(jax.grad(loss(r), argnums=(0, 1, 2)))(p, x, add)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3), g_fused, g_ref)
+  if "winograd" in case:  # the forward pass with the epilogue inside its chunks
+    assert True in epilogues and ran["_wgrad3x3_winograd"]
