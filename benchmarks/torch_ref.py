@@ -5,9 +5,10 @@ written as in the notebooks. torch is optional: `available()` is False when
 it is missing and the benchmark prints a message instead of ratios.
 
 `python -m benchmarks.torch_ref` times them alone, without JAX, in the
-environment it is started in (so with and without `GLIBC_TUNABLES`, the
-huge-page setting `benchmarks.run` gives both frameworks, it shows what that
-setting does to PyTorch): medians of `--rounds` rounds, about 15 s each.
+environment it is started in (so with and without `GLIBC_TUNABLES` and the
+allocation cache in LD_PRELOAD, the settings `benchmarks.run` gives both
+frameworks, it shows what they do to PyTorch): medians of `--rounds` rounds,
+about 15 s each.
 """
 
 from __future__ import annotations
@@ -279,7 +280,11 @@ def main(argv=None) -> None:
     rows[names[1]].append(fwd(9))
     rows[names[2]].append(vae_epoch_seconds(images))
   env = os.environ.get("GLIBC_TUNABLES", "unset")
-  print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, GLIBC_TUNABLES={env}")
+  preload = os.environ.get("LD_PRELOAD", "unset")
+  print(
+    f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    f"GLIBC_TUNABLES={env}, LD_PRELOAD={preload}"
+  )
   for name, v in rows.items():
     print(f"  {name:32s} median {statistics.median(v):8.2f}  (min {min(v):.2f}, max {max(v):.2f})")
 

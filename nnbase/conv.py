@@ -619,10 +619,11 @@ def conv_gemm_relu(
   strides: Sequence[int] = (1, 1),
 ) -> jnp.ndarray:
   """relu(conv_gemm(x, w, pads, strides) + shift), the bias (and a per-image
-  time projection) and the ReLU applied where a 3x3 Winograd layer writes
-  each chunk's output: the pre-activation is never stored, and no separate
-  pass reads it back. Other layers compute the same in three steps. The
-  backward pass keeps only the output (the ReLU's mask is output > 0).
+  time projection) and the ReLU applied where a Winograd or im2col layer
+  writes each chunk's output: the pre-activation is never stored, and no
+  separate pass reads it back. A strided layer on XLA's convolution
+  (STRIDED_FORWARD_XLA) computes the same in three steps. The backward pass
+  keeps only the output (the ReLU's mask is output > 0).
 
   Args:
     x: [B, H, W, Cin]; w: [kh, kw, Cin, Cout].
