@@ -112,8 +112,11 @@ def alloc_cache_library(build_dir: str = ALLOC_CACHE_DIR) -> Optional[str]:
   build failed."""
   if glibc_version() is None:
     return None
-  with open(ALLOC_CACHE_SOURCE, "rb") as f:
-    key = hashlib.sha256(f.read()).hexdigest()[:16]
+  try:
+    with open(ALLOC_CACHE_SOURCE, "rb") as f:
+      key = hashlib.sha256(f.read()).hexdigest()[:16]
+  except OSError:
+    return None
   target = os.path.join(build_dir, f"alloc_cache_{key}.so")
   if os.path.exists(target):
     return target
