@@ -4,7 +4,7 @@
  * XLA:CPU takes each call's temporary buffer from malloc (284 MB per device
  * for the seed U-Net's train step at batch 128 on two devices). glibc serves
  * every block of 32 MiB or more with a fresh mmap and unmaps it on free, so
- * each call faults all its pages in again and the kernel zeroes them: 95-300
+ * each call faults all its pages in again and the kernel zeroes them: 91-304
  * ms of system time per train step on a 2-core VM. This library keeps such
  * blocks mapped after free() and hands them out again to the next request of
  * the same size class (a freed block of s bytes serves requests of s/2 to s).

@@ -29,7 +29,7 @@ C compiler into ~/.cache/ddpm_jax/alloc/), which keeps malloc blocks of 32 MiB
 and more mapped after free() and serves the next request of that size from
 them. Even as huge pages, XLA:CPU's temporary buffer of each call (284 MB per
 device for the seed U-Net's train step at batch 128) was mapped afresh and
-zeroed by the kernel on every call: 95-300 ms of system time per train step on
+zeroed by the kernel on every call: 91-304 ms of system time per train step on
 2 cores. Set DDPM_JAX_ALLOC_CACHE=0 to opt out, DDPM_JAX_ALLOC_CACHE_MB to
 bound the freed memory it keeps (default 2048). Measured in docs/design.md.
 """
