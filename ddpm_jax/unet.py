@@ -127,7 +127,7 @@ class SimpleUNet(nn.Module):
     emb = nn.relu(emb if label is None else emb + label)
     proj = lambda c, name: dense(c, name=name)(emb)[:, None, None, :]
     every = self.num_classes > 0 if self.emb_every_block is None else self.emb_every_block
-    more = (lambda c, name: proj(c, name)) if every else (lambda c, name: None)
+    more = proj if every else (lambda c, name: None)
 
     # relu(conv(h) + bias + projection), the last two steps fused into the
     # convolution on the GEMM path (nnbase.conv.conv_gemm_relu).

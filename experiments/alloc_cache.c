@@ -127,17 +127,19 @@ static void *cache_alloc(size_t n) {
   return p;
 }
 
-/* The slot holding p, or -1. Blocks here are 2 MiB-aligned; glibc's are not
- * (its chunks start 16 bytes into a page), so most frees skip the lock. */
+/* Whether p may be a block of ours. Blocks here are 2 MiB-aligned; glibc's
+ * are not (its chunks start 16 bytes into a page), so most frees skip the lock. */
+static int maybe_ours(void *p) { return p && !((uintptr_t)p & (PAGE - 1)); }
+
+/* The slot holding p, or -1; under the lock. */
 static int find(void *p) {
-  if (!p || ((uintptr_t)p & (PAGE - 1))) return -1;
   for (int i = 0; i < SLOTS; i++)
     if (slots[i].p == p) return i;
   return -1;
 }
 
 static int cache_free(void *p) {
-  if (!p || ((uintptr_t)p & (PAGE - 1))) return 0;
+  if (!maybe_ours(p)) return 0;
   lock();
   int i = find(p);
   if (i >= 0) {
@@ -155,7 +157,7 @@ static int cache_free(void *p) {
 }
 
 static size_t cache_size(void *p) {
-  if (!p || ((uintptr_t)p & (PAGE - 1))) return 0;
+  if (!maybe_ours(p)) return 0;
   lock();
   int i = find(p);
   size_t s = i >= 0 ? slots[i].size : 0;

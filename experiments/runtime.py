@@ -147,11 +147,16 @@ def alloc_cache_active(env: Mapping[str, str] = os.environ) -> bool:
   )
 
 
+def _alloc_cache_wanted(env: Mapping[str, str]) -> bool:
+  """Neither preloaded already nor opted out of (DDPM_JAX_ALLOC_CACHE=0)."""
+  return not alloc_cache_active(env) and env.get(ALLOC_CACHE_OPT_OUT, "1") != "0"
+
+
 def alloc_cache_env(env: Mapping[str, str], library: Optional[str]) -> Optional[dict]:
   """`env` with `library` added to LD_PRELOAD (other preloads kept), or None
   when nothing should change: one is preloaded already, the user opted out
   (DDPM_JAX_ALLOC_CACHE=0), or there is no library."""
-  if library is None or alloc_cache_active(env) or env.get(ALLOC_CACHE_OPT_OUT, "1") == "0":
+  if library is None or not _alloc_cache_wanted(env):
     return None
   out = dict(env)
   old = env.get("LD_PRELOAD", "")
@@ -163,8 +168,7 @@ def restart_env(env: Mapping[str, str]) -> Optional[dict]:
   """The environment a job restarts with (huge pages, the allocation cache),
   or None where it needs no restart."""
   out = hugepages_env(env, glibc_version(), thp_mode())
-  cache_wanted = not alloc_cache_active(env) and env.get(ALLOC_CACHE_OPT_OUT, "1") != "0"
-  lib = alloc_cache_library() if cache_wanted else None
+  lib = alloc_cache_library() if _alloc_cache_wanted(env) else None  # no build when unwanted
   more = alloc_cache_env(out if out is not None else env, lib)
   return more if more is not None else out
 

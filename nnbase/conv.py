@@ -185,6 +185,18 @@ def _chunked(
   return acc
 
 
+def _epilogue(y, shift, relu: bool):
+  """relu(y + shift) (`conv_gemm_relu`), each step only where asked."""
+  y = y if shift is None else y + shift
+  return jnp.maximum(y, 0) if relu else y
+
+
+def _with_shift(x, shift) -> tuple:
+  """`_chunked`'s batch arguments: x, and shift where it has one row per image
+  (a shared [1, 1, 1, C] shift stays a closure of the chunk function)."""
+  return (x, shift) if shift is not None and shift.shape[0] == x.shape[0] > 1 else (x,)
+
+
 def _conv_gemm(x, w, pads, strides=(1, 1), shift=None, relu: bool = False):
   """`_conv(x, w, pads, strides)` as chunked (patches @ kernel) GEMMs; with
   `shift` ([B or 1, 1, 1, Cout]) and `relu`, relu(y + shift) per chunk."""
@@ -194,19 +206,13 @@ def _conv_gemm(x, w, pads, strides=(1, 1), shift=None, relu: bool = False):
   wm = w.reshape(kh * kw * cin, cout)
   if kh == kw == 1 and pads == ((0, 0), (0, 0)) and tuple(strides) == (1, 1):
     y = blas.dot(x.reshape(-1, cin), wm).reshape(x.shape[:3] + (cout,))
-    y = y if shift is None else y + shift
-    return jnp.maximum(y, 0) if relu else y
-
-  per_image = shift is not None and shift.shape[0] == x.shape[0] > 1
+    return _epilogue(y, shift, relu)
 
   def one(xc, sc=shift):
     cols = _patches(xc, kh, kw, pads, strides).reshape(-1, kh * kw * cin)
-    y = blas.dot(cols, wm).reshape(xc.shape[0], H, W, cout)
-    y = y if sc is None else y + sc
-    return jnp.maximum(y, 0) if relu else y
+    return _epilogue(blas.dot(cols, wm).reshape(xc.shape[0], H, W, cout), sc, relu)
 
-  args = (x, shift) if per_image else (x,)
-  return _chunked(one, args, H * W, kh * kw * cin * x.dtype.itemsize)
+  return _chunked(one, _with_shift(x, shift), H * W, kh * kw * cin * x.dtype.itemsize)
 
 
 # Winograd F(m x m, 3 x 3): Y = A^T [(G w G^T) * (B^T d B)] A per (m+2)^2 input
@@ -393,20 +399,16 @@ def _conv3x3_winograd(x, w, adjoint: bool = False, shift=None, relu: bool = Fals
   f = _winograd(x.dtype)
   k = f.m + 2
   u = _wino_kernel(w, f, flip=adjoint)  # [k*k, Cin, Cout], or [k*k, Cout, Cin]
-  per_image = shift is not None and shift.shape[0] == B > 1
 
   def one(xc, sc=shift):
     v = _wino_tiles(xc, H, W, f)
     m = blas.dot(v.reshape(k * k, -1, cin), u, trans_b=adjoint)
     m = m.reshape((k, k) + v.shape[1:4] + (cout,))
     # Rows then columns; output pixel (mp + a, mq + b) is y_ab at tile (p, q).
-    y = _interleave([f.out(s) for s in f.out(m)])[:, :H, :W]
-    y = y if sc is None else y + sc
-    return jnp.maximum(y, 0) if relu else y
+    return _epilogue(_interleave([f.out(s) for s in f.out(m)])[:, :H, :W], sc, relu)
 
   tiles = (_padded(H, f.m) // f.m) * (_padded(W, f.m) // f.m)
-  args = (x, shift) if per_image else (x,)
-  return _chunked(one, args, tiles, k * k * cin * x.dtype.itemsize)
+  return _chunked(one, _with_shift(x, shift), tiles, k * k * cin * x.dtype.itemsize)
 
 
 def _wgrad3x3_winograd(x, g):
