@@ -75,6 +75,38 @@ struct Work {
   }
 };
 
+// How a product is cut: slabs of C's rows (split_m) or columns, `pieces`
+// slabs of `step` rows or columns each (the last may be shorter).
+struct Plan {
+  bool split_m;
+  int64_t pieces, step;
+};
+
+// A product of a batch smaller than the thread count, of at least
+// 2 * min_part_flops, is cut into at most one slab per thread per product,
+// each of at least 16 rows or columns. The cut runs along the side whose
+// operand slab is contiguous in memory (rows of A for M unless A is
+// transposed; rows of B^T for N when B is transposed), along the longer side
+// where both or neither are, and along the other side where the preferred
+// one is too short to give as many slabs. On a 2-core Xeon, cutting
+// [128, 784] @ [784, 400] by rows ran 1.15x as fast as by columns, and
+// [128, 784] @ [400, 784]^T by columns 1.14x as fast as by rows.
+Plan MakePlan(int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b, int64_t batch,
+              int64_t threads, int64_t min_part_flops) {
+  const int64_t flops = 2 * m * n * k;
+  auto pieces = [&](int64_t len) -> int64_t {
+    if (batch >= threads || flops < 2 * min_part_flops) return 1;
+    return std::min({(threads + batch - 1) / batch, flops / min_part_flops,
+                     std::max<int64_t>(1, len / 16)});
+  };
+  const bool contiguous_m = !trans_a, contiguous_n = trans_b;
+  bool split_m = contiguous_m != contiguous_n ? contiguous_m : m >= n;
+  if (pieces(split_m ? m : n) < pieces(split_m ? n : m)) split_m = !split_m;
+  const int64_t len = split_m ? m : n;
+  const int64_t step = (len + pieces(len) - 1) / pieces(len);
+  return {split_m, (len + step - 1) / step, step};
+}
+
 ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                  ffi::ResultBuffer<ffi::F32> out, bool trans_a, bool trans_b, int64_t min_part_flops) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("nnbase_sgemm: no BLAS is loaded");
@@ -140,17 +172,10 @@ ffi::Error Sgemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi:
   w.trans_a = trans_a;
   w.trans_b = trans_b;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t flops = 2 * m * n * k;
-  w.split_m = m >= n;
-  const int64_t len = w.split_m ? m : n;
-  w.pieces = 1;
-  if (batch < threads && flops >= 2 * min_part_flops) {
-    // Slabs of at least 16 rows or columns, at most one per thread per product.
-    w.pieces = std::min({(threads + batch - 1) / batch, flops / min_part_flops,
-                         std::max<int64_t>(1, len / 16)});
-  }
-  w.step = (len + w.pieces - 1) / w.pieces;
-  w.pieces = (len + w.step - 1) / w.step;
+  const Plan plan = MakePlan(m, n, k, trans_a, trans_b, batch, threads, min_part_flops);
+  w.split_m = plan.split_m;
+  w.pieces = plan.pieces;
+  w.step = plan.step;
   w.count = batch * w.pieces;
 
   const int64_t helpers = std::min(w.count - 1, threads);
@@ -177,6 +202,16 @@ extern "C" int nnbase_blas_load(const char* path, const char* symbol, int mkl_la
   if (fn == nullptr) return 2;
   g_sgemm = fn;
   return 0;
+}
+
+// MakePlan for tests: writes split_m (0/1), pieces and step.
+extern "C" void nnbase_blas_plan(int64_t m, int64_t n, int64_t k, int trans_a, int trans_b,
+                                 int64_t batch, int64_t threads, int64_t min_part_flops,
+                                 int64_t* out) {
+  const Plan p = MakePlan(m, n, k, trans_a != 0, trans_b != 0, batch, threads, min_part_flops);
+  out[0] = p.split_m;
+  out[1] = p.pieces;
+  out[2] = p.step;
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NnbaseSgemm, Sgemm,

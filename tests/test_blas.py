@@ -1,5 +1,6 @@
 """Float32 products on MKL through an XLA FFI custom call (nnbase/blas.py)."""
 
+import ctypes
 import functools
 
 import jax
@@ -30,14 +31,29 @@ def _calls(fn, *args) -> int:
   return jax.jit(fn).lower(*args).as_text().count(blas.TARGET)
 
 
+def _plan(m, n, k, trans_a, trans_b, batch=1, threads=2, min_part_flops=blas.MIN_PART_FLOPS):
+  """(side cut, pieces, rows or columns per piece) of the handler's plan."""
+  out = (ctypes.c_int64 * 3)()
+  lib = ctypes.CDLL(blas._build())
+  lib.nnbase_blas_plan(
+    *(ctypes.c_int64(v) for v in (m, n, k)), int(trans_a), int(trans_b),
+    *(ctypes.c_int64(v) for v in (batch, threads, min_part_flops)), out,
+  )
+  return ("m" if out[0] else "n", out[1], out[2])
+
+
 @on_mkl
 @pytest.mark.parametrize("batch", [(), (3,)])
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_dot_matches_numpy_and_its_gradients_xla(batch, trans_a, trans_b):
+@pytest.mark.parametrize("mn", [(130, 70), (70, 130)])
+def test_dot_matches_numpy_and_its_gradients_xla(batch, trans_a, trans_b, mn, monkeypatch):
   rng = np.random.default_rng(0)
-  # 130 x 70 x 90 is cut into parts (above MIN_PART_FLOPS), odd sizes included.
-  a, b = _operands(rng, batch, 130, 70, 90, trans_a, trans_b)
+  # Products of 130 x 70 x 90 cut into parts by rows or by columns, odd sizes
+  # included (`test_products_are_cut_along_contiguous_slabs`).
+  monkeypatch.setattr(blas, "MIN_PART_FLOPS", 100_000)
+  assert _plan(*mn, 90, trans_a, trans_b, min_part_flops=100_000)[1] == 2
+  a, b = _operands(rng, batch, *mn, 90, trans_a, trans_b)
   fn = lambda a, b: blas.dot(a, b, trans_a, trans_b)
   assert _calls(fn, a, b) == 1
   ra, rb = _reference(a, b, trans_a, trans_b)
@@ -52,6 +68,25 @@ def test_dot_matches_numpy_and_its_gradients_xla(batch, trans_a, trans_b):
   for got, ref in zip(grads, want):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+
+
+@on_mkl
+def test_products_are_cut_along_contiguous_slabs():
+  # The VAE's five large products: rows of A when A is not transposed and B
+  # is; columns (rows of B^T) for A @ B^T; the longer side otherwise.
+  assert _plan(128, 400, 784, False, False) == ("m", 2, 64)  # x @ W1
+  assert _plan(128, 784, 400, False, False) == ("m", 2, 64)  # h @ W4
+  assert _plan(128, 400, 784, False, True) == ("n", 2, 200)  # g @ W4^T
+  assert _plan(784, 400, 128, True, False) == ("m", 2, 392)  # x^T @ g
+  assert _plan(400, 784, 128, True, False) == ("n", 2, 392)  # h^T @ g
+  assert _plan(400, 784, 128, True, True) == ("n", 2, 392)
+  # Too few rows for a slab each: columns instead.
+  assert _plan(16, 4000, 500, False, False) == ("n", 2, 2000)
+  assert _plan(16, 4000, 500, False, False, threads=4) == ("n", 4, 1000)
+  # Small products, and batches with a product per thread, are not cut.
+  assert _plan(128, 40, 400, False, False)[1] == 1
+  assert _plan(128, 400, 784, False, False, batch=2)[1] == 1
+  assert _plan(130, 70, 90, False, False, threads=3, min_part_flops=600_000) == ("m", 2, 65)
 
 
 @on_mkl
