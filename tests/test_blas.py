@@ -36,8 +36,11 @@ def _plan(m, n, k, trans_a, trans_b, batch=1, threads=2, min_part_flops=blas.MIN
   out = (ctypes.c_int64 * 3)()
   lib = ctypes.CDLL(blas._build())
   lib.nnbase_blas_plan(
-    *(ctypes.c_int64(v) for v in (m, n, k)), int(trans_a), int(trans_b),
-    *(ctypes.c_int64(v) for v in (batch, threads, min_part_flops)), out,
+    *(ctypes.c_int64(v) for v in (m, n, k)),
+    int(trans_a),
+    int(trans_b),
+    *(ctypes.c_int64(v) for v in (batch, threads, min_part_flops)),
+    out,
   )
   return ("m" if out[0] else "n", out[1], out[2])
 
