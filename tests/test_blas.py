@@ -83,9 +83,14 @@ def test_products_are_cut_along_contiguous_slabs():
   assert _plan(784, 400, 128, True, False) == ("m", 2, 392)  # x^T @ g
   assert _plan(400, 784, 128, True, False) == ("n", 2, 392)  # h^T @ g
   assert _plan(400, 784, 128, True, True) == ("n", 2, 392)
-  # Too few rows for a slab each: columns instead.
-  assert _plan(16, 4000, 500, False, False) == ("n", 2, 2000)
-  assert _plan(16, 4000, 500, False, False, threads=4) == ("n", 4, 1000)
+  # The U-Net's transposed convolutions' tap products: rows, unless the
+  # other side is 8x longer.
+  assert _plan(392, 1024, 128, False, False) == ("m", 2, 196)
+  assert _plan(196, 2048, 256, False, False) == ("n", 2, 1024)
+  assert _plan(196, 256, 2048, False, False) == ("m", 2, 98)
+  # Too few rows for a slab of 16 each: columns instead.
+  assert _plan(48, 200, 1000, False, False, threads=4) == ("n", 4, 50)
+  assert _plan(64, 200, 1000, False, False, threads=4) == ("m", 4, 16)
   # Small products, and batches with a product per thread, are not cut.
   assert _plan(128, 40, 400, False, False)[1] == 1
   assert _plan(128, 400, 784, False, False, batch=2)[1] == 1
