@@ -108,3 +108,31 @@ def test_inference_programs_compile_without_ynnpack(monkeypatch):
   monkeypatch.setenv("DDPM_JAX_INFERENCE_YNN", "on")
   assert tuning.inference_compiler_options("cpu") is None
   assert fused(parallel.jit_inference(f))
+
+
+def test_interleave_reports_the_bound_round_by_round():
+  from benchmarks.run import interleave
+
+  calls = []
+
+  def side(name, values):
+    it = iter(values)
+    return lambda: calls.append(name) or next(it)
+
+  r = interleave(
+    side("jax", [1.0, 2.0, 1.0]),
+    side("torch", [2.0, 2.0, 3.0]),
+    3,
+    "lower",
+    bound_round=side("bound", [0.5, 1.0, 2.0]),
+  )
+  assert calls == ["jax", "torch", "bound"] * 3
+  assert r["ratios"] == [2.0, 1.0, 3.0] and r["ratio"] == 2.0
+  # PyTorch's time over the bound's, in the same round.
+  assert (r["bound"], r["bound_ratio"], r["bound_ratio_min"], r["bound_ratio_max"]) == (
+    1.0,
+    2.0,
+    1.5,
+    4.0,
+  )
+  assert "bound" not in interleave(side("a", [1.0]), side("b", [1.0]), 1, "higher")
