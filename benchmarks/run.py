@@ -327,10 +327,6 @@ def mnist_like(n: int = 60000) -> np.ndarray:
   return np.random.default_rng(0).integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
 
 
-def _ratio(a, b):
-  return a / b if a and b else None
-
-
 def tuning_values() -> dict:
   """The fast convolutions' constants (nnbase.conv) in force for this run,
   whether float32 products run on MKL (nnbase.blas), and the compile options
