@@ -314,10 +314,9 @@ def vae_gemm_floor_round(steps: int = 468, batch: int = 128) -> Tuple[Callable, 
   return round_, flops / 1e9
 
 
-def vae_gemm_floor(steps: int = 468, batch: int = 128) -> dict:
-  """`vae_gemm_floor_round`'s best of 3: seconds, GFLOP and the GFLOP/s the
-  products reach on these shapes."""
-  round_, gflops = vae_gemm_floor_round(steps, batch)
+def vae_gemm_floor(round_: Callable, gflops: float) -> dict:
+  """The best of 3 of a `vae_gemm_floor_round`: seconds, GFLOP and the
+  GFLOP/s the products reach on these shapes."""
   dt = min(round_() for _ in range(3))
   return {"seconds": dt, "gflops": gflops, "gflops_per_sec": gflops / dt}
 
@@ -508,8 +507,11 @@ def warm(round_fn: Callable, iters: int) -> Callable:
   return run
 
 
-def compare_with_torch(batch: int, iters: int, rounds: int, ancestral_rounds: int) -> dict:
-  """JAX against the seeds' PyTorch code, interleaved round by round."""
+def compare_with_torch(
+  batch: int, iters: int, rounds: int, ancestral_rounds: int, vae_floor_round: Callable
+) -> dict:
+  """JAX against the seeds' PyTorch code, interleaved round by round;
+  `vae_floor_round` is `vae_gemm_floor_round`'s."""
   out = {"threads": torch_ref.torch.get_num_threads(), "round_warmup_calls": ROUND_WARMUP}
   jt, tt = jax_train_round("simple", batch), torch_ref.make_train_round(batch)
   out["train"] = interleave(warm(jt, iters), warm(tt, iters), rounds, "higher")
@@ -519,9 +521,8 @@ def compare_with_torch(batch: int, iters: int, rounds: int, ancestral_rounds: in
   jv = jax_vae_round(images)
   # The epoch's matrix products alone in the same rounds: the vae ratio no
   # implementation on these products could pass on this machine.
-  floor = vae_gemm_floor_round()[0]
   out["vae"] = interleave(
-    jv, lambda: torch_ref.vae_epoch_seconds(images), rounds, "lower", bound_round=floor
+    jv, lambda: torch_ref.vae_epoch_seconds(images), rounds, "lower", bound_round=vae_floor_round
   )
   out["vae_seed_loop"] = interleave(
     jv, lambda: torch_ref.vae_epoch_seconds_seed_loop(images), max(3, rounds // 2), "lower"
@@ -655,7 +656,8 @@ def main(argv=None) -> None:
   vae = vae_bench(mnist_like(), 2 if quick else 3)
   out["vae"] = vae
   print(f"VAE epoch (784-400-20, batch 128, 60k images): {vae['epoch_seconds']:.2f} s", flush=True)
-  floor = vae_gemm_floor()
+  floor_round, floor_gflops = vae_gemm_floor_round()
+  floor = vae_gemm_floor(floor_round, floor_gflops)
   out["vae_gemm_floor"] = floor
   print(
     f"VAE epoch's matrix products alone ({floor['gflops']:.0f} GFLOP): {floor['seconds']:.2f} s "
@@ -672,7 +674,7 @@ def main(argv=None) -> None:
       "ratio = JAX speed / PyTorch speed):",
       flush=True,
     )
-    t = out["torch"] = compare_with_torch(a.batch, iters, a.rounds, anc)
+    t = out["torch"] = compare_with_torch(a.batch, iters, a.rounds, anc, floor_round)
     for name, key in (("train", "train"), ("sampler", "forward"), ("vae", "vae")):
       for suffix in ("", "_min", "_max"):
         out[f"{name}_ratio{suffix}"] = t[key]["ratio" + suffix]

@@ -105,8 +105,8 @@ Plan MakePlan(int64_t m, int64_t n, int64_t k, bool trans_a, bool trans_b, int64
   bool split_m = contiguous_m != contiguous_n ? contiguous_m : m >= n;
   if (split_m ? n >= 8 * m : m >= 8 * n) split_m = !split_m;
   if (pieces(split_m ? m : n) < pieces(split_m ? n : m)) split_m = !split_m;
-  const int64_t len = split_m ? m : n;
-  const int64_t step = (len + pieces(len) - 1) / pieces(len);
+  const int64_t len = split_m ? m : n, parts = pieces(len);
+  const int64_t step = (len + parts - 1) / parts;
   return {split_m, (len + step - 1) / step, step};
 }
 

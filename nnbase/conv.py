@@ -585,12 +585,18 @@ def conv_gemm(
   Returns:
     [B, H', W', Cout].
   """
+  return _forward(x, w, pads, strides)
+
+
+def _forward(x, w, pads, strides, shift=None, relu: bool = False):
+  """`conv_gemm`'s forward pass; with `shift` and `relu`, relu(y + shift)
+  (`conv_gemm_relu`), inside the chunks on the Winograd and im2col paths."""
   pads = _same_pads(*w.shape[:2]) if pads is None else pads
   if _is_winograd(w, pads, strides):
-    return _conv3x3_winograd(x, w)
+    return _conv3x3_winograd(x, w, shift=shift, relu=relu)
   if tuple(strides) != (1, 1) and STRIDED_FORWARD_XLA:
-    return _conv(x, w, pads, tuple(strides))
-  return _conv_gemm(x, w, pads, tuple(strides))
+    return _epilogue(_conv(x, w, pads, tuple(strides)), shift, relu)
+  return _conv_gemm(x, w, pads, tuple(strides), shift=shift, relu=relu)
 
 
 def _fwd(x, w, pads, strides):
@@ -634,21 +640,11 @@ def conv_gemm_relu(
   Returns:
     [B, H', W', Cout].
   """
-  return _relu_apply(x, w, shift, pads, strides)
-
-
-def _relu_apply(x, w, shift, pads, strides):
-  p = _same_pads(*w.shape[:2]) if pads is None else pads
-  shift = shift.astype(x.dtype)
-  if _is_winograd(w, p, strides):
-    return _conv3x3_winograd(x, w, shift=shift, relu=True)
-  if tuple(strides) != (1, 1) and STRIDED_FORWARD_XLA:
-    return nn.relu(_conv(x, w, p, tuple(strides)) + shift)
-  return _conv_gemm(x, w, p, tuple(strides), shift=shift, relu=True)
+  return _forward(x, w, pads, strides, shift.astype(x.dtype), relu=True)
 
 
 def _relu_fwd(x, w, shift, pads, strides):
-  h = _relu_apply(x, w, shift, pads, strides)
+  h = conv_gemm_relu(x, w, shift, pads, strides)
   return h, (x, w, h, shift)
 
 
