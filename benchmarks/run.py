@@ -317,7 +317,7 @@ def vae_gemm_floor_round(steps: int = 468, batch: int = 128) -> Tuple[Callable, 
 def vae_gemm_floor(round_: Callable, gflops: float) -> dict:
   """The best of 3 of a `vae_gemm_floor_round`: seconds, GFLOP and the
   GFLOP/s the products reach on these shapes."""
-  dt = min(round_() for _ in range(3))
+  dt = _time(round_, 1)
   return {"seconds": dt, "gflops": gflops, "gflops_per_sec": gflops / dt}
 
 
