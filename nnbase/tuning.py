@@ -7,9 +7,8 @@ and `winograd_tile()` at import, `nnbase.blas` asks `blas_default()`, and
 1. a choice measured on this machine by `python -m benchmarks.tune` and cached
    in `~/.cache/ddpm_jax/conv_tuning.json` (keyed by CPU model and cache sizes,
    so a copied home folder on another machine is ignored);
-2. else a rule from the cache sizes Linux reports (`rule_chunk_bytes`: 7/32
-   of an L3 of up to 64 MiB, the per-core L2 beside a larger one), within
-   [1, 32] MiB; the GEMM path on; XLA's own convolution for the forward
+2. else a rule from the cache sizes Linux reports (`rule_chunk_bytes`: the
+   per-core L2, within [1, 32] MiB); the GEMM path on; XLA's own convolution for the forward
    pass of strided layers (never slower than the plain XLA path); and
    Winograd F(4x4, 3x3) for float32 3x3 layers; MKL's GEMMs on Intel CPUs.
 `DDPM_JAX_CONV_TUNING=off` ignores the cached file.
@@ -86,26 +85,28 @@ def _clamp(chunk: int) -> int:
 
 def _branches(caches: dict) -> tuple:
   """(the rule's chunk before clamping, the other branch's or None) for known
-  caches; (None, None) when Linux reports no L2 or L3."""
-  last = max((v for k, v in caches.items() if k != "L1d"), default=0)
-  if not last:
-    return None, None
-  share, l2 = last * 7 // 32, caches.get("L2")
-  if last > SHARED_L3_BYTES:
-    return l2 or DEFAULT_CHUNK_BYTES, share
-  return share, l2
+  caches: the per-core L2 and 7/32 of the L3; (None, None) when Linux
+  reports neither usable (no L2, and no L3 or a socket-wide one)."""
+  l2, l3 = caches.get("L2"), caches.get("L3")
+  share = l3 * 7 // 32 if l3 else None
+  if l2:
+    return l2, share
+  return (share, None) if share and l3 <= SHARED_L3_BYTES else (None, None)
 
 
 def rule_chunk_bytes(caches: Optional[dict] = None) -> int:
-  """The chunk size from the cache sizes, within [1, 32] MiB (7 MiB when unknown).
+  """The chunk size from the cache sizes, within [1, 32] MiB (7 MiB when unknown):
+  the per-core L2, else 7/32 of an L3 of up to SHARED_L3_BYTES (one core
+  complex's).
 
-  - A last-level cache of up to SHARED_L3_BYTES (one core complex's, as AMD's
-    32 MiB per 8 cores): 7/32 of it, 7 MiB on the 32 MiB L3 of a 2-core AMD
-    EPYC, where 3.5, 7 and 14 MiB were within noise and 7 the best measured.
-  - A larger one (a socket-wide L3, as an Intel Xeon's: 260 MiB on a 2-core
-    Emerald Rapids VM): the per-core L2. There 2 MiB (its L2) trained as fast
-    as 3-6 MiB and ran the forward 1.05-1.19x faster than 4-32 MiB, and
-    7/32 of the L3 (32 MiB) trained 0.90x as fast (docs/design.md).
+  Measured against 7/32 of the L3 (the earlier rule), interleaved:
+  - a 2-core Intel Xeon VM (Emerald Rapids; L2 2 MiB, the socket's 260 MiB
+    L3 reported whole, so 7/32 of it is 32 MiB): with 2 MiB the forward ran
+    1.05-1.19x faster than with 4-32 MiB, and 32 MiB trained 0.90x as fast;
+  - a 2-core AMD EPYC (Zen 4; L2 1 MiB, L3 32 MiB per core complex, so
+    7/32 is 7 MiB): 1 MiB trained 1.02-1.07x and ran the forward
+    1.01-1.08x as fast as 7 MiB, 2 MiB 1.07-1.08x and 1.02x (three sweeps
+    of 3-10 rounds; docs/design.md).
   """
   chunk, _ = _branches(cpu_caches() if caches is None else caches)
   return DEFAULT_CHUNK_BYTES if chunk is None else _clamp(chunk)
@@ -113,8 +114,8 @@ def rule_chunk_bytes(caches: Optional[dict] = None) -> int:
 
 def tuning_candidates(caches: Optional[dict] = None) -> list:
   """Chunk sizes `benchmarks.tune` measures, ascending: half, one and two times
-  the rule's, and what the rule's other branch would give (the L2, or 7/32 of
-  the L3 up to 32 MiB), so a machine the rule misjudges still finds its size."""
+  the rule's, and 7/32 of the L3 (up to 32 MiB), so a machine the rule
+  misjudges still finds its size."""
   caches = cpu_caches() if caches is None else caches
   rule = rule_chunk_bytes(caches)
   _, other = _branches(caches)
@@ -202,7 +203,9 @@ def blas_default() -> bool:
   tuning measured on this machine, else on Intel CPUs only. On a 2-core Intel
   Xeon, against XLA's products, the seed U-Net's train step ran 1.17-1.31x
   and its forward 1.13-1.14x as fast on MKL, the MNIST VAE epoch 1.04-1.07x
-  (docs/design.md); MKL's speed on other vendors' CPUs is unmeasured."""
+  (docs/design.md). On a 2-core AMD EPYC (Zen 4) MKL was the slower:
+  train step 0.944x, forward 0.964x, VAE epoch 0.937x (`benchmarks.tune
+  --dry_run`, 4 interleaved rounds) and the VAE epoch 0.940x in 12 more."""
   value = _cached("blas")
   return value if isinstance(value, bool) else cpu_vendor() == "GenuineIntel"
 

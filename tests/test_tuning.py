@@ -9,20 +9,22 @@ from nnbase import conv, tuning
 
 def test_rule_follows_the_caches():
   mib = tuning.MIB
-  assert tuning.rule_chunk_bytes({"L1d": 48 * 1024, "L2": mib, "L3": 32 * mib}) == 7 * mib
-  assert tuning.rule_chunk_bytes({"L1d": 32 * 1024, "L2": 2 * mib, "L3": 16 * mib}) == 3.5 * mib
-  assert tuning.rule_chunk_bytes({"L2": 2 * mib}) == mib  # floor
-  # A socket-wide L3 (a 2-core Xeon VM reports all 260 MiB): the per-core L2.
+  # The per-core L2: a 2-core AMD EPYC (Zen 4) and a 2-core Xeon VM, whose
+  # socket-wide L3 (260 MiB) is reported whole.
+  assert tuning.rule_chunk_bytes({"L1d": 32 * 1024, "L2": mib, "L3": 32 * mib}) == mib
   assert tuning.rule_chunk_bytes({"L1d": 48 * 1024, "L2": 2 * mib, "L3": 260 * mib}) == 2 * mib
+  assert tuning.rule_chunk_bytes({"L2": 512 * 1024, "L3": 16 * mib}) == mib  # floor
   assert tuning.rule_chunk_bytes({"L2": 64 * mib, "L3": 512 * mib}) == 32 * mib  # ceiling
-  assert tuning.rule_chunk_bytes({"L3": 512 * mib}) == tuning.DEFAULT_CHUNK_BYTES  # no L2
+  # No L2: 7/32 of a core complex's L3, nothing from a socket-wide one.
+  assert tuning.rule_chunk_bytes({"L3": 16 * mib}) == 3.5 * mib
+  assert tuning.rule_chunk_bytes({"L3": 512 * mib}) == tuning.DEFAULT_CHUNK_BYTES
   assert tuning.rule_chunk_bytes({}) == tuning.DEFAULT_CHUNK_BYTES
 
 
-def test_tuning_candidates_cover_both_branches_of_the_rule():
+def test_tuning_candidates_cover_the_l2_and_the_l3_share():
   mib = tuning.MIB
   epyc = {"L1d": 32 * 1024, "L2": mib, "L3": 32 * mib}
-  assert tuning.tuning_candidates(epyc) == [mib, 3.5 * mib, 7 * mib, 14 * mib]
+  assert tuning.tuning_candidates(epyc) == [mib, 2 * mib, 7 * mib]
   xeon = {"L1d": 48 * 1024, "L2": 2 * mib, "L3": 260 * mib}
   assert tuning.tuning_candidates(xeon) == [mib, 2 * mib, 4 * mib, 32 * mib]
   assert tuning.tuning_candidates({}) == [3.5 * mib, 7 * mib, 14 * mib]
