@@ -16,6 +16,14 @@ on_mkl = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _blas_on(monkeypatch):
+  """The BLAS path wanted whatever this CPU's default is (off on AMD CPUs):
+  these tests are about that path. `blas.forced` and each test's own
+  setting of DDPM_JAX_BLAS still override it."""
+  monkeypatch.setenv("DDPM_JAX_BLAS", "on")
+
+
 def _operands(rng, g, m, n, k, trans_a, trans_b, dtype=np.float32):
   a = rng.standard_normal(g + ((k, m) if trans_a else (m, k))).astype(dtype)
   b = rng.standard_normal(g + ((n, k) if trans_b else (k, n))).astype(dtype)
