@@ -8,9 +8,10 @@ and `winograd_tile()` at import, `nnbase.blas` asks `blas_default()`, and
    in `~/.cache/ddpm_jax/conv_tuning.json` (keyed by CPU model and cache sizes,
    so a copied home folder on another machine is ignored);
 2. else a rule from the cache sizes Linux reports (`rule_chunk_bytes`: the
-   per-core L2, within [1, 32] MiB); the GEMM path on; XLA's own convolution for the forward
-   pass of strided layers (never slower than the plain XLA path); and
-   Winograd F(4x4, 3x3) for float32 3x3 layers; MKL's GEMMs on Intel CPUs.
+   per-core L2, within [1, 32] MiB); the GEMM path on; XLA's own convolution
+   for the forward pass of strided layers (never slower than the plain XLA
+   path); Winograd F(4x4, 3x3) for float32 3x3 layers; and MKL's GEMMs on
+   Intel CPUs.
 `DDPM_JAX_CONV_TUNING=off` ignores the cached file.
 """
 
