@@ -30,6 +30,7 @@ from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
   UsageError,
 )
 from experiments.files import atomic_path, read_json, write_json_atomic  # noqa: F401
+from nnbase import user_cache
 from nnbase.param_files import WeightsError
 
 
@@ -278,7 +279,7 @@ def load_config(config_cls, workdir: str) -> tuple:
 
 
 def default_compilation_cache() -> str:
-  return os.path.join(os.path.expanduser("~"), ".cache", "ddpm_jax", "xla_cache")
+  return os.path.join(user_cache.CACHE_DIR, "xla_cache")
 
 
 def use_compilation_cache(directory: Optional[str]) -> Optional[str]:

@@ -36,13 +36,11 @@ bound the freed memory it keeps (default 2048). Measured in docs/design.md.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Mapping, Optional
+
+from nnbase import user_cache  # imports no JAX: the restart comes before it
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "DDPM_JAX_HUGEPAGES"
@@ -99,11 +97,7 @@ def hugepages_env(
 
 ALLOC_CACHE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "alloc_cache.c")
 ALLOC_CACHE_OPT_OUT = "DDPM_JAX_ALLOC_CACHE"
-ALLOC_CACHE_DIR = os.path.join(
-  os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
-  "ddpm_jax",
-  "alloc",
-)
+ALLOC_CACHE_DIR = os.path.join(user_cache.CACHE_DIR, "alloc")
 
 
 def alloc_cache_library(build_dir: str = ALLOC_CACHE_DIR) -> Optional[str]:
@@ -112,31 +106,13 @@ def alloc_cache_library(build_dir: str = ALLOC_CACHE_DIR) -> Optional[str]:
   build failed."""
   if glibc_version() is None:
     return None
+  compilers = (os.environ.get("CC"), "cc", "gcc")
   try:
-    with open(ALLOC_CACHE_SOURCE, "rb") as f:
-      key = hashlib.sha256(f.read()).hexdigest()[:16]
-  except OSError:
+    return user_cache.build_library(
+      ALLOC_CACHE_SOURCE, build_dir, "alloc_cache", compilers, libs=["-lpthread", "-ldl"]
+    )
+  except (OSError, RuntimeError):
     return None
-  target = os.path.join(build_dir, f"alloc_cache_{key}.so")
-  if os.path.exists(target):
-    return target
-  names = (os.environ.get("CC"), "cc", "gcc")
-  cc = next((shutil.which(c) for c in names if c and shutil.which(c)), None)
-  if cc is None:
-    return None
-  try:
-    os.makedirs(build_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=build_dir)
-    os.close(fd)
-    cmd = [cc, "-O2", "-shared", "-fPIC", ALLOC_CACHE_SOURCE, "-o", tmp, "-lpthread", "-ldl"]
-    ok = subprocess.run(cmd, capture_output=True).returncode == 0
-    if ok:
-      os.replace(tmp, target)  # atomic: processes building at once each land whole files
-    elif os.path.exists(tmp):
-      os.unlink(tmp)
-  except OSError:
-    return None
-  return target if ok else None
 
 
 def alloc_cache_active(env: Mapping[str, str] = os.environ) -> bool:

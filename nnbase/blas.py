@@ -23,13 +23,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Optional
 
 import jax
@@ -37,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nnbase import tuning
+from nnbase import tuning, user_cache
 
 TARGET = "nnbase_sgemm"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "blas_gemm.cc")
-BUILD_DIR = os.path.join(os.path.dirname(tuning.CACHE_FILE), "blas")
+BUILD_DIR = os.path.join(user_cache.CACHE_DIR, "blas")
 # A part of a product is one cblas_sgemm call; below this many flops a
 # product is not cut (a 128 x 400 x 40 head stays whole).
 MIN_PART_FLOPS = 4_000_000
@@ -63,40 +59,15 @@ def mkl_library() -> Optional[str]:
   return None
 
 
-def _compiler() -> Optional[str]:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
 def _build() -> str:
   """Compiles blas_gemm.cc once per source and jaxlib version; returns the .so path."""
   import jaxlib
 
-  with open(SOURCE, "rb") as f:
-    src = f.read()
-  key = hashlib.sha256(src + jaxlib.__version__.encode()).hexdigest()[:16]
-  target = os.path.join(BUILD_DIR, f"nnbase_blas_{key}.so")
-  if os.path.exists(target):
-    return target
-  cxx = _compiler()
-  if cxx is None:
-    raise RuntimeError("no C++ compiler (set CXX)")
-  os.makedirs(BUILD_DIR, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
-  os.close(fd)
-  cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", "-w"]
-  cmd += ["-I", jax.ffi.include_dir(), SOURCE, "-o", tmp, "-ldl"]
-  try:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
-    os.replace(tmp, target)  # atomic: processes building at once each land whole files
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return target
+  flags = ["-std=c++17", "-w", "-I", jax.ffi.include_dir()]
+  compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
+  return user_cache.build_library(
+    SOURCE, BUILD_DIR, "nnbase_blas", compilers, flags, ["-ldl"], salt=jaxlib.__version__.encode()
+  )
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,13 +22,11 @@ import os
 import platform
 from typing import Optional
 
+from nnbase import user_cache
+
 MIB = 2**20
 DEFAULT_CHUNK_BYTES = 7 * MIB  # when the caches cannot be read
-CACHE_FILE = os.path.join(
-  os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")),
-  "ddpm_jax",
-  "conv_tuning.json",
-)
+CACHE_FILE = os.path.join(user_cache.CACHE_DIR, "conv_tuning.json")
 
 
 def cpu_caches() -> dict:
