@@ -26,6 +26,7 @@ from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
   EXIT_DIVERGED,
   EXIT_INTERNAL,
   EXIT_IO,
+  EXIT_PREEMPTED,
   EXIT_USAGE,
   UsageError,
 )
@@ -532,6 +533,14 @@ def run_main(fn, argv=None) -> int:
 def exit_main(fn) -> None:
   """A job's `__main__`: `runtime.split_cpu_devices()` (one JAX device per CPU
   core; the module restarted for huge pages before its imports), then
-  `sys.exit(run_main(fn))`."""
+  `sys.exit(run_main(fn))`. A multi-process run that ends in order (exit 0,
+  or 143 after a stop all processes agreed on) tells the other processes
+  before it leaves (`distributed.announce_exit`)."""
   runtime.split_cpu_devices()  # one JAX device per core
-  sys.exit(run_main(fn))
+  try:
+    code = run_main(fn)
+  except SystemExit as e:  # 143: the runner's agreed stop
+    code = 0 if e.code is None else e.code
+  if code in (0, EXIT_PREEMPTED):
+    distributed.announce_exit()
+  sys.exit(code)

@@ -13,7 +13,10 @@
   whose beat has not moved for `WATCHDOG_SECONDS` (or a coordinator that no
   longer answers) ends the survivors with one line and `EXIT_PEER_LOST`
   instead of a hang in a collective. JAX's own heartbeat
-  (`HEARTBEAT_SECONDS`, longer) stays behind it as a backstop.
+  (`HEARTBEAT_SECONDS`, longer) stays behind it as a backstop. A process that
+  ends in order (the job done, or a stop all agreed on) says so before it
+  leaves (`announce_exit`), and the others stop watching it: at exit JAX
+  holds it in a shutdown barrier, beatless, until they all get there.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ BEAT_SECONDS = 2.0  # how often each process publishes its beat and reads the ot
 HEARTBEAT_SECONDS = 90  # JAX's own bound (it aborts the process): the backstop
 INIT_TIMEOUT_SECONDS = 120  # waiting for every process to join
 _BEAT_DIR = "ddpm_jax/beat/"
+_LEFT = "left"  # a process's last beat value when it ends in order
 _STOPPING = threading.Event()  # set at interpreter exit: the watchdogs end quietly
 _WATCHDOGS: list = []
+_FAREWELLS: list = []  # per watchdog: publishes this process's _LEFT
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -161,9 +166,11 @@ def start_watchdog(
         on_lost(f"the coordinator stopped answering ({type(e).__name__}: {str(e)[:120]})")
         return
       now = time.monotonic()
-      for p, (value, since) in seen.items():
+      for p, (value, since) in list(seen.items()):
         v = beats.get(f"{_BEAT_DIR}{p}")
-        if v != value:
+        if v == _LEFT:  # it ended in order and waits at JAX's shutdown barrier
+          del seen[p]
+        elif v != value:
           seen[p] = (v, now)
         elif now - since > stale_after:
           on_lost(
@@ -178,8 +185,26 @@ def start_watchdog(
   if not _WATCHDOGS:
     atexit.register(stop_watchdogs)
   _WATCHDOGS.append(thread)
+  _FAREWELLS.append(lambda: client.key_value_set(f"{_BEAT_DIR}{me}", _LEFT, allow_overwrite=True))
   thread.start()
   return thread
+
+
+def announce_exit() -> None:
+  """Tells the other processes that this one ends in order: their watchdogs
+  stop watching it, instead of declaring it lost while they finish their own
+  part (its beats stop at exit, and JAX then holds it in a shutdown barrier
+  until every process arrives). Only for an orderly end (exit 0, or 143 after
+  a stop all processes agreed on): a process that ends with an error says
+  nothing, so a peer waiting for it in a collective still hears within the
+  peer timeout."""
+  farewells = list(_FAREWELLS)
+  stop_watchdogs()  # first: no beat may overwrite the farewell
+  for farewell in farewells:
+    try:
+      farewell()
+    except Exception:  # the coordinator is gone already: nobody left to tell
+      pass
 
 
 def stop_watchdogs(timeout: float = 10.0) -> None:
@@ -189,6 +214,7 @@ def stop_watchdogs(timeout: float = 10.0) -> None:
   for thread in _WATCHDOGS:
     thread.join(timeout)
   _WATCHDOGS.clear()
+  _FAREWELLS.clear()
 
 
 def is_multiprocess() -> bool:

@@ -63,6 +63,14 @@ def _finish(procs: list, timeout: float = 400) -> list:
   return out
 
 
+def _tails(results: list) -> str:
+  """Every process's exit code and the end of its stderr: when one fails, the
+  other's log often says why (a peer that died first)."""
+  return "\n".join(
+    f"--- process {i}, exit {rc}:\n{err[-2500:]}" for i, (rc, err) in enumerate(results)
+  )
+
+
 def _single(module: str, args: list, devices: int = 4) -> str:
   r = subprocess.run(
     [sys.executable, "-m", module, *args],
@@ -133,10 +141,12 @@ def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
   args = ["--workdir", str(multi), *SMOKE, "--data_pipeline", "host"]
   # Two processes reading their rows on the host, stopped after 4 steps and
   # resumed: as one process with four devices and the data on them.
-  for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "4"])):
-    assert rc == 0 and "stopped at step 4 of 8" in err, err[-3000:]
-  for rc, err in _finish(_start("experiments.mnist_ddpm", args)):
-    assert rc == 0 and "resumed from checkpoint at step 4" in err, err[-3000:]
+  results = _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "4"]))
+  for rc, err in results:
+    assert rc == 0 and "stopped at step 4 of 8" in err, _tails(results)
+  results = _finish(_start("experiments.mnist_ddpm", args))
+  for rc, err in results:
+    assert rc == 0 and "resumed from checkpoint at step 4" in err, _tails(results)
   _single("experiments.mnist_ddpm", ["--workdir", str(single), *SMOKE])
 
   m, s = _metrics(multi), _metrics(single)
@@ -148,8 +158,8 @@ def test_two_processes_train_what_one_process_trains_and_resume(tmp_path):
 
   # Evaluation on two processes gives the single-process numbers.
   ev = ["--workdir", str(multi), "--sampler", "ddim", "--steps", "3", "--num_samples", "20"]
-  for rc, err in _finish(_start("experiments.evaluate", ev)):
-    assert rc == 0, err[-3000:]
+  results = _finish(_start("experiments.evaluate", ev))
+  assert [rc for rc, _ in results] == [0, 0], _tails(results)
   two = json.loads((multi / "eval" / "ddim_3steps_n20.json").read_text())
   _single("experiments.evaluate", ev)
   one = json.loads((multi / "eval" / "ddim_3steps_n20.json").read_text())
@@ -185,7 +195,7 @@ def test_sigterm_then_sigkill_of_one_process(tmp_path):
   results = _finish(procs)
   steps = set()
   for rc, err in results:
-    assert rc == 143 and "Traceback" not in err, err[-3000:]
+    assert rc == 143 and "Traceback" not in err, _tails(results)
     line = [x for x in err.splitlines() if x.startswith("SIGTERM at step")][-1]
     steps.add(int(line.split()[3].rstrip(":")))
   (step,) = steps  # the same step on both
@@ -204,8 +214,9 @@ def test_sigterm_then_sigkill_of_one_process(tmp_path):
   assert "stack trace" not in err, err[-3000:]
   latest = max(int(x) for x in os.listdir(workdir / "checkpoints") if x.isdigit())
   assert checkpoints.verify_manifest(str(workdir / "checkpoints" / str(latest))) is None
-  for rc, err in _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "2"])):
-    assert rc == 0 and f"resumed from checkpoint at step {latest}" in err, err[-3000:]
+  results = _finish(_start("experiments.mnist_ddpm", args + ["--stop_after_steps", "2"]))
+  for rc, err in results:
+    assert rc == 0 and f"resumed from checkpoint at step {latest}" in err, _tails(results)
 
 
 class _FakeClient:
@@ -248,6 +259,24 @@ def test_watchdog_keeps_quiet_while_every_peer_beats():
   assert lost == []
 
 
+def test_watchdog_stops_watching_a_peer_that_left_in_order():
+  lost, client = [], _FakeClient(frozen={2})
+  client.kv["ddpm_jax/beat/2"] = "left"  # process 2's farewell: it waits at JAX's shutdown
+  distributed.start_watchdog(0.2, 0.01, lost.append, client=client, me=0, n=3)
+  time.sleep(0.6)
+  distributed.stop_watchdogs()
+  assert lost == []
+
+
+def test_announce_exit_stops_the_beats_and_leaves_a_farewell():
+  client = _FakeClient()
+  thread = distributed.start_watchdog(0.2, 0.01, lambda m: None, client=client, me=0, n=3)
+  distributed.announce_exit()
+  assert not thread.is_alive() and client.kv["ddpm_jax/beat/0"] == "left"
+  time.sleep(0.05)
+  assert client.kv["ddpm_jax/beat/0"] == "left"  # no beat after it
+
+
 def test_watchdog_stopped_on_exit_gives_no_verdict_when_the_coordinator_goes():
   lost, client = [], _FakeClient()
   thread = distributed.start_watchdog(0.2, 0.01, lost.append, client=client, me=0, n=3)
@@ -284,15 +313,51 @@ def test_processes_that_end_together_exit_zero_though_the_coordinator_goes_first
     )
     for i in range(2)
   ]
-  for rc, err in _finish(procs, timeout=120):
-    assert rc == 0, err[-3000:]
+  results = _finish(procs, timeout=120)
+  assert [rc for rc, _ in results] == [0, 0], _tails(results)
+
+
+_ENDS_APART = """
+import argparse, sys, time
+from experiments import cli, distributed
+def main(argv):
+  a = argparse.Namespace(distributed="off", coordinator_address=argv[0], num_processes=2,
+                         process_id=int(argv[1]), peer_timeout=4.0)
+  distributed.initialize(a)
+  distributed.barrier("done")
+  if a.process_id == 1:
+    time.sleep(10)  # its own last part, past the peer timeout, after process 0 has ended
+cli.exit_main(main)
+"""
+
+
+def test_a_process_that_ends_first_in_order_is_not_taken_for_lost():
+  """Process 0 ends (exit 0) and waits at JAX's shutdown barrier, beatless,
+  while process 1 finishes for longer than the peer timeout: both exit 0.
+  Without the farewell, process 1 declared process 0 lost (exit 5) and JAX
+  aborted process 0 at its heartbeat timeout, 90 s later."""
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _ENDS_APART, f"127.0.0.1:{port}", str(i)],
+      cwd=ROOT,
+      env=_env(2),
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  t0 = time.time()
+  results = _finish(procs, timeout=150)
+  assert [rc for rc, _ in results] == [0, 0], _tails(results)
+  assert time.time() - t0 < 60, _tails(results)
 
 
 def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   args = ["--preset", "smoke", "--epochs", "2"]
-  for rc, err in _finish(_start("experiments.mnist_vae", ["--workdir", str(multi), *args])):
-    assert rc == 0, err[-3000:]
+  results = _finish(_start("experiments.mnist_vae", ["--workdir", str(multi), *args]))
+  assert [rc for rc, _ in results] == [0, 0], _tails(results)
   _single("experiments.mnist_vae", ["--workdir", str(single), *args], devices=2)
   two = json.loads((multi / "final_eval.json").read_text())
   one = json.loads((single / "final_eval.json").read_text())
