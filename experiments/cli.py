@@ -26,6 +26,7 @@ from experiments.errors import (  # noqa: F401  (the jobs use them as cli.X)
   EXIT_DIVERGED,
   EXIT_INTERNAL,
   EXIT_IO,
+  EXIT_PEER_LOST,
   EXIT_PREEMPTED,
   EXIT_USAGE,
   UsageError,
@@ -520,6 +521,15 @@ def run_main(fn, argv=None) -> int:
   except Exception as e:
     if debug:
       raise
+    if distributed.closed_by_a_peer(e):
+      print(
+        distributed.peer_lost_line(
+          "another process closed its connection in a collective (it failed or was killed: "
+          "see its own log)"
+        ),
+        file=sys.stderr,
+      )
+      return EXIT_PEER_LOST
     text = (str(e).strip().splitlines() or [""])[0][:300]
     print(
       f"{prog}: internal error: {type(e).__name__}: {text}. This is a bug, not a bad "
@@ -533,9 +543,10 @@ def run_main(fn, argv=None) -> int:
 def exit_main(fn) -> None:
   """A job's `__main__`: `runtime.split_cpu_devices()` (one JAX device per CPU
   core; the module restarted for huge pages before its imports), then
-  `sys.exit(run_main(fn))`. A multi-process run that ends in order (exit 0,
-  or 143 after a stop all processes agreed on) tells the other processes
-  before it leaves (`distributed.announce_exit`)."""
+  `sys.exit(run_main(fn))`. In a multi-process run, a process that ends in
+  order (exit 0, or 143 after a stop all processes agreed on) tells the
+  others before it leaves (`distributed.announce_exit`); one that ends with an
+  error leaves without JAX's shutdown barrier (`distributed.leave_after_error`)."""
   runtime.split_cpu_devices()  # one JAX device per core
   try:
     code = run_main(fn)
@@ -543,4 +554,6 @@ def exit_main(fn) -> None:
     code = 0 if e.code is None else e.code
   if code in (0, EXIT_PREEMPTED):
     distributed.announce_exit()
+  elif isinstance(code, int) and code:
+    distributed.leave_after_error(code)  # multi-process only; returns with one process
   sys.exit(code)

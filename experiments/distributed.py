@@ -42,7 +42,7 @@ _BEAT_DIR = "ddpm_jax/beat/"
 _LEFT = "left"  # a process's last beat value when it ends in order
 _STOPPING = threading.Event()  # set at interpreter exit: the watchdogs end quietly
 _WATCHDOGS: list = []
-_FAREWELLS: list = []  # per watchdog: publishes this process's _LEFT
+_WATCHED: list = []  # per watchdog: (client, this process's index, process count, stale_after)
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -114,15 +114,30 @@ def initialize(args: argparse.Namespace) -> None:
   start_watchdog(timeout)
 
 
+def peer_lost_line(message: str) -> str:
+  return (
+    f"error: {message}; stopping. The last complete checkpoint is intact: rerun every "
+    "process with the same flags to resume from it."
+  )
+
+
 def _peer_lost(message: str) -> None:
   """The watchdog's end of the process: one line, no cleanup (a collective
   may hold the main thread forever), the exit code of a lost peer."""
-  sys.stderr.write(
-    f"\nerror: {message}; stopping. The last complete checkpoint is intact: rerun every "
-    "process with the same flags to resume from it.\n"
-  )
+  sys.stderr.write(f"\n{peer_lost_line(message)}\n")
   sys.stderr.flush()
   os._exit(EXIT_PEER_LOST)
+
+
+def closed_by_a_peer(e: BaseException) -> bool:
+  """Whether `e` is a collective that failed because another process closed
+  its connection (it failed or was killed): on CPU, JAX's collectives run on
+  gloo over TCP and raise this instead of waiting, before the watchdog's
+  verdict."""
+  text = str(e)
+  return (
+    is_multiprocess() and "Gloo" in text and ("closed by peer" in text or "reset by peer" in text)
+  )
 
 
 def start_watchdog(
@@ -185,7 +200,7 @@ def start_watchdog(
   if not _WATCHDOGS:
     atexit.register(stop_watchdogs)
   _WATCHDOGS.append(thread)
-  _FAREWELLS.append(lambda: client.key_value_set(f"{_BEAT_DIR}{me}", _LEFT, allow_overwrite=True))
+  _WATCHED.append((client, me, n, stale_after))
   thread.start()
   return thread
 
@@ -196,15 +211,48 @@ def announce_exit() -> None:
   part (its beats stop at exit, and JAX then holds it in a shutdown barrier
   until every process arrives). Only for an orderly end (exit 0, or 143 after
   a stop all processes agreed on): a process that ends with an error says
-  nothing, so a peer waiting for it in a collective still hears within the
-  peer timeout."""
-  farewells = list(_FAREWELLS)
+  nothing (`leave_after_error`), so a peer waiting for it in a collective
+  still hears within the peer timeout."""
+  watched = list(_WATCHED)
   stop_watchdogs()  # first: no beat may overwrite the farewell
-  for farewell in farewells:
+  for client, me, _, _ in watched:
     try:
-      farewell()
+      client.key_value_set(f"{_BEAT_DIR}{me}", _LEFT, allow_overwrite=True)
     except Exception:  # the coordinator is gone already: nobody left to tell
       pass
+
+
+def leave_after_error(code: int, poll: float = BEAT_SECONDS) -> None:
+  """Ends a multi-process run's process that failed on its own (its one-line
+  error printed) with `code`, without JAX's shutdown barrier, which its peers
+  cannot reach: they wait for it in a collective until their watchdogs end
+  them (exit 5, "sent no beat"). Waiting there instead, JAX aborted this
+  process at its heartbeat timeout with a C++ stack trace and exit 134.
+  Process 0 hosts the coordination service, whose loss would abort the peers
+  at once the same way, so it first waits until their beats stop (at most the
+  peer timeout and a few beats). No-op without a watchdog (one process)."""
+  if not _WATCHED:
+    return
+  client, me, n, stale_after = _WATCHED[0]
+  stop_watchdogs()
+  if me == 0:
+    seen, deadline = {}, time.monotonic() + stale_after + 4 * poll
+    while time.monotonic() < deadline:
+      try:
+        beats = dict(client.key_value_dir_get(_BEAT_DIR))
+      except Exception:
+        break
+      now = time.monotonic()
+      for p in range(1, n):
+        v = beats.get(f"{_BEAT_DIR}{p}")
+        if p not in seen or seen[p][0] != v:
+          seen[p] = (v, now)
+      if all(v == _LEFT or now - t > 2.5 * poll for v, t in seen.values()):
+        break  # every peer has stopped beating: it is gone
+      time.sleep(poll / 2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def stop_watchdogs(timeout: float = 10.0) -> None:
@@ -214,7 +262,7 @@ def stop_watchdogs(timeout: float = 10.0) -> None:
   for thread in _WATCHDOGS:
     thread.join(timeout)
   _WATCHDOGS.clear()
-  _FAREWELLS.clear()
+  _WATCHED.clear()
 
 
 def is_multiprocess() -> bool:

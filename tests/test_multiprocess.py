@@ -353,6 +353,52 @@ def test_a_process_that_ends_first_in_order_is_not_taken_for_lost():
   assert time.time() - t0 < 60, _tails(results)
 
 
+_FAILS_ALONE = """
+import argparse, sys
+from experiments import cli, distributed
+def main(argv):
+  a = argparse.Namespace(distributed="off", coordinator_address=argv[0], num_processes=2,
+                         process_id=int(argv[1]), peer_timeout=4.0)
+  distributed.initialize(a)
+  distributed.barrier("one")
+  if a.process_id == int(argv[2]):
+    raise OSError(28, "No space left on device")
+  distributed.barrier("two")  # the other waits here for the one that failed
+cli.exit_main(main)
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_that_fails_alone_exits_with_its_code_and_the_other_with_5(failing):
+  """One process fails (a full disk: exit 4, one line); the other, waiting for
+  it in a collective, ends with exit 5 and one line (its watchdog's verdict,
+  or on CPU gloo's closed connection, whichever comes first). Before, the failing
+  process waited in JAX's shutdown barrier and was aborted (exit 134, a C++
+  stack trace; process 0 only after JAX's 90 s heartbeat timeout)."""
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _FAILS_ALONE, f"127.0.0.1:{port}", str(i), str(failing)],
+      cwd=ROOT,
+      env=_env(2),
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  t0 = time.time()
+  results = _finish(procs, timeout=150)
+  codes = [rc for rc, _ in results]
+  assert codes[failing] == errors.EXIT_IO and codes[1 - failing] == errors.EXIT_PEER_LOST, _tails(
+    results
+  )
+  assert time.time() - t0 < 60, _tails(results)
+  assert not any("stack trace" in err for _, err in results), _tails(results)
+  assert "No space left on device" in results[failing][1].strip().splitlines()[-1], _tails(results)
+  other = results[1 - failing][1].strip().splitlines()[-1]
+  assert other.startswith("error: ") and "rerun every process" in other, _tails(results)
+
+
 def test_vae_on_two_processes_gives_the_numbers_of_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   args = ["--preset", "smoke", "--epochs", "2"]
