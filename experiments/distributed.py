@@ -135,9 +135,8 @@ def closed_by_a_peer(e: BaseException) -> bool:
   gloo over TCP and raise this instead of waiting, before the watchdog's
   verdict."""
   text = str(e)
-  return (
-    is_multiprocess() and "Gloo" in text and ("closed by peer" in text or "reset by peer" in text)
-  )
+  by_peer = "Gloo" in text and ("closed by peer" in text or "reset by peer" in text)
+  return by_peer and is_multiprocess()
 
 
 def start_watchdog(
