@@ -55,6 +55,21 @@ def _start(module: str, args: list, n: int = 2, port=None) -> list:
   return procs[::-1]  # index = process id
 
 
+def _start_code(code: str, *args: str, n: int = 2) -> list:
+  """Starts `n` processes of `python -c code 127.0.0.1:PORT process_id *args`."""
+  port = _free_port()
+  return [
+    subprocess.Popen(
+      [sys.executable, "-c", code, f"127.0.0.1:{port}", str(i), *args],
+      cwd=ROOT,
+      env=_env(2),
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(n)
+  ]
+
+
 def _finish(procs: list, timeout: float = 400) -> list:
   out = []
   for p in procs:
@@ -302,33 +317,28 @@ distributed.barrier("done")
 def test_processes_that_end_together_exit_zero_though_the_coordinator_goes_first():
   # At exit JAX shuts the runtime down (process 0 takes the coordinator with
   # it) while the other process may still live for a while: no lost peer.
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _LINGER, f"127.0.0.1:{port}", str(i)],
-      cwd=ROOT,
-      env=_env(2),
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = _start_code(_LINGER)
   results = _finish(procs, timeout=120)
   assert [rc for rc, _ in results] == [0, 0], _tails(results)
 
 
-_ENDS_APART = """
+# A job through the jobs' own exit path (`cli.exit_main`), two processes, a 4 s
+# peer timeout; `{body}` runs after both have passed a first barrier.
+_JOB = """
 import argparse, sys, time
 from experiments import cli, distributed
 def main(argv):
   a = argparse.Namespace(distributed="off", coordinator_address=argv[0], num_processes=2,
                          process_id=int(argv[1]), peer_timeout=4.0)
   distributed.initialize(a)
-  distributed.barrier("done")
-  if a.process_id == 1:
-    time.sleep(10)  # its own last part, past the peer timeout, after process 0 has ended
+  distributed.barrier("one")
+{body}
 cli.exit_main(main)
 """
+_ENDS_APART = _JOB.format(
+  body="""  if a.process_id == 1:
+    time.sleep(10)  # its own last part, past the peer timeout, after process 0 has ended"""
+)
 
 
 def test_a_process_that_ends_first_in_order_is_not_taken_for_lost():
@@ -336,36 +346,18 @@ def test_a_process_that_ends_first_in_order_is_not_taken_for_lost():
   while process 1 finishes for longer than the peer timeout: both exit 0.
   Without the farewell, process 1 declared process 0 lost (exit 5) and JAX
   aborted process 0 at its heartbeat timeout, 90 s later."""
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _ENDS_APART, f"127.0.0.1:{port}", str(i)],
-      cwd=ROOT,
-      env=_env(2),
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = _start_code(_ENDS_APART)
   t0 = time.time()
   results = _finish(procs, timeout=150)
   assert [rc for rc, _ in results] == [0, 0], _tails(results)
   assert time.time() - t0 < 60, _tails(results)
 
 
-_FAILS_ALONE = """
-import argparse, sys
-from experiments import cli, distributed
-def main(argv):
-  a = argparse.Namespace(distributed="off", coordinator_address=argv[0], num_processes=2,
-                         process_id=int(argv[1]), peer_timeout=4.0)
-  distributed.initialize(a)
-  distributed.barrier("one")
-  if a.process_id == int(argv[2]):
+_FAILS_ALONE = _JOB.format(
+  body="""  if a.process_id == int(argv[2]):
     raise OSError(28, "No space left on device")
-  distributed.barrier("two")  # the other waits here for the one that failed
-cli.exit_main(main)
-"""
+  distributed.barrier("two")  # the other waits here for the one that failed"""
+)
 
 
 @pytest.mark.parametrize("failing", [0, 1])
@@ -375,17 +367,7 @@ def test_a_process_that_fails_alone_exits_with_its_code_and_the_other_with_5(fai
   or on CPU gloo's closed connection, whichever comes first). Before, the failing
   process waited in JAX's shutdown barrier and was aborted (exit 134, a C++
   stack trace; process 0 only after JAX's 90 s heartbeat timeout)."""
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _FAILS_ALONE, f"127.0.0.1:{port}", str(i), str(failing)],
-      cwd=ROOT,
-      env=_env(2),
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
+  procs = _start_code(_FAILS_ALONE, str(failing))
   t0 = time.time()
   results = _finish(procs, timeout=150)
   codes = [rc for rc, _ in results]
