@@ -139,6 +139,18 @@ def closed_by_a_peer(e: BaseException) -> bool:
   return by_peer and is_multiprocess()
 
 
+def _follow_beats(seen: dict, beats: dict, now: float) -> None:
+  """Updates `seen`, {process: (its last beat, when that beat changed)}, from
+  the store's `beats`; a process whose beat is the farewell `_LEFT` ended in
+  order (it waits at JAX's shutdown barrier) and is no longer followed."""
+  for p, (value, _) in list(seen.items()):
+    v = beats.get(f"{_BEAT_DIR}{p}")
+    if v == _LEFT:
+      del seen[p]
+    elif v != value:
+      seen[p] = (v, now)
+
+
 def start_watchdog(
   stale_after: float = WATCHDOG_SECONDS,
   period: float = BEAT_SECONDS,
@@ -180,13 +192,9 @@ def start_watchdog(
         on_lost(f"the coordinator stopped answering ({type(e).__name__}: {str(e)[:120]})")
         return
       now = time.monotonic()
-      for p, (value, since) in list(seen.items()):
-        v = beats.get(f"{_BEAT_DIR}{p}")
-        if v == _LEFT:  # it ended in order and waits at JAX's shutdown barrier
-          del seen[p]
-        elif v != value:
-          seen[p] = (v, now)
-        elif now - since > stale_after:
+      _follow_beats(seen, beats, now)
+      for p, (_, since) in seen.items():
+        if now - since > stale_after:
           on_lost(
             f"process {p} of {n} sent no beat for {now - since:.0f} s (killed, or its host "
             "was lost)"
@@ -235,19 +243,17 @@ def leave_after_error(code: int, poll: float = BEAT_SECONDS) -> None:
   client, me, n, stale_after = _WATCHED[0]
   stop_watchdogs()
   if me == 0:
-    seen, deadline = {}, time.monotonic() + stale_after + 4 * poll
+    seen = {p: (None, time.monotonic()) for p in range(1, n)}
+    deadline = time.monotonic() + stale_after + 4 * poll
     while time.monotonic() < deadline:
       try:
         beats = dict(client.key_value_dir_get(_BEAT_DIR))
       except Exception:
         break
       now = time.monotonic()
-      for p in range(1, n):
-        v = beats.get(f"{_BEAT_DIR}{p}")
-        if p not in seen or seen[p][0] != v:
-          seen[p] = (v, now)
-      if all(v == _LEFT or now - t > 2.5 * poll for v, t in seen.values()):
-        break  # every peer has stopped beating: it is gone
+      _follow_beats(seen, beats, now)
+      if all(now - since > 2.5 * poll for _, since in seen.values()):
+        break  # every peer has stopped beating (or left in order): it is gone
       time.sleep(poll / 2)
   sys.stdout.flush()
   sys.stderr.flush()
