@@ -27,8 +27,9 @@ CACHE_DIR = os.path.join(
 def find_compiler(names: Sequence[Optional[str]]) -> Optional[str]:
   """The full path of the first of `names` on PATH (None entries skipped), or None."""
   for name in names:
-    if name and shutil.which(name):
-      return shutil.which(name)
+    path = shutil.which(name) if name else None
+    if path:
+      return path
   return None
 
 
