@@ -67,9 +67,36 @@ def _field_parser(tp):
   return tp
 
 
+def _launch_name() -> Optional[str]:
+  """The job's name as launched, `python -m experiments.X`, or None for any
+  other launch (argparse would name the file, "X.py", not what the user typed)."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  name = getattr(spec, "name", "") or ""
+  return f"python -m {name}" if name.startswith("experiments.") else None
+
+
 class _Parser(argparse.ArgumentParser):
+  """The jobs' parser: a bad flag raises UsageError (one line, exit 2), and
+  the usage line and errors name the job as it was launched."""
+
+  def __init__(self, *args, **kwargs):
+    if not args and kwargs.get("prog") is None:
+      kwargs["prog"] = _launch_name()
+    super().__init__(*args, **kwargs)
+
   def error(self, message):
     raise UsageError(message)
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends "(default: X)" only where X is a value and the help does not
+  name a default itself. A config flag's argparse default is None, meaning
+  "the preset's, or the stored run's", and its help names the field's default."""
+
+  def _get_help_string(self, action):
+    if action.default is None or "default" in (action.help or ""):
+      return action.help
+    return super()._get_help_string(action)
 
 
 def build_parser(
@@ -77,7 +104,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
   hints = typing.get_type_hints(config_cls)
   defaults = config_cls()
-  p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = _Parser(description=description, formatter_class=_DefaultsFormatter)
   p.add_argument(
     "--workdir",
     required=True,
@@ -110,12 +137,15 @@ def build_parser(
   )
   for f in dataclasses.fields(config_cls):
     helptext = f.metadata.get("help", "")
+    value = getattr(defaults, f.name)
+    if value is not None and "default" not in helptext:  # None: the help says what happens
+      helptext += f" (default: {value!r})"
     p.add_argument(
       f"--{f.name}",
       type=_field_parser(hints[f.name]),
       default=None,
       metavar=hints[f.name].__name__ if isinstance(hints[f.name], type) else "VALUE",
-      help=f"{helptext} (default: {getattr(defaults, f.name)!r})",
+      help=helptext,
     )
   distributed.add_flags(p)
   return p
@@ -178,18 +208,25 @@ def unlock_workdir(workdir: str) -> None:
     os.close(fd)  # closing the descriptor releases the flock
 
 
+def prepare_output_dir(path: str) -> None:
+  """Creates folder `path` and checks that files can be written there
+  (OSError if not), so that a job fails before its work, not after it."""
+  files.makedirs(path)
+  if files.is_remote(path):
+    return  # the first upload tells
+  with tempfile.TemporaryFile(dir=path) as f:
+    f.write(b"ok\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def prepare_workdir(workdir: str) -> None:
   """Creates `workdir`, locks it for this process (see `lock_workdir`) and
   checks that files can be written there (OSError if not), before a job
   changes anything in it."""
   files.makedirs(workdir)
   lock_workdir(workdir)
-  if files.is_remote(workdir):
-    return  # the first upload (config.json) tells
-  with tempfile.TemporaryFile(dir=workdir) as f:
-    f.write(b"ok\n")
-    f.flush()
-    os.fsync(f.fileno())
+  prepare_output_dir(workdir)
 
 
 def stored_fields(workdir: str) -> dict:
@@ -489,7 +526,7 @@ def run_main(fn, argv=None) -> int:
   shows its traceback instead.
   """
 
-  prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job"
+  prog = _launch_name() or (os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "job")
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = "--debug" in argv  # any other exception: its traceback instead of one line
   argv = [a for a in argv if a != "--debug"]

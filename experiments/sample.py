@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ddpm_jax as dj
-from experiments import cli, ddpm_setup, distributed, files, plotting
+from experiments import cli, ddpm_setup, distributed, plotting
 from experiments.files import atomic_path
 from nnbase import pixels
 
@@ -124,6 +124,8 @@ def main(argv=None) -> None:
     raise cli.UsageError(
       "--digits needs a class-conditional model; this one was trained without labels"
     )
+  if distributed.is_writer():  # multi-process: process 0 writes
+    cli.prepare_output_dir(a.out)  # an unwritable --out fails now, not after the sampling
   w = default_w if a.guidance_scale is None else a.guidance_scale
   n = a.num_samples
   labels = (
@@ -155,9 +157,8 @@ def main(argv=None) -> None:
   print(file=sys.stderr)
   images = np.concatenate(out)[:n]
   u8 = pixels.to_uint8(images)
-  if not distributed.is_writer():  # multi-process: process 0 writes
+  if not distributed.is_writer():
     return
-  files.makedirs(a.out)
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:
       np.savez_compressed(f, images=u8, labels=labels)

@@ -211,6 +211,25 @@ def test_evaluate_refuses_up_front(finished_run, flags, text, capsys):
   assert code == 2 and text in err, err
 
 
+@pytest.mark.parametrize("job", ["sample", "evaluate"])
+def test_an_unwritable_output_folder_fails_before_any_sampling(tmp_path, job, monkeypatch, capsys):
+  """--out under a file: exit 4 in one line before the job samples, not after."""
+  import ddpm_jax as dj
+  from experiments import sample
+
+  def sampled(*args, **kwargs):
+    raise AssertionError("the job worked before it checked its output folder")
+
+  monkeypatch.setattr(dj, "sample", sampled)  # what sample draws with
+  monkeypatch.setattr(evaluate, "Scorer", sampled)  # what evaluate builds first
+  (tmp_path / "file").write_text("")
+  out = str(tmp_path / "file" / "out")
+  argv = ["--pretrained", "mnist", "--out", out, "--num_samples", "10", "--steps", "2"]
+  code, err = _run(argv, capsys, main=sample.main if job == "sample" else evaluate.main)
+  assert code == cli.EXIT_IO and "Not a directory" in err, err
+  assert len(err.strip().splitlines()) == 1, err
+
+
 def test_second_job_on_a_locked_workdir_is_refused(tmp_path):
   """While one job holds the workdir, a second gets one line naming its pid."""
   import subprocess

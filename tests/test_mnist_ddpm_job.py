@@ -122,6 +122,22 @@ def test_help_lists_flags():
     assert flag in p.stdout
 
 
+@pytest.mark.parametrize("job", ["mnist_ddpm", "mnist_vae", "sample"])
+def test_help_names_the_job_as_launched_and_each_default_once(job):
+  p = subprocess.run(
+    [sys.executable, "-m", f"experiments.{job}", "--help"], capture_output=True, text=True
+  )
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.startswith(f"usage: python -m experiments.{job} "), p.stdout[:200]
+  text = " ".join(p.stdout.split())
+  assert "(default: None)" not in text  # a config flag's None means "the preset's"
+  assert "default 30 (default: 30.0)" not in text, text  # --peer_timeout's help names it
+  bad = subprocess.run(
+    [sys.executable, "-m", f"experiments.{job}", "--no_such_flag"], capture_output=True, text=True
+  )
+  assert bad.returncode == 2 and bad.stderr.startswith(f"python -m experiments.{job}: error:")
+
+
 def test_bfloat16_compute_keeps_float32_state(tmp_path):
   run(tmp_path, "--compute_dtype", "bfloat16", "--steps", "2", "--num_samples", "4")
   records = cli.MetricsLog.read(str(tmp_path / "metrics.jsonl"))
