@@ -14,14 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _uint8(images_u8: Any) -> jax.Array:
+  """`images_u8` as a jnp array; TypeError unless its dtype is uint8 (float
+  images already scaled to [0, 1] would otherwise be divided by 255 again)."""
+  x = jnp.asarray(images_u8)
+  if x.dtype != jnp.uint8:
+    raise TypeError(f"expected uint8 images (pixel values 0..255), got dtype {x.dtype}")
+  return x
+
+
 def u8_to_unit(images_u8: jax.Array) -> jax.Array:
   """uint8 [...] -> float32 in [0, 1] (jnp; works under jit)."""
-  return jnp.asarray(images_u8).astype(jnp.float32) / 255.0
+  return _uint8(images_u8).astype(jnp.float32) / 255.0
 
 
 def u8_to_signed(images_u8: jax.Array) -> jax.Array:
   """uint8 [...] -> float32 in [-1, 1] (jnp; works under jit)."""
-  return jnp.asarray(images_u8).astype(jnp.float32) / 127.5 - 1.0
+  return _uint8(images_u8).astype(jnp.float32) / 127.5 - 1.0
 
 
 def to_unit(images: Any, value_range: Tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:

@@ -144,14 +144,18 @@ def test_iwae_k1_equals_elbo_in_expectation_and_grows_with_k():
 
 
 def test_iwae_chunking_gives_same_bound():
+  """The chunk is a memory knob: the same key gives the same bound for any chunk."""
   vae, params = tiny_vae()
   enc, dec = vj.vae_fns(vae, params)
   x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
-  a = vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=40)
-  b = vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=40)
-  np.testing.assert_allclose(a, b)
-  c = jax.jit(lambda x: vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=10))(x)
-  assert np.all(np.isfinite(c)) and c.shape == (4,)
+  key = jax.random.key(4)
+  whole = vj.iwae_bound(enc, dec, key, x, 40, chunk=40)
+  assert whole.shape == (4,) and np.all(np.isfinite(whole))
+  for chunk in (10, 7, 1):  # 7 does not divide 40: chunks of gcd(40, 7) = 1
+    bound = jax.jit(lambda x, c=chunk: vj.iwae_bound(enc, dec, key, x, 40, chunk=c))(x)
+    np.testing.assert_allclose(bound, whole, rtol=1e-5, err_msg=f"chunk {chunk}")
+  with pytest.raises(ValueError, match="chunk"):
+    vj.iwae_bound(enc, dec, jax.random.key(4), x, 40, chunk=0)
 
 
 def test_train_epoch_lowers_loss():
@@ -243,3 +247,24 @@ def test_dynamic_binarization_draws_bernoulli_pixels():
   assert u8.dtype == jnp.uint8 and set(np.unique(np.asarray(u8)).tolist()) <= {0, 255}
   with pytest.raises(ValueError, match="binarization"):
     vj.make_train_epoch(None, None, base_rng=jax.random.key(0), batch_size=2, binarization="x")
+
+
+def test_images_in_float_are_refused_not_scaled_a_second_time():
+  """The epoch and evaluation take uint8 pixels; float images already in [0, 1]
+  would be divided by 255 again and train on near-black digits."""
+  from nnbase import pixels
+
+  vae = vj.make_vae("mlp", latent_dim=4, hidden=16)
+  tx = optax.adam(1e-3)
+  state = vj.create_state(jax.random.key(0), vae, tx, 4)
+  unit = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+  epoch = jax.jit(vj.make_train_epoch(vae, tx, base_rng=jax.random.key(2), batch_size=4))
+  with pytest.raises(TypeError, match="uint8"):
+    epoch(state, unit, 0)
+  with pytest.raises(TypeError, match="uint8"):
+    vj.make_evaluate(vae, batch_size=4)(state.params, unit, jax.random.key(3))
+  with pytest.raises(TypeError, match="uint8"):
+    pixels.u8_to_signed(unit)
+  u8 = (unit * 255).astype(jnp.uint8)
+  np.testing.assert_allclose(pixels.u8_to_unit(u8), u8 / 255.0, rtol=1e-6)
+  assert np.isfinite(float(epoch(state, u8, 0)[1]["loss"]))

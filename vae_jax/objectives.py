@@ -170,19 +170,20 @@ def iwae_bound(
 
   With k = 1 this is the one-sample ELBO; it grows with k towards log p(x).
   Computed in chunks of `chunk` samples with a running log-sum-exp, so memory
-  is O(B * chunk) whatever k.
+  is O(B * chunk) whatever k. Sample j's noise is drawn with fold_in(rng, j):
+  the same rng gives the same bound for any chunk (to float rounding).
 
   Args:
     x: [B, ...] data in [0, 1].
     k: importance samples, >= 1.
-    chunk: samples per chunk; k is rounded up to a multiple of it internally
-      only if it divides evenly, else chunk = k.
+    chunk: samples per chunk, >= 1; where it does not divide k, the chunk
+      is gcd(k, chunk), so every chunk has the same size.
 
   Returns:
     [B] bounds in nats (negate for an NLL estimate).
   """
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
+  if k < 1 or chunk < 1:
+    raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
   chunk = min(chunk, k)
   if k % chunk:
     chunk = math.gcd(k, chunk)
@@ -191,7 +192,12 @@ def iwae_bound(
   xf = x.reshape(x.shape[0], -1)
 
   def one_chunk(carry, i):
-    eps = jax.random.normal(jax.random.fold_in(rng, i), (chunk,) + mean.shape, mean.dtype)
+    # Sample j's noise [B, L] is drawn with fold_in(rng, j), so the bound
+    # does not depend on how the k samples are chunked.
+    def draw(j):
+      return jax.random.normal(jax.random.fold_in(rng, j), mean.shape, mean.dtype)
+
+    eps = jax.vmap(draw)(i * chunk + jnp.arange(chunk))
     z = reparameterize(None, mean[None], logvar[None], eps)  # [S, B, L]
     out = decode_fn(z.reshape(-1, z.shape[-1])).reshape(chunk, x.shape[0], -1)
     log_w = (
