@@ -30,6 +30,23 @@ def _check_features(name: str, f: np.ndarray, min_rows: int = 2) -> np.ndarray:
   return f.astype(np.float64)
 
 
+def _check_probs(probs: np.ndarray, min_rows: int = 1) -> np.ndarray:
+  """probs [N, C] as float64; ValueError unless each row is a distribution
+  (logits passed by mistake would give a silently wrong score)."""
+  p = np.asarray(probs, np.float64)
+  if p.ndim != 2 or p.shape[0] < min_rows:
+    raise ValueError(f"probs must be [N, C] with N >= {min_rows}, got shape {p.shape}")
+  sums = p.sum(axis=1)
+  if not (np.all(np.isfinite(p)) and p.min() >= 0 and p.max() <= 1 + 1e-6):
+    raise ValueError(
+      f"probs must be probabilities in [0, 1] (softmax of the logits), got values in "
+      f"[{np.nanmin(p):.4g}, {np.nanmax(p):.4g}]"
+    )
+  if np.any(np.abs(sums - 1) > 1e-3):
+    raise ValueError(f"probs rows must sum to 1, got sums in [{sums.min():.4g}, {sums.max():.4g}]")
+  return p
+
+
 def feature_stats(features: np.ndarray) -> tuple:
   """(mean [D], covariance [D, D]) in float64; the covariance uses N - 1."""
   f = _check_features("features", features)
@@ -173,9 +190,7 @@ def precision_recall(
 def classifier_score(probs: np.ndarray, splits: int = 10) -> dict:
   """exp(E_x KL(p(y|x) || p(y))) over all samples, and the mean/std over `splits`
   equal parts (the Inception Score's usual report). probs: [N, C] rows summing to 1."""
-  p = np.asarray(probs, np.float64)
-  if p.ndim != 2 or p.shape[0] < splits:
-    raise ValueError(f"probs must be [N, C] with N >= splits={splits}, got {p.shape}")
+  p = _check_probs(probs, splits)
 
   def score(q):
     py = q.mean(0, keepdims=True)
@@ -193,7 +208,7 @@ def classifier_score(probs: np.ndarray, splits: int = 10) -> dict:
 def class_histogram(probs: np.ndarray) -> dict:
   """Counts of the predicted classes, their fractions, and the total-variation
   distance of those fractions from uniform (0 = perfectly balanced)."""
-  p = np.asarray(probs)
+  p = _check_probs(probs)
   counts = np.bincount(p.argmax(1), minlength=p.shape[1])
   frac = counts / counts.sum()
   return {
@@ -223,9 +238,7 @@ READABLE_THRESHOLD = 0.9
 def readable_fraction(probs: np.ndarray, threshold: float = READABLE_THRESHOLD) -> float:
   """Share of images that the classifier assigns one class with probability
   >= threshold: probs [N, K] -> a number in [0, 1]."""
-  p = np.asarray(probs, np.float64)
-  if p.ndim != 2 or p.shape[0] < 1:
-    raise ValueError(f"probs must be [N, K] with N >= 1, got shape {p.shape}")
+  p = _check_probs(probs)
   return float(np.mean(p.max(axis=1) >= threshold))
 
 

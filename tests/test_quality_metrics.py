@@ -125,3 +125,14 @@ def test_precision_recall_with_kept_real_radii_is_the_same():
   assert qm.precision_recall(real, fake, 3, real_radii=kept) == qm.precision_recall(real, fake, 3)
   with pytest.raises(ValueError, match=r"real_radii must be \[60\]"):
     qm.precision_recall(real, fake, 3, real_radii=kept[:10])
+
+
+def test_scores_on_class_probabilities_refuse_logits():
+  logits = np.random.default_rng(0).normal(size=(50, 10)) * 3
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  for fn in (qm.classifier_score, qm.class_histogram, qm.readable_fraction):
+    fn(probs.astype(np.float32))  # a float32 softmax passes
+    with pytest.raises(ValueError, match="probabilities"):
+      fn(logits)
+    with pytest.raises(ValueError, match="sum to 1"):
+      fn(probs * 0.5)
