@@ -124,8 +124,6 @@ def main(argv=None) -> None:
     raise cli.UsageError(
       "--digits needs a class-conditional model; this one was trained without labels"
     )
-  if distributed.is_writer():  # multi-process: process 0 writes
-    cli.prepare_output_dir(a.out)  # an unwritable --out fails now, not after the sampling
   w = default_w if a.guidance_scale is None else a.guidance_scale
   n = a.num_samples
   labels = (
@@ -133,6 +131,8 @@ def main(argv=None) -> None:
     if a.digits is not None
     else np.full((n,), -1, np.int32)
   )
+  if distributed.is_writer():  # multi-process: process 0 writes
+    cli.prepare_output_dir(a.out)  # an unwritable --out fails now, not after the sampling
   b = min(a.batch_size, n)
   shape = (b,) + (28, 28, 1)
 
