@@ -50,18 +50,24 @@ def classifier_free_eps_fn(
   if isinstance(scale, (int, float)) and not scale >= 0:
     raise ValueError(f"guidance scale must be >= 0, got {scale!r}")
   labels = jnp.asarray(labels)
-  if labels.ndim != 1:
-    raise ValueError(f"labels must have shape [B], got {labels.shape}")
+  if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be ints of shape [B], got {labels.dtype}{list(labels.shape)}")
+  if not isinstance(labels, jax.core.Tracer) and labels.size:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi > null_label:  # the embedding lookup would give NaN samples
+      raise ValueError(
+        f"labels must lie in 0..{null_label} ({null_label}: the null label), got {lo}..{hi}"
+      )
   null = jnp.full_like(labels, null_label)
-  if isinstance(scale, (int, float)) and scale == 0:
-    return lambda x_t, t: cond_eps_fn(x_t, t, null)
-  if isinstance(scale, (int, float)) and scale == 1:
-    return lambda x_t, t: cond_eps_fn(x_t, t, labels)
+
+  one_call = isinstance(scale, (int, float)) and scale in (0, 1)
 
   def eps_fn(x_t, t):
     b = x_t.shape[0]
     if labels.shape[0] != b:
       raise ValueError(f"{labels.shape[0]} labels for a batch of {b} images")
+    if one_call:
+      return cond_eps_fn(x_t, t, labels if scale == 1 else null)
     both = cond_eps_fn(
       jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -342,4 +343,7 @@ def make_model(preset: str, **overrides) -> nn.Module:
   """Returns the U-Net preset `preset` with field overrides (e.g. dtype)."""
   if preset not in PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
+  n = overrides.get("num_classes", 0)
+  if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    raise ValueError(f"num_classes must be an int >= 0 (0: unconditional), got {n!r}")
   return PRESETS[preset](**overrides)

@@ -124,10 +124,20 @@ def test_guidance_argument_errors(schedule):
     dj.classifier_free_eps_fn(cond, jnp.zeros(3, jnp.int32), -1.0, NULL)
   with pytest.raises(ValueError, match="shape"):
     dj.classifier_free_eps_fn(cond, jnp.zeros((3, 1), jnp.int32), 2.0, NULL)
-  with pytest.raises(ValueError, match="labels for a batch"):
-    dj.classifier_free_eps_fn(cond, jnp.zeros(3, jnp.int32), 2.0, NULL)(
-      jnp.zeros((4, 2, 2, 1)), jnp.zeros(4, jnp.int32)
-    )
+  for scale in (1.0, 2.0):  # the one-call scales check the count too
+    with pytest.raises(ValueError, match="labels for a batch"):
+      dj.classifier_free_eps_fn(cond, jnp.zeros(3, jnp.int32), scale, NULL)(
+        jnp.zeros((4, 2, 2, 1)), jnp.zeros(4, jnp.int32)
+      )
+  # A label past the null label would index outside the embedding: NaN samples.
+  for bad in ([0, NULL + 1], [-1, 0]):
+    with pytest.raises(ValueError, match=f"0..{NULL}"):
+      dj.classifier_free_eps_fn(cond, jnp.array(bad, jnp.int32), 2.0, NULL)
+  with pytest.raises(ValueError, match="ints"):
+    dj.classifier_free_eps_fn(cond, jnp.zeros(3), 2.0, NULL)
+  dj.classifier_free_eps_fn(cond, jnp.array([0, NULL], jnp.int32), 2.0, NULL)  # null: allowed
+  with pytest.raises(ValueError, match="num_classes"):
+    dj.make_model("test", num_classes=-1)
 
 
 # Small versions of both U-Nets (quick to compile).
