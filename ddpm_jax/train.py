@@ -217,6 +217,11 @@ def make_train_step(
           "num_classes > 0 to train it class-conditionally"
         )
       images, extra = batch, {}
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(
+        f"images must be floats in [-1, 1], got {images.dtype} "
+        "(uint8 pixels: nnbase.pixels.u8_to_signed converts them)"
+      )
 
     def apply(params, x_t, t, rng):
       return model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": rng}, **extra)

@@ -66,6 +66,10 @@ def test_optimizer_errors():
   with pytest.raises(ValueError, match="ema_decay"):
     model, schedule, tx, _ = setup()
     dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(0), ema_decay=1.0)
+  model, schedule, tx, state = setup()
+  step = dj.make_train_step(model, schedule, tx, base_rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="floats in \\[-1, 1\\], got uint8"):
+    jax.eval_shape(step, state, jnp.zeros((4, 8, 8, 1), jnp.uint8))
 
 
 def test_learning_rate_schedule_warmup_then_cosine():
