@@ -102,6 +102,17 @@ def test_ddim_timesteps():
       lambda s: dj.ddpm_sample(lambda x, t: x, s, jax.random.key(0), SHAPE, variance="big"),
       "unknown variance",
     ),
+    (lambda s: dj.sample(lambda x, t: x, s, jax.random.key(0), 16), "shape must be \\(B, ...\\)"),
+  ]
+  + [
+    # An eps_fn that returns the wrong shape (a learned-variance head's 2C
+    # channels, a tuple) is named at trace time, not as a lax.scan type error.
+    (
+      lambda s, name=name, out=out: dj.sample(out, s, jax.random.key(0), SHAPE, name, num_steps=2),
+      "eps_fn\\(x_t, t\\) must return an array shaped like x_t",
+    )
+    for name in ("ddpm", "ddim", "dpm", "dpm_sde")
+    for out in (lambda x, t: jnp.concatenate([x, x], -1), lambda x, t: (x, x))
   ],
 )
 def test_sampler_argument_errors(call, match):
