@@ -6,6 +6,8 @@
   for `guidance.classifier_free_eps_fn`.
 * `gaussian_eps_fn`: the exact eps of N(mu, sd^2) data, a known answer for
   checking samplers.
+* `call_eps_fn`: how the samplers and the bound call an eps_fn (its output's
+  shape checked).
 
 Shapes: x_t [B, H, W, C], t [B] int32, y [B] int, eps like x_t.
 """
@@ -23,6 +25,18 @@ from ddpm_jax.parameterization import check_parameterization, to_eps
 from ddpm_jax.schedules import Schedule
 
 CondEpsFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def call_eps_fn(eps_fn: Callable, x_t: jax.Array, t: jax.Array) -> jax.Array:
+  """eps_fn(x_t, t) in float32, for the samplers and the bound: a ValueError
+  when it is not shaped like x_t (checked while tracing: free per step)."""
+  eps = eps_fn(x_t, t)
+  if getattr(eps, "shape", None) != x_t.shape:
+    got = tuple(eps.shape) if hasattr(eps, "shape") else type(eps).__name__
+    raise ValueError(
+      f"eps_fn(x_t, t) must return an array shaped like x_t {tuple(x_t.shape)}, got {got}"
+    )
+  return eps.astype(jnp.float32)
 
 
 def model_eps_fn(

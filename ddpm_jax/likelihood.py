@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm
 
 from ddpm_jax.diffusion import extract, p_mean_from_eps, q_posterior_mean_variance, q_sample
+from ddpm_jax.eps_fns import call_eps_fn
 from ddpm_jax.schedules import Schedule
 
 VARIANCES = ("beta", "beta_tilde")
@@ -109,6 +110,10 @@ def vlb_terms(
   """
   if variance not in VARIANCES:
     raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+  if not jnp.issubdtype(x0.dtype, jnp.floating):
+    raise ValueError(
+      f"x0 must be floats on the grid of [-1, 1] (uint8 / 127.5 - 1), got {x0.dtype}"
+    )
   x0 = x0.astype(jnp.float32)
   b = x0.shape[0]
   flat_sum = lambda a: jnp.sum(a.reshape(b, -1), axis=1)
@@ -117,7 +122,7 @@ def vlb_terms(
     tb = jnp.full((b,), t)
     noise = jax.random.normal(jax.random.fold_in(rng, t), x0.shape, jnp.float32)
     x_t = q_sample(schedule, x0, tb, noise)
-    eps = eps_fn(x_t, tb).astype(jnp.float32)
+    eps = call_eps_fn(eps_fn, x_t, tb)
     mean = p_mean_from_eps(schedule, x_t, tb, eps)
     log_var = model_log_variance(schedule, tb, variance, x0.shape)
     q_mean, _, q_log_var = q_posterior_mean_variance(schedule, x0, x_t, tb)

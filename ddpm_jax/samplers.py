@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.diffusion import predict_eps_from_x0, predict_x0_from_eps
+from ddpm_jax.eps_fns import call_eps_fn
 from ddpm_jax.schedules import Schedule
 
 EpsFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -97,16 +98,6 @@ def logsnr_timesteps(
 def _check_shape(shape: Sequence[int]):
   if np.ndim(shape) != 1 or len(shape) < 2 or any(int(s) < 1 for s in shape):
     raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape!r}")
-
-
-def _eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array) -> jax.Array:
-  """eps_fn(x, t) in float32; a ValueError when it is not shaped like x (at
-  trace time, so it costs nothing per step)."""
-  eps = eps_fn(x, t)
-  if getattr(eps, "shape", None) != x.shape:
-    got = tuple(eps.shape) if hasattr(eps, "shape") else type(eps).__name__
-    raise ValueError(f"eps_fn(x_t, t) must return an array shaped like x_t {x.shape}, got {got}")
-  return eps.astype(jnp.float32)
 
 
 def _frame_index(j: jnp.ndarray, n: int, every: int):
@@ -327,7 +318,7 @@ def ddim_like_sample(
 
   def step(x, t, t_prev):
     tb = jnp.full((B,), t, jnp.int32)
-    eps = _eps(eps_fn, x, tb)
+    eps = call_eps_fn(eps_fn, x, tb)
     x32 = x.astype(jnp.float32)
     x0 = predict_x0_from_eps(schedule, x32, tb, eps)
     if clip_x0 is not None and clip_x0 is not False:
@@ -441,7 +432,7 @@ def dpm_solver_sample(
     x0_prev, h_prev, has_prev = aux
     tb = jnp.full((B,), t, jnp.int32)
     x32 = x.astype(jnp.float32)
-    x0 = _maybe_clip(predict_x0_from_eps(schedule, x32, tb, _eps(eps_fn, x, tb)), clip_x0)
+    x0 = _maybe_clip(predict_x0_from_eps(schedule, x32, tb, call_eps_fn(eps_fn, x, tb)), clip_x0)
     final = s < 0
     s_ = jnp.maximum(s, 0)
     h = jnp.where(final, 1.0, lam[s_] - lam[t])  # unused on the final step

@@ -87,3 +87,7 @@ def test_vlb_rewards_the_right_model():
   assert bpd(good) < bpd(bad)
   with pytest.raises(ValueError, match="variance"):
     lk.vlb_terms(good, s, jax.random.key(1), c, "learned")
+  with pytest.raises(ValueError, match="got uint8"):  # pixels 0..255 scored as [-1, 1]
+    lk.vlb_terms(good, s, jax.random.key(1), jnp.zeros((1, 2, 2, 1), jnp.uint8))
+  with pytest.raises(ValueError, match="shaped like x_t"):
+    lk.vlb_terms(lambda x, t: x[..., 0], s, jax.random.key(1), c)
