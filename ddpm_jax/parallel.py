@@ -161,7 +161,12 @@ def sharded_eps_fn(eps_fn: Callable, mesh: Mesh) -> Callable:
   data = data_sharding(mesh)
   constrain = lambda a: jax.lax.with_sharding_constraint(a, data)
   inner = in_mesh(eps_fn, mesh)
-  return lambda x_t, t: constrain(inner(constrain(x_t), constrain(t)))
+
+  def sharded(x_t, t):
+    check_batch(x_t.shape[0], mesh)  # one line, at trace time, before XLA's IndivisibleError
+    return constrain(inner(constrain(x_t), constrain(t)))
+
+  return sharded
 
 
 def jit_inference(fn: Callable, **jit_kwargs) -> Callable:

@@ -62,6 +62,7 @@ def test_fast_convolutions_split_the_batch_over_the_devices(result):
 
 def test_indivisible_batch_is_refused(result):
   assert "not divisible by the 4 devices" in result["indivisible_error"]
+  assert "batch size 6 is not divisible by the 4" in result["indivisible_sampler_error"]
 
 
 def test_process_rows():

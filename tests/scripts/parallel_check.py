@@ -80,6 +80,13 @@ def main():
     out["indivisible_error"] = None
   except ValueError as e:
     out["indivisible_error"] = str(e)
+  mesh4 = parallel.make_mesh(devices)
+  eps_fn = parallel.sharded_eps_fn(lambda x, t: x, mesh4)
+  try:  # 6 images on 4 devices: named while tracing
+    jax.jit(lambda r: dj.ddim_sample(eps_fn, schedule, r, (6, 4, 4, 1), 2)).trace(jax.random.key(0))
+    out["indivisible_sampler_error"] = None
+  except ValueError as e:
+    out["indivisible_sampler_error"] = str(e)
   print(json.dumps(out))
 
 
