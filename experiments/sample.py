@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import ddpm_jax as dj
 from experiments import cli, ddpm_setup, distributed, plotting
@@ -149,12 +150,12 @@ def main(argv=None) -> None:
   rng = jax.random.key(a.seed)
   padded = np.resize(labels, -(-n // b) * b)
   out, t0 = [], time.perf_counter()
-  for i in range(padded.size // b):
-    out.append(
-      distributed.to_host(draw(params, jax.random.fold_in(rng, i), padded[i * b : (i + 1) * b]))
-    )
-    print(f"\rsampled {min((i + 1) * b, n)}/{n}", end="", file=sys.stderr, flush=True)
-  print(file=sys.stderr)
+  writer = distributed.is_writer()
+  with tqdm(total=n, desc="sampling", unit="img", file=sys.stderr, disable=not writer) as bar:
+    for i in range(padded.size // b):
+      y = padded[i * b : (i + 1) * b]
+      out.append(distributed.to_host(draw(params, jax.random.fold_in(rng, i), y)))
+      bar.update(min(b, n - i * b))
   images = np.concatenate(out)[:n]
   u8 = pixels.to_uint8(images)
   if not distributed.is_writer():
