@@ -158,7 +158,7 @@ def main(argv=None) -> None:
       bar.update(min(b, n - i * b))
   images = np.concatenate(out)[:n]
   u8 = pixels.to_uint8(images)
-  if not distributed.is_writer():
+  if not writer:
     return
   with atomic_path(os.path.join(a.out, "samples.npz"), ".npz.tmp") as tmp:
     with open(tmp, "wb") as f:

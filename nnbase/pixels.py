@@ -15,11 +15,11 @@ import numpy as np
 
 
 def _uint8(images_u8: Any) -> jax.Array:
-  """`images_u8` as a jnp array; TypeError unless its dtype is uint8 (float
+  """`images_u8` as a jnp array; ValueError unless its dtype is uint8 (float
   images already scaled to [0, 1] would otherwise be divided by 255 again)."""
   x = jnp.asarray(images_u8)
   if x.dtype != jnp.uint8:
-    raise TypeError(f"expected uint8 images (pixel values 0..255), got dtype {x.dtype}")
+    raise ValueError(f"expected uint8 images (pixel values 0..255), got dtype {x.dtype}")
   return x
 
 
