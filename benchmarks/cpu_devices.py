@@ -17,12 +17,13 @@ import argparse
 
 import jax
 
+import benchmarks
 import ddpm_jax as dj
 from benchmarks import run
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog=benchmarks.prog(__spec__), description=__doc__.splitlines()[0])
   p.add_argument("--rounds", type=int, default=12)
   args = p.parse_args(argv)
   every = dj.parallel.make_mesh()

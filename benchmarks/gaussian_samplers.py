@@ -19,6 +19,7 @@ import argparse
 
 import jax
 
+import benchmarks
 import ddpm_jax as dj
 
 MU, SD = 0.5, 0.3
@@ -34,7 +35,9 @@ def _sd(fn, n: int) -> float:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog=benchmarks.prog(__spec__),
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument("--schedule", default="linear")
   p.add_argument("--timesteps", type=int, default=1000)

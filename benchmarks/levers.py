@@ -21,6 +21,8 @@ import os
 import subprocess
 import sys
 
+import benchmarks
+
 CHILD = r"""
 import json, sys
 import jax
@@ -80,10 +82,11 @@ def run_lever(flags: str, gemm: bool, iters: int, overrides: dict, hugepages: bo
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__)
+  p = argparse.ArgumentParser(prog=benchmarks.prog(__spec__), description=__doc__)
   p.add_argument("--quick", action="store_true")
-  p.add_argument("--json", default=None)
+  p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
   a = p.parse_args(argv)
+  benchmarks.check_json_path(p, a.json)
   iters = 2 if a.quick else 5
   rows = []
   print(f"{'lever':<40} {'train img/s':>11} {'fwd img/s':>10} {'train GF/s':>10}")

@@ -29,7 +29,6 @@ from experiments import runtime
 runtime.restart_main(__name__)  # huge pages: restart before the imports below (runtime.py)
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -41,11 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+import benchmarks
 import ddpm_jax as dj
 import nnbase
 import vae_jax as vj
 from benchmarks import torch_ref
 from experiments.ddpm_setup import job_mesh
+from experiments.files import write_json_atomic
 
 cpu_name = nnbase.tuning.cpu_model  # one home for the CPU model string
 
@@ -535,7 +536,9 @@ def compare_with_torch(
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    prog=benchmarks.prog(__spec__),
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(
     "--quick",
@@ -563,6 +566,7 @@ def main(argv=None) -> None:
     "(about 6 minutes a round on 2 cores; default 0 with --quick, else 2)",
   )
   a = p.parse_args(argv)
+  benchmarks.check_json_path(p, a.json)
   if a.rounds < 1:
     p.error(f"--rounds must be >= 1, got {a.rounds}")
   quick = a.quick
@@ -688,8 +692,7 @@ def main(argv=None) -> None:
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["device_peak_bytes"] = _device_peak_bytes()
   if a.json:
-    with open(a.json, "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=2)
+    write_json_atomic(a.json, out)
     print(f"written to {a.json}", file=sys.stderr)
 
 

@@ -19,6 +19,8 @@ import os
 import statistics
 import time
 
+import benchmarks
+
 try:
   import torch
   import torch.nn.functional as F
@@ -259,7 +261,8 @@ def vae_epoch_seconds_seed_loop(images_u8, batch: int = 128) -> float:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(
-    description="The seeds' PyTorch train step, forward and VAE epoch, alone."
+    prog=benchmarks.prog(__spec__),
+    description="The seeds' PyTorch train step, forward and VAE epoch, alone.",
   )
   p.add_argument("--rounds", type=int, default=4, help="rounds per figure (>= 1)")
   a = p.parse_args(argv)

@@ -33,6 +33,8 @@ import sys
 
 import numpy as np
 
+import benchmarks
+
 
 def interleaved(makers: dict, rounds: int, label: str) -> dict:
   """{name: [images/s per round]}: each no-argument `makers[name]()` once per
@@ -139,7 +141,11 @@ def ab(raw: dict, a: str, b: str) -> tuple:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog=benchmarks.prog(__spec__),
+    description=__doc__,
+    formatter_class=argparse.RawTextHelpFormatter,
+  )
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 1)")
   p.add_argument("--iters", type=int, default=3, help="train steps per round and candidate")
   p.add_argument("--batch", type=int, default=128)

@@ -138,3 +138,22 @@ def test_interleave_reports_the_bound_round_by_round():
     4.0,
   )
   assert "bound" not in interleave(side("a", [1.0]), side("b", [1.0]), 1, "higher")
+
+
+def test_benchmark_refuses_an_unwritable_json_before_it_runs(tmp_path, monkeypatch, capsys):
+  """`benchmarks.run --json` into a missing folder: exit 2 at once, not a
+  traceback after minutes of benchmarking."""
+  from benchmarks import run
+
+  def benchmarked(*args, **kwargs):
+    raise AssertionError("benchmarked before checking --json")
+
+  monkeypatch.setattr(run.torch_ref, "available", benchmarked)
+  monkeypatch.setattr(run, "matmul_peak", benchmarked)
+  for path, text in (
+    (tmp_path / "missing" / "out.json", "does not exist or is not writable"),
+    (tmp_path, "is a folder"),
+  ):
+    with pytest.raises(SystemExit) as e:
+      run.main(["--quick", "--json", str(path)])
+    assert e.value.code == 2 and text in capsys.readouterr().err
