@@ -115,8 +115,9 @@ def main(argv=None) -> None:
     raise cli.UsageError(
       "--epochs and --batch_size must be >= 1, --learning_rate > 0, --max_shift >= 0"
     )
-  params, acc, secs = train(a.epochs, a.batch_size, a.learning_rate, a.seed, a.max_shift)
   output = os.path.abspath(a.output)
+  cli.prepare_output_dir(os.path.dirname(output))  # fail now, not after the training
+  params, acc, secs = train(a.epochs, a.batch_size, a.learning_rate, a.seed, a.max_shift)
   with atomic_path(output, ".npz.tmp") as tmp:
     digest = clf.save_params(jax.device_get(params), tmp)
   record = {

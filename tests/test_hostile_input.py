@@ -230,6 +230,20 @@ def test_an_unwritable_output_folder_fails_before_any_sampling(tmp_path, job, mo
   assert len(err.strip().splitlines()) == 1, err
 
 
+def test_train_classifier_checks_its_output_before_training(tmp_path, monkeypatch, capsys):
+  from experiments import train_classifier
+
+  def trained(*args, **kwargs):
+    raise AssertionError("trained before checking --output")
+
+  monkeypatch.setattr(train_classifier, "train", trained)
+  (tmp_path / "file").write_text("")
+  argv = ["--output", str(tmp_path / "file" / "clf.npz")]
+  code, err = _run(argv, capsys, main=train_classifier.main)
+  assert code == cli.EXIT_IO and "File exists" in err, err
+  assert len(err.strip().splitlines()) == 1, err
+
+
 def test_second_job_on_a_locked_workdir_is_refused(tmp_path):
   """While one job holds the workdir, a second gets one line naming its pid."""
   import subprocess
