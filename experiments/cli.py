@@ -208,16 +208,25 @@ def unlock_workdir(workdir: str) -> None:
     os.close(fd)  # closing the descriptor releases the flock
 
 
-def prepare_output_dir(path: str) -> None:
-  """Creates folder `path` and checks that files can be written there
-  (OSError if not), so that a job fails before its work, not after it."""
-  files.makedirs(path)
-  if files.is_remote(path):
-    return  # the first upload tells
-  with tempfile.TemporaryFile(dir=path) as f:
+def _check_writable(folder: str) -> None:
+  """OSError unless a file can be written in the existing local `folder`;
+  on object storage the first upload tells."""
+  if files.is_remote(folder):
+    return
+  with tempfile.TemporaryFile(dir=folder) as f:
     f.write(b"ok\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def prepare_output_dir(path: str) -> None:
+  """Creates folder `path` and checks that files can be written there
+  (OSError if not), so that a job fails before its work, not after it. In a
+  multi-process run only process 0 writes outputs, so only it does this."""
+  if not distributed.is_writer():
+    return
+  files.makedirs(path)
+  _check_writable(path)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -226,7 +235,7 @@ def prepare_workdir(workdir: str) -> None:
   changes anything in it."""
   files.makedirs(workdir)
   lock_workdir(workdir)
-  prepare_output_dir(workdir)
+  _check_writable(workdir)
 
 
 def stored_fields(workdir: str) -> dict:

@@ -631,8 +631,7 @@ def eval_guidance(r: Request, sc: Scorer, trained, rng) -> None:
 
 def main(argv=None) -> None:
   r = parse_request(argv)
-  if distributed.is_writer():  # multi-process: process 0 writes
-    cli.prepare_output_dir(r.out_dir)  # an unwritable folder fails now, not after the sampling
+  cli.prepare_output_dir(r.out_dir)  # an unwritable folder fails now, not after the sampling
   sc = Scorer(r.a.seed)
   rng = jax.random.key(r.a.seed)
   if r.kind == "vae":

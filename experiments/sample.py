@@ -132,8 +132,7 @@ def main(argv=None) -> None:
     if a.digits is not None
     else np.full((n,), -1, np.int32)
   )
-  if distributed.is_writer():  # multi-process: process 0 writes
-    cli.prepare_output_dir(a.out)  # an unwritable --out fails now, not after the sampling
+  cli.prepare_output_dir(a.out)  # an unwritable --out fails now, not after the sampling
   b = min(a.batch_size, n)
   shape = (b,) + (28, 28, 1)
 
