@@ -36,12 +36,12 @@ def _check_probs(probs: np.ndarray, min_rows: int = 1) -> np.ndarray:
   p = np.asarray(probs, np.float64)
   if p.ndim != 2 or p.shape[0] < min_rows:
     raise ValueError(f"probs must be [N, C] with N >= {min_rows}, got shape {p.shape}")
-  sums = p.sum(axis=1)
   if not (np.all(np.isfinite(p)) and p.min() >= 0 and p.max() <= 1 + 1e-6):
     raise ValueError(
       f"probs must be probabilities in [0, 1] (softmax of the logits), got values in "
       f"[{np.nanmin(p):.4g}, {np.nanmax(p):.4g}]"
     )
+  sums = p.sum(axis=1)
   if np.any(np.abs(sums - 1) > 1e-3):
     raise ValueError(f"probs rows must sum to 1, got sums in [{sums.min():.4g}, {sums.max():.4g}]")
   return p
